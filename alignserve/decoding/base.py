@@ -1,0 +1,116 @@
+"""What every strategy shares: the request it decodes, the events it yields, its registry.
+
+A strategy is an async generator `run(ctx)` that drives an engine through the engine
+protocol, scores text through a composed reward, and yields `ChoiceDelta` (tokens of a
+choice, for streaming), `ChoiceFinal` (a finished choice with its reward report) and, last,
+one `RequestSummary` (what the search cost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from alignserve.engine.protocol import Engine, SamplingParams, TokenTally
+
+
+class StrategyParams(BaseModel):
+    """Base of each strategy's own `alignment` keys: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class DecodeRequest:
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str
+    sampling: SamplingParams
+    n: int
+    strategy: str
+    params: StrategyParams
+    reward: Any  # rewardmodels.compose.ComposedReward (may be empty)
+    stream: bool = False
+    messages: list[dict] | None = None  # chat requests: the messages (contrastive's lame prompt)
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceFinal:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    reward: float | None
+    components: dict[str, float]
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict] = field(default_factory=list)
+    streamed: bool = False  # its text already went out as ChoiceDelta events
+
+
+@dataclass
+class RequestSummary:
+    strategy: str
+    candidates_scored: int
+    model_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    reward_seconds: float
+    seconds: float
+    tally: TokenTally
+
+
+DecodeEvent = ChoiceDelta | ChoiceFinal | RequestSummary
+
+
+@dataclass
+class DecodeContext:
+    engine: Engine
+    request: DecodeRequest
+    tally: TokenTally = field(default_factory=TokenTally)
+    started: float = field(default_factory=time.perf_counter)
+    reward_seconds: float = 0.0
+    candidates_scored: int = 0
+
+    def summary(self, completion_tokens: int) -> RequestSummary:
+        return RequestSummary(
+            strategy=self.request.strategy,
+            candidates_scored=self.candidates_scored,
+            model_tokens=self.tally.total,
+            prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=completion_tokens,
+            reward_seconds=self.reward_seconds,
+            seconds=time.perf_counter() - self.started,
+            tally=self.tally,
+        )
+
+
+StrategyRun = Callable[[DecodeContext], AsyncIterator[DecodeEvent]]
+
+
+@dataclass
+class Strategy:
+    name: str
+    description: str
+    params: type[StrategyParams]
+    run: StrategyRun
+    streams: str = "tokens"  # how it streams: "tokens", "winner", "agreed-prefix"
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    STRATEGIES[strategy.name] = strategy
+    return strategy

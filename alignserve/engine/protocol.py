@@ -1,0 +1,161 @@
+"""The engine protocol: what a decoding strategy may ask of an engine.
+
+Strategies (alignserve.decoding) drive any engine through this surface only, so a new
+strategy never touches engine code and both engines (native, vllm) serve every strategy.
+
+The model of work is a tree of sequences. `prefill` computes a prompt once and returns a
+sequence whose next-token logits are pending; `fork` branches a sequence into children that
+share everything computed so far (no KV copy); `extend` feeds chosen tokens; `generate`
+samples until a stop condition; `truncate` rolls a sequence back; `release` frees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling controls, mirroring the OpenAI/vLLM fields."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+
+# A logits processor sees the rows of one request in one step and returns new logits.
+# It runs where the engine computes (the engine's worker thread), between the forward pass
+# and sampling. VAS and contrastive decoding are processors.
+LogitsProcessor = Callable[[list["SeqHandle"], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TokenTally:
+    """Model tokens a request caused, by kind (prefill, decode, lookahead)."""
+
+    prefill: int = 0
+    decode: int = 0
+    lookahead: int = 0
+
+    def add(self, kind: str, n: int) -> None:
+        setattr(self, kind, getattr(self, kind) + n)
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode + self.lookahead
+
+
+@dataclass
+class SeqHandle:
+    """One sequence as a strategy sees it. Engines keep their own state behind `key`."""
+
+    key: Any
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    cumulative_logprob: float = 0.0
+    text: str = ""  # detokenized output so far (stop strings removed once finished)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[dict] = field(default_factory=list)  # per output token when asked
+    user: Any = None  # free slot for the strategy
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+@dataclass
+class TokenEvent:
+    """One committed token of one sequence."""
+
+    seq: SeqHandle
+    token_id: int
+    logprob: float
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class EngineError(RuntimeError):
+    """Raised for requests the engine cannot serve (e.g. out of KV memory)."""
+
+
+class CapacityError(EngineError):
+    """The request can never fit in the engine's KV budget."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+
+    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None) -> SeqHandle:
+        """Compute the prompt once; its next-token logits become pending."""
+
+    async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
+        """n children sharing all of `seq`'s KV and its pending logits; `seq` stays usable."""
+
+    async def extend(
+        self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
+        kind: str = "decode",
+    ) -> None:
+        """Feed the given tokens (any number per sequence) and make new logits pending."""
+
+    async def logits(self, seqs: list[SeqHandle]) -> torch.Tensor:
+        """The pending next-token logits, float32 [len(seqs), vocab] on CPU."""
+
+    def generate(
+        self, seqs: list[SeqHandle], params: SamplingParams, processor: LogitsProcessor | None = None,
+        tally: TokenTally | None = None, kind: str = "decode",
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """Sample every sequence until it stops; yields the tokens committed in each step."""
+
+    async def truncate(self, seq: SeqHandle, length: int) -> None:
+        """Roll `seq` back to its first `length` tokens (logits are no longer pending)."""
+
+    async def release(self, seqs: list[SeqHandle]) -> None:
+        """Free the sequences; their KV goes once no other sequence shares it."""
+
+    def stats(self) -> "EngineStats": ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters read by the metrics collector at scrape time (monotonic unless noted)."""
+
+    prefill_tokens: int = 0  # prompt tokens actually computed
+    model_tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "lookahead": 0})
+    running_sequences: int = 0  # gauge
+    waiting_requests: int = 0  # gauge
+    kv_used_slots: int = 0  # gauge
+    kv_total_slots: int = 0  # gauge
+    steps: int = 0

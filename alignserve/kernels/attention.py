@@ -1,0 +1,68 @@
+"""Attention that returns its log-sum-exp, and the exact merge of partial attentions.
+
+The Hydragen decomposition: attention over a KV split into parts (a shared prefix read once
+for a group of queries, then each sequence's own suffix) equals the LSE-weighted merge of the
+attention over each part. These are the PyTorch references; `dispatch` picks the Triton
+kernels on CUDA.
+
+Shapes: queries q [M, H, D]; keys/values k, v [L, KVH, D] with H a multiple of KVH (GQA).
+Outputs are float32: out [M, H, D], lse [M, H] (natural log, -inf for an empty part).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of M queries over L keys. With `causal_offset` c, query i sees keys j <= c + i."""
+    m, h, d = q.shape
+    length, kvh, _ = k.shape
+    g = h // kvh
+    qf = q.float().view(m, kvh, g, d).permute(1, 0, 2, 3).reshape(kvh, m * g, d)
+    kf = k.float().permute(1, 2, 0)  # [KVH, D, L]
+    vf = v.float().permute(1, 0, 2)  # [KVH, L, D]
+    scores = torch.matmul(qf, kf) * scale  # [KVH, M*G, L]
+    if causal_offset is not None:
+        qpos = torch.arange(m, device=q.device).repeat_interleave(g) + causal_offset
+        kpos = torch.arange(length, device=q.device)
+        scores = scores.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [KVH, M*G]
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30))
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = torch.matmul(probs, vf)  # [KVH, M*G, D]
+    out = out.view(kvh, m, g, d).permute(1, 0, 2, 3).reshape(m, h, d)
+    lse = lse.view(kvh, m, g).permute(1, 0, 2).reshape(m, h)
+    return out, lse
+
+
+def padded_attention_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence over its own ragged KV: q [B, H, D], k/v [B, Lmax, KVH, D]."""
+    b, h, d = q.shape
+    _, lmax, kvh, _ = k.shape
+    g = h // kvh
+    qf = q.float().view(b, kvh, g, d)
+    kf = k.float().permute(0, 2, 3, 1)  # [B, KVH, D, L]
+    vf = v.float().permute(0, 2, 1, 3)  # [B, KVH, L, D]
+    scores = torch.matmul(qf, kf) * scale  # [B, KVH, G, L]
+    valid = torch.arange(lmax, device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, KVH, G]
+    probs = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    out = torch.matmul(probs, vf).reshape(b, h, d)
+    return out, lse.reshape(b, h)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a - safe).unsqueeze(-1)
+    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a * wa + out_b * wb, lse
