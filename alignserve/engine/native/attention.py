@@ -1,0 +1,92 @@
+"""Attention plans: how one forward pass stores new KV and attends, built once per step.
+
+`DecodePlan`: one new token per sequence. Shared segments are attended once per group of
+sequences that share them (all the group's queries in one matrix product per KV head), each
+sequence's leaf on its own, and the parts are merged exactly by log-sum-exp (Hydragen).
+`ExtendPlan`: several new tokens for each of a few sequences (prompt prefill, multi-token
+extends): the queries attend to the chain so far, then causally to themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignserve.engine.native.kv_cache import KVCache, Segment
+from alignserve.kernels import dispatch
+from alignserve.kernels.attention import attention_lse_reference, merge_attention
+
+
+def _segment_kv(cache: KVCache, layer: int, seg: Segment) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rng = seg.contiguous_range()
+    if rng is not None:
+        return cache.k[layer, rng[0] : rng[1]], cache.v[layer, rng[0] : rng[1]]
+    return None
+
+
+def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, scale: float):
+    """(out, lse) of queries q [M, H, D] over one segment."""
+    view = _segment_kv(cache, layer, seg)
+    if view is not None and not q.is_cuda:
+        return attention_lse_reference(q, view[0], view[1], scale)
+    return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device).int(), scale)
+
+
+class DecodePlan:
+    def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float):
+        device = cache.device
+        self.cache, self.scale = cache, scale
+        self.write = torch.tensor(new_slots, dtype=torch.int64, device=device)
+        leaves = [c[-1].slots for c in chains]
+        lmax = max(len(s) for s in leaves)
+        table = torch.zeros(len(chains), lmax, dtype=torch.int32)
+        for i, s in enumerate(leaves):
+            table[i, : len(s)] = torch.tensor(s, dtype=torch.int32)
+        self.leaf_table = table.to(device)
+        self.leaf_lengths = torch.tensor([len(s) for s in leaves], dtype=torch.int32, device=device)
+        groups: dict[int, tuple[Segment, list[int]]] = {}
+        for row, chain in enumerate(chains):
+            for seg in chain[:-1]:
+                if len(seg):
+                    groups.setdefault(seg.id, (seg, []))[1].append(row)
+        self.groups = [(seg, torch.tensor(rows, device=device)) for seg, rows in groups.values()]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
+        c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+        out, lse = dispatch.leaf_attention(
+            q, c.k[layer], c.v[layer], self.leaf_table, self.leaf_lengths, self.scale
+        )
+        for seg, rows in self.groups:
+            o, l = attend_segment(c, layer, q.index_select(0, rows), seg, self.scale)
+            mo, ml = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), o, l)
+            out.index_copy_(0, rows, mo)
+            lse.index_copy_(0, rows, ml)
+        return out
+
+
+class ExtendPlan:
+    """New tokens for several sequences, laid out one after another in the batch."""
+
+    def __init__(self, cache: KVCache, contexts: list[list[Segment]], counts: list[int],
+                 new_slots: list[int], scale: float):
+        self.cache, self.scale = cache, scale
+        self.contexts, self.counts = contexts, counts
+        self.write = torch.tensor(new_slots, dtype=torch.int64, device=cache.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        outs = []
+        start = 0
+        for segs, n in zip(self.contexts, self.counts):
+            qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
+            out, lse = attention_lse_reference(qs, ks, vs, self.scale, causal_offset=0)
+            for seg in segs:
+                if len(seg):
+                    o, l = attend_segment(c, layer, qs, seg, self.scale)
+                    out, lse = merge_attention(out, lse, o, l)
+            outs.append(out)
+            start += n
+        c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
+        c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+        return torch.cat(outs)

@@ -1,0 +1,508 @@
+"""The native engine: continuous batching over a shared-prefix KV cache.
+
+One asyncio task owns the schedule. Each iteration it takes the work queued since the last
+one (prompt chunks to prefill, tokens to extend, sequences being generated), runs it as one or
+two forward passes in a worker thread, and hands results back to the waiting coroutines.
+Requests arriving mid-flight join at the next step; finished or cancelled sequences leave at
+once. Bookkeeping that touches the KV chains (fork, release, truncate) waits for the step in
+flight through one asyncio lock, so the worker never sees chains change under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
+from alignserve.engine.native.loader import load_model
+from alignserve.engine.native.model import CausalLM
+from alignserve.engine.native.sampler import sample_rows
+from alignserve.engine.native.sequence import GenGroup, SeqState
+from alignserve.engine.protocol import (
+    CapacityError,
+    EngineError,
+    EngineStats,
+    LogitsProcessor,
+    SamplingParams,
+    SeqHandle,
+    TokenEvent,
+    TokenTally,
+)
+from alignserve.engine.text import IncrementalText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Feed:
+    """Tokens to feed into sequences; resolves `future` once their new logits are pending."""
+
+    states: list[SeqState]
+    tokens: list[list[int]]
+    future: asyncio.Future
+    tally: TokenTally | None
+    kind: str
+    done: list[int] = field(default_factory=list)  # tokens fed so far, per sequence
+
+    def __post_init__(self) -> None:
+        self.done = [0] * len(self.states)
+
+
+@dataclass
+class _StepResult:
+    events: list[tuple[GenGroup, list[TokenEvent]]] = field(default_factory=list)
+    finished_feeds: list[_Feed] = field(default_factory=list)
+    failed: list[tuple[asyncio.Future | GenGroup, Exception]] = field(default_factory=list)
+
+
+class NativeEngine:
+    def __init__(self, model: CausalLM, tokenizer, name: str, device: torch.device,
+                 kv_cache_gib: float | None = None, max_model_len: int | None = None,
+                 prefill_chunk: int | None = None):
+        cfg = model.cfg
+        self.model, self.tokenizer, self.model_name = model, tokenizer, name
+        self.device = device
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.eos_token_ids = frozenset(eos)
+        dtype = next(model.parameters()).dtype
+        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        gib = kv_cache_gib if kv_cache_gib is not None else (2.0 if device.type == "cpu" else 16.0)
+        self.kv = KVCache(cfg.num_layers, int(gib * 2**30) // per_token, cfg.num_kv_heads, cfg.head_dim,
+                          dtype, device)
+        self.scale = cfg.head_dim ** -0.5
+        self.prefill_chunk = prefill_chunk or (512 if device.type == "cpu" else 8192)
+        self._ids = itertools.count(1)
+        self._states: dict[int, SeqState] = {}
+        self._chains: dict[int, list[Segment]] = {}
+        self._prefills: deque[tuple[_Feed, bool]] = deque()  # (feed, admitted)
+        self._feeds: list[_Feed] = []
+        self._generating: dict[int, SeqState] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignserve-engine")
+        self._task: asyncio.Task | None = None
+        self._crashed: BaseException | None = None
+        self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
+
+    # construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
+             max_model_len: int | None = None, random_weights: bool = False) -> "NativeEngine":
+        dev = torch.device(device)
+        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
+        return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="alignserve-engine-loop")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done() and self._crashed is None
+
+    # text helpers -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.running_sequences = len(self._generating)
+        s.waiting_requests = len(self._prefills)
+        s.kv_used_slots = self.kv.used_slots
+        return s
+
+    # the protocol -----------------------------------------------------------------------
+    def _new_state(self, prompt_ids: Sequence[int]) -> SeqState:
+        sid = next(self._ids)
+        chain = self.kv.new_chain(sid)
+        handle = SeqHandle(key=sid, prompt_len=len(prompt_ids), token_ids=list(prompt_ids))
+        st = SeqState(id=sid, handle=handle, chain=chain)
+        self._states[sid], self._chains[sid] = st, chain
+        return st
+
+    def _state(self, seq: SeqHandle) -> SeqState:
+        st = self._states.get(seq.key)
+        if st is None or st.released:
+            raise EngineError(f"sequence {seq.key} was released")
+        return st
+
+    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None) -> SeqHandle:
+        if not prompt_ids:
+            raise EngineError("empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of {self.max_model_len}")
+        if len(prompt_ids) + 16 > self.kv.num_slots:
+            raise CapacityError("prompt larger than the KV cache")
+        st = self._new_state([])
+        st.handle.prompt_len = len(prompt_ids)
+        feed = _Feed([st], [list(prompt_ids)], asyncio.get_running_loop().create_future(), tally, "prefill")
+        st.busy = True
+        self._prefills.append((feed, False))
+        self._wake.set()
+        try:
+            await feed.future
+        except BaseException:
+            await self.release([st.handle])
+            raise
+        return st.handle
+
+    async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
+        async with self._lock:
+            parent = self._state(seq)
+            children = []
+            ids = [next(self._ids) for _ in range(n)]
+            chains = self.kv.fork(parent.chain, parent.id, ids)
+            for cid, chain in zip(ids, chains):
+                h = SeqHandle(key=cid, prompt_len=seq.prompt_len, token_ids=list(seq.token_ids),
+                              cumulative_logprob=seq.cumulative_logprob, text=seq.text,
+                              logprobs=list(seq.logprobs))
+                st = SeqState(id=cid, handle=h, chain=chain, logits=parent.logits)
+                self._states[cid], self._chains[cid] = st, chain
+                children.append(h)
+            return children
+
+    async def extend(self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
+                     kind: str = "decode") -> None:
+        if len(seqs) != len(tokens):
+            raise EngineError("one token list per sequence")
+        states = [self._state(s) for s in seqs]
+        for st, toks in zip(states, tokens):
+            if st.length + len(toks) > self.max_model_len:
+                raise CapacityError("extension beyond the model's context")
+        for st in states:
+            st.busy = True
+        feed = _Feed(states, [list(t) for t in tokens], asyncio.get_running_loop().create_future(), tally, kind)
+        self._feeds.append(feed)
+        self._wake.set()
+        await feed.future
+
+    async def logits(self, seqs: list[SeqHandle]) -> torch.Tensor:
+        rows = []
+        for s in seqs:
+            st = self._state(s)
+            if st.logits is None:
+                raise EngineError("no pending logits: extend or prefill first")
+            rows.append(st.logits)
+        return torch.stack(rows).float().cpu()
+
+    async def truncate(self, seq: SeqHandle, length: int) -> None:
+        async with self._lock:
+            st = self._state(seq)
+            leaf_start = st.length - len(st.chain[-1])
+            if length < leaf_start:
+                raise EngineError("truncate reaches into KV shared with other sequences")
+            if length < st.length:
+                self.kv.truncate_leaf(st.chain, length - leaf_start)
+                del st.handle.token_ids[length:]
+                st.handle.logprobs = st.handle.logprobs[: max(0, length - st.handle.prompt_len)]
+                st.logits = None
+
+    async def release(self, seqs: list[SeqHandle]) -> None:
+        async with self._lock:
+            for s in seqs:
+                st = self._states.get(s.key)
+                if st is None or st.released:
+                    continue
+                st.released = True
+                self._generating.pop(st.id, None)
+                self.kv.release(st.chain, st.id, self._chains)
+                del self._states[st.id]
+                del self._chains[st.id]
+
+    async def generate(self, seqs: list[SeqHandle], params: SamplingParams,
+                       processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
+                       kind: str = "decode") -> AsyncIterator[list[TokenEvent]]:
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        group = GenGroup(params, processor, asyncio.Queue(), tally, kind, stop_ids)
+        base = params.seed if params.seed is not None else random.getrandbits(62)
+        from alignserve.kernels.sampling import row_seed
+
+        states = [self._state(s) for s in seqs]
+        for i, st in enumerate(states):
+            if st.logits is None:
+                raise EngineError("no pending logits to sample from")
+            st.group, st.rng_seed = group, row_seed(base, i)
+            initial = self.decode(st.handle.output_ids) if st.handle.num_output else ""
+            st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
+            group.live += 1
+        for st in states:
+            self._generating[st.id] = st
+        self._wake.set()
+        try:
+            while group.live > 0:
+                item = await group.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            for st in states:
+                if self._generating.pop(st.id, None) is not None:
+                    st.handle.finished, st.handle.finish_reason = True, "abort"
+                st.group = None
+
+    # the loop ---------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._generating or self._feeds or self._prefills)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            async with self._lock:
+                prefills = self._admit_prefills()
+                feeds, self._feeds = self._feeds, []
+                gen = [st for st in self._generating.values() if not st.released]
+                try:
+                    result = await loop.run_in_executor(self._executor, self._step, prefills, feeds, gen)
+                except Exception as exc:  # a bug in a step must not take the server down
+                    log.exception("engine step failed")
+                    result = _StepResult()
+                    for f in prefills + feeds:
+                        result.failed.append((f.future, EngineError(f"engine step failed: {exc}")))
+                    for st in gen:
+                        if st.group is not None:
+                            result.failed.append((st.group, EngineError(f"engine step failed: {exc}")))
+                            self._generating.pop(st.id, None)
+            self._deliver(result, prefills)
+            await asyncio.sleep(0)  # let callers enqueue before the next step
+
+    def _admit_prefills(self) -> list[_Feed]:
+        """Chunks of queued prompts for this step, within a token budget and free KV."""
+        out, budget = [], self.prefill_chunk
+        free = self.kv.free_slots()
+        for i, (feed, admitted) in enumerate(self._prefills):
+            if budget <= 0:
+                break
+            if feed.future.done():  # cancelled while waiting
+                continue
+            remaining = len(feed.tokens[0]) - feed.done[0]
+            if not admitted:
+                need = remaining + 64
+                if need > free:
+                    break  # first come, first served: wait for memory to free up
+                free -= need
+                self._prefills[i] = (feed, True)
+            out.append(feed)
+            budget -= remaining
+        return out
+
+    def _deliver(self, result: _StepResult, prefills: list[_Feed]) -> None:
+        for group, events in result.events:
+            group.queue.put_nowait(events)
+        for feed in result.finished_feeds:
+            for st in feed.states:
+                st.busy = False
+            if not feed.future.done():
+                feed.future.set_result(None)
+        for target, exc in result.failed:
+            if isinstance(target, GenGroup):
+                target.live = 0
+                target.queue.put_nowait(exc)
+            elif not target.done():
+                target.set_exception(exc)
+        finished = {id(f) for f in result.finished_feeds} | {id(t) for t, _ in result.failed}
+        self._prefills = deque(
+            (f, a) for f, a in self._prefills if id(f) not in finished and id(f.future) not in finished
+            and not f.future.done()
+        )
+        self._stats.steps += 1
+
+    # the step (worker thread) -------------------------------------------------------------
+    @torch.inference_mode()
+    def _step(self, prefills: list[_Feed], feeds: list[_Feed], gen: list[SeqState]) -> _StepResult:
+        result = _StepResult()
+        single = [f for f in feeds if all(len(t) == 1 for t in f.tokens)]
+        multi = [f for f in feeds if f not in single]
+        self._run_extends(prefills, multi, result)
+        decode_rows: list[tuple[SeqState, int]] = []
+        for feed in single:
+            decode_rows.extend((st, toks[0]) for st, toks in zip(feed.states, feed.tokens))
+        decode_rows.extend(self._sample(gen, result))
+        if decode_rows:
+            self._run_decode(decode_rows, result)
+        for feed in single:
+            self._count(feed.tally, feed.kind, len(feed.states))
+            result.finished_feeds.append(feed)
+        return result
+
+    def _count(self, tally: TokenTally | None, kind: str, n: int) -> None:
+        if tally is not None:
+            tally.add(kind, n)
+        self._stats.model_tokens[kind] = self._stats.model_tokens.get(kind, 0) + n
+        if kind == "prefill":
+            self._stats.prefill_tokens += n
+
+    def _run_extends(self, prefills: list[_Feed], feeds: list[_Feed], result: _StepResult) -> None:
+        """Prompt chunks and multi-token extends: one forward pass with causal self-attention."""
+        work = []  # (feed, index in feed, tokens this pass)
+        for feed in prefills:
+            toks = feed.tokens[0][feed.done[0] : feed.done[0] + self.prefill_chunk]
+            work.append((feed, 0, toks))
+        for feed in feeds:
+            work.extend((feed, i, toks) for i, toks in enumerate(feed.tokens))
+        if not work:
+            return
+        contexts, counts, slots, tokens, positions = [], [], [], [], []
+        ok = []
+        for feed, i, toks in work:
+            st = feed.states[i]
+            if not toks:
+                ok.append((feed, i, toks))
+                continue
+            leaf = st.chain[-1]
+            before = Segment()
+            before.slots = list(leaf.slots)
+            try:
+                new = self.kv.append_slots(st.chain, len(toks))
+            except OutOfKVMemory as exc:
+                result.failed.append((feed.future, EngineError(f"out of KV memory: {exc}")))
+                continue
+            contexts.append(st.chain[:-1] + [before])
+            counts.append(len(toks))
+            slots.extend(new)
+            tokens.extend(toks)
+            positions.extend(range(st.length, st.length + len(toks)))
+            ok.append((feed, i, toks))
+        if tokens:
+            plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale)
+            t = torch.tensor(tokens, device=self.device)
+            pos = torch.tensor(positions, device=self.device)
+            hidden = self.model.hidden_states(t, pos, plan)
+            ends = torch.tensor(list(itertools.accumulate(counts)), device=self.device) - 1
+            logits = self.model.logits(hidden.index_select(0, ends))
+        row = 0
+        failed = {id(f) for f, _ in result.failed}
+        for feed, i, toks in ok:
+            if id(feed.future) in failed:
+                continue
+            st = feed.states[i]
+            if toks:
+                st.handle.token_ids.extend(toks)
+                st.logits = logits[row]
+                row += 1
+                feed.done[i] += len(toks)
+                self._count(feed.tally, feed.kind, len(toks))
+        for feed in prefills + feeds:
+            if id(feed.future) in failed:
+                continue
+            if all(d == len(t) for d, t in zip(feed.done, feed.tokens)):
+                if feed.kind == "prefill":
+                    st = feed.states[0]
+                    self.kv.seal(st.chain, st.id)  # the prompt becomes a shareable segment
+                result.finished_feeds.append(feed)
+
+    def _sample(self, gen: list[SeqState], result: _StepResult) -> list[tuple[SeqState, int]]:
+        """Sample a token for every generating sequence; returns those that go on."""
+        by_group: dict[int, list[SeqState]] = {}
+        for st in gen:
+            if st.group is not None and st.logits is not None:
+                by_group.setdefault(id(st.group), []).append(st)
+        cont: list[tuple[SeqState, int]] = []
+        for states in by_group.values():
+            group = states[0].group
+            rows = sample_rows(states, group, self.vocab_size)
+            events = []
+            for st, (tok, lp, top) in zip(states, rows):
+                ev = self._commit(st, tok, lp, top)
+                events.append(ev)
+                if ev.finished:
+                    group.live -= 1
+                    self._generating.pop(st.id, None)
+                else:
+                    cont.append((st, tok))
+            result.events.append((group, events))
+        return cont
+
+    def _commit(self, st: SeqState, tok: int, lp: float, top) -> TokenEvent:
+        h, group = st.handle, st.group
+        params = group.params
+        h.token_ids.append(tok)
+        h.cumulative_logprob += lp
+        if params.logprobs is not None:
+            h.logprobs.append({"token_id": tok, "logprob": lp, "top": top or []})
+        reason = None
+        if tok in group.stop_ids and h.num_output > params.min_tokens - 1:
+            reason = "stop"
+        elif st.text.push(tok) is not None:
+            reason = "stop"
+        if reason is None and (h.num_output >= params.max_tokens or len(h.token_ids) >= self.max_model_len):
+            reason = "length"
+        finished = reason is not None
+        delta = st.text.delta(final=finished)
+        h.text = st.text.text
+        if finished:
+            h.finished, h.finish_reason = True, reason
+            st.logits = None
+        return TokenEvent(seq=h, token_id=tok, logprob=lp, text_delta=delta, finished=finished,
+                          finish_reason=reason, top_logprobs=top)
+
+    def _run_decode(self, rows: list[tuple[SeqState, int]], result: _StepResult) -> None:
+        states, chains, slots, tokens = [], [], [], []
+        for st, tok in rows:
+            try:
+                slots.append(self.kv.append_slots(st.chain, 1)[0])
+            except OutOfKVMemory:
+                self._out_of_memory(st, result)
+                continue
+            if st.group is None:  # fed by `extend`: the token is recorded here
+                st.handle.token_ids.append(tok)
+            states.append(st)
+            chains.append(st.chain)
+            tokens.append(tok)
+        if not states:
+            return
+        positions = torch.tensor([st.length - 1 for st in states], device=self.device)
+        plan = DecodePlan(self.kv, chains, slots, self.scale)
+        hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), positions, plan)
+        logits = self.model.logits(hidden)
+        counts: dict[int, tuple[GenGroup, int]] = {}
+        for i, st in enumerate(states):
+            st.logits = logits[i]
+            if st.group is not None:
+                g = st.group
+                counts[id(g)] = (g, counts.get(id(g), (g, 0))[1] + 1)
+        for g, n in counts.values():
+            self._count(g.tally, g.kind, n)
+
+    def _out_of_memory(self, st: SeqState, result: _StepResult) -> None:
+        """No KV left to go on: the sequence ends here rather than the server failing."""
+        log.warning("out of KV memory: sequence %d stops early", st.id)
+        st.handle.finished, st.handle.finish_reason = True, "length"
+        st.logits = None
+        group = st.group
+        if group is not None and self._generating.pop(st.id, None) is not None:
+            group.live -= 1
+            ev = TokenEvent(st.handle, -1, 0.0, st.text.delta(final=True), True, "length")
+            result.events.append((group, [ev]))

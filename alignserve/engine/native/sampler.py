@@ -1,0 +1,62 @@
+"""Turn one generate group's pending logits into tokens: processors, constraints, sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from alignserve.engine.native.sequence import GenGroup, SeqState
+from alignserve.kernels import dispatch
+from alignserve.kernels.sampling import row_seed
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SeqState], params) -> torch.Tensor:
+    """OpenAI presence/frequency penalties and the multiplicative repetition penalty."""
+    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
+        return logits
+    logits = logits.clone()
+    for i, st in enumerate(states):
+        out = st.handle.output_ids
+        if not out:
+            continue
+        ids = torch.tensor(out, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
+        seen = counts > 0
+        if params.repetition_penalty != 1.0:
+            rp = params.repetition_penalty
+            row = logits[i]
+            logits[i] = torch.where(seen, torch.where(row > 0, row / rp, row * rp), row)
+        logits[i] -= params.frequency_penalty * counts + params.presence_penalty * seen.to(logits.dtype)
+    return logits
+
+
+def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tuple[int, float, list | None]]:
+    """[(token, logprob of the token under the model, top logprobs or None)] per state."""
+    params = group.params
+    raw = torch.stack([st.logits for st in states]).float()
+    logits = raw
+    if group.processor is not None:
+        logits = group.processor([st.handle for st in states], logits)
+    logits = apply_penalties(logits, states, params)
+    early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens]
+    if early and group.stop_ids:
+        logits = logits.clone() if logits is raw else logits
+        stop = torch.tensor(sorted(group.stop_ids), device=logits.device)
+        rows = torch.tensor(early, device=logits.device)
+        logits[rows.unsqueeze(1), stop.unsqueeze(0)] = float("-inf")
+    b = len(states)
+    dev = logits.device
+    tokens = dispatch.sample(
+        logits,
+        torch.full((b,), params.temperature, device=dev),
+        torch.full((b,), params.top_k, device=dev, dtype=torch.int64),
+        torch.full((b,), params.top_p, device=dev),
+        torch.full((b,), params.min_p, device=dev),
+        [row_seed(st.rng_seed, st.handle.num_output) for st in states],
+    )
+    logprobs = torch.log_softmax(raw, dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    tops: list[list | None] = [None] * b
+    if params.logprobs:
+        vals, idx = torch.topk(logprobs, min(params.logprobs, vocab), dim=-1)
+        tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
+    return list(zip(tokens.tolist(), chosen, tops))

@@ -1,0 +1,43 @@
+"""Engine-side state of a sequence and of a group being generated together."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from alignserve.engine.native.kv_cache import Segment
+from alignserve.engine.protocol import LogitsProcessor, SamplingParams, SeqHandle, TokenTally
+from alignserve.engine.text import IncrementalText
+
+
+@dataclass(eq=False)
+class GenGroup:
+    """Sequences that one `generate` call samples with the same parameters."""
+
+    params: SamplingParams
+    processor: LogitsProcessor | None
+    queue: asyncio.Queue
+    tally: TokenTally | None
+    kind: str
+    stop_ids: frozenset[int]
+    live: int = 0
+
+
+@dataclass(eq=False)
+class SeqState:
+    id: int
+    handle: SeqHandle
+    chain: list[Segment]
+    logits: torch.Tensor | None = None  # pending next-token logits [V], float32
+    group: GenGroup | None = None
+    rng_seed: int = 0
+    text: IncrementalText | None = None
+    released: bool = False
+    busy: bool = False  # in a queued extend or prefill
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.handle.token_ids)

@@ -1,0 +1,50 @@
+"""Incremental detokenization and stop strings, shared by the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_PROMPT_WINDOW = 6  # prompt tokens that seed the window so the first token decodes in context
+
+
+class IncrementalText:
+    """Turns tokens into text deltas, holding back what could still become a stop string."""
+
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int], stop: Sequence[str] = (),
+                 initial_text: str = ""):
+        self.tok = tokenizer
+        self.ids = list(context_ids[-_PROMPT_WINDOW:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = initial_text
+        self.emitted = len(initial_text)
+        self.stop = [s for s in stop if s]
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str | None:
+        """Add a token; returns the stop string hit, if any (the text is cut before it)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            start = max(0, len(self.text) - self.holdback)
+            self.text += new
+            for s in self.stop:
+                at = self.text.find(s, start)
+                if at >= 0:
+                    self.text = self.text[:at]
+                    return s
+        return None
+
+    def delta(self, final: bool) -> str:
+        """Text not yet handed out that can no longer turn into a stop string."""
+        safe = len(self.text) if final or not self.stop else max(self.emitted, len(self.text) - self.holdback)
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
