@@ -93,6 +93,7 @@ class NativeEngine:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignserve-engine")
         self._task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
         self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
 
@@ -107,6 +108,7 @@ class NativeEngine:
 
     async def start(self) -> None:
         if self._task is None:
+            self.loop = asyncio.get_running_loop()  # tests and processors submit work to it
             self._task = asyncio.create_task(self._run(), name="alignserve-engine-loop")
 
     async def close(self) -> None:

@@ -1,0 +1,66 @@
+"""Pieces every strategy uses: branching the prompt, scoring text, building choices."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from alignserve.decoding.base import ChoiceFinal, DecodeContext
+from alignserve.engine.protocol import SeqHandle
+
+
+async def prefill_branches(ctx: DecodeContext, k: int) -> list[SeqHandle]:
+    """Prefill the prompt once and branch it k ways; the k branches share its KV."""
+    engine = ctx.engine
+    root = await engine.prefill(ctx.request.prompt_ids, ctx.tally)
+    if k == 1:
+        return [root]
+    try:
+        return await engine.fork(root, k)
+    finally:
+        await engine.release([root])
+
+
+async def score_texts(ctx: DecodeContext, texts: list[str]):
+    """Score candidate texts with the request's composed reward in one batched call."""
+    reward = ctx.request.reward
+    if reward is None or not len(reward):
+        return [None] * len(texts)
+    start = time.perf_counter()
+    scores = await asyncio.to_thread(reward.score, texts, ctx.request.prompt_text)
+    ctx.reward_seconds += time.perf_counter() - start
+    ctx.candidates_scored += len(texts)
+    return scores
+
+
+def format_logprobs(engine, entries: list[dict]) -> list[dict]:
+    """Engine logprob entries -> [{token, token_id, logprob, bytes, top_logprobs: [...]}]."""
+    out = []
+    for e in entries:
+        tok = engine.tokenizer.decode([e["token_id"]])
+        out.append({
+            "token": tok,
+            "token_id": e["token_id"],
+            "logprob": e["logprob"],
+            "bytes": list(tok.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (t := engine.tokenizer.decode([i])), "token_id": i, "logprob": lp,
+                 "bytes": list(t.encode("utf-8"))}
+                for i, lp in e.get("top") or []
+            ],
+        })
+    return out
+
+
+def final_choice(ctx: DecodeContext, index: int, seq: SeqHandle, score, streamed: bool) -> ChoiceFinal:
+    return ChoiceFinal(
+        index=index,
+        text=seq.text,
+        token_ids=list(seq.output_ids),
+        finish_reason=seq.finish_reason or "stop",
+        reward=None if score is None else score.total,
+        components={} if score is None else dict(score.components),
+        cumulative_logprob=seq.cumulative_logprob,
+        logprobs=format_logprobs(ctx.engine, seq.logprobs) if ctx.request.sampling.logprobs is not None else [],
+        streamed=streamed,
+    )
