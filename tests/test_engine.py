@@ -163,3 +163,44 @@ def test_extend_and_truncate(engine):
     la, lb, lc, ld = run(engine, go())
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lc, ld, rtol=1e-4, atol=1e-4)
+
+
+def test_processor_sees_early_layer_logits_and_follower_logits(engine, hf_model):
+    lead_ids = engine.encode_chat([{"role": "user", "content": "Tell me about cats."}])[1]
+    follow_ids = engine.encode("Tell me about cats.")
+    seen = []
+
+    def processor(seqs, logits, inputs):
+        seen.append((inputs.early_logits.clone(), inputs.follower_logits.clone(), inputs.hidden.shape))
+        return logits
+
+    async def go():
+        lead = await engine.prefill(lead_ids, early_layer=10)
+        follower = await engine.prefill(follow_ids)
+        await _generate_with(engine, [lead], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                             processor, [follower])
+        fresh = await engine.prefill(follower.token_ids)
+        fresh_logits = await engine.logits([fresh])
+        await engine.release([lead, follower, fresh])
+        return lead, follower, fresh_logits
+
+    lead, follower, fresh_logits = run(engine, go())
+    assert len(seen) == 6
+    # the follower was fed exactly the leader's tokens (all but the last, which ends the run)
+    assert follower.token_ids == follow_ids + lead.output_ids[:-1]
+    with torch.no_grad():
+        out = hf_model(torch.tensor([lead_ids]), output_hidden_states=True)
+        early_ref = hf_model.lm_head(hf_model.model.norm(out.hidden_states[10][0, -1]))
+    torch.testing.assert_close(seen[0][0][0], early_ref, rtol=1e-3, atol=1e-3)
+    assert seen[0][2] == (1, engine.cfg.hidden_size)
+    # at the last step the follower's logits were those of its whole context
+    ctx_ids = follow_ids + lead.output_ids[:-1]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ctx_ids])).logits[0, -1]
+    torch.testing.assert_close(seen[-1][1][0], ref, rtol=1e-3, atol=1e-3)
+    assert fresh_logits.shape[1] == engine.vocab_size
+
+
+async def _generate_with(engine, seqs, params, processor, followers):
+    async for _ in engine.generate(seqs, params, processor=processor, followers=followers):
+        pass

@@ -42,10 +42,26 @@ class SamplingParams:
         return self.temperature <= 1e-5
 
 
+@dataclass
+class StepInputs:
+    """What a logits processor may read besides the logits, row for row.
+
+    hidden: the final (normalized) hidden state that produced each row's logits [B, hidden];
+    early_logits: logits of the model truncated to the sequence's `early_layer` (the
+    contrastive amateur `self:L`), when the sequence asked for them at prefill;
+    follower_logits: pending logits of each row's follower (a second context fed the same
+    tokens in lockstep, e.g. the lame-prompt amateur), when generate was given followers.
+    """
+
+    hidden: torch.Tensor | None = None
+    early_logits: torch.Tensor | None = None
+    follower_logits: torch.Tensor | None = None
+
+
 # A logits processor sees the rows of one request in one step and returns new logits.
 # It runs where the engine computes (the engine's worker thread), between the forward pass
 # and sampling. VAS and contrastive decoding are processors.
-LogitsProcessor = Callable[[list["SeqHandle"], torch.Tensor], torch.Tensor]
+LogitsProcessor = Callable[[list["SeqHandle"], torch.Tensor, StepInputs], torch.Tensor]
 
 
 @dataclass
@@ -116,8 +132,10 @@ class Engine(Protocol):
     eos_token_ids: frozenset[int]
     vocab_size: int
 
-    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None) -> SeqHandle:
-        """Compute the prompt once; its next-token logits become pending."""
+    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
+                      early_layer: int | None = None) -> SeqHandle:
+        """Compute the prompt once; its next-token logits become pending. With `early_layer`
+        the sequence and its forks also keep the logits of the first `early_layer` layers."""
 
     async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
         """n children sharing all of `seq`'s KV and its pending logits; `seq` stays usable."""
@@ -134,8 +152,10 @@ class Engine(Protocol):
     def generate(
         self, seqs: list[SeqHandle], params: SamplingParams, processor: LogitsProcessor | None = None,
         tally: TokenTally | None = None, kind: str = "decode",
+        followers: list[SeqHandle] | None = None,
     ) -> AsyncIterator[list[TokenEvent]]:
-        """Sample every sequence until it stops; yields the tokens committed in each step."""
+        """Sample every sequence until it stops; yields the tokens committed in each step.
+        `followers[i]` (optional) is fed every token sampled for `seqs[i]`."""
 
     async def truncate(self, seq: SeqHandle, length: int) -> None:
         """Roll `seq` back to its first `length` tokens (logits are no longer pending)."""

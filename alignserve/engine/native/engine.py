@@ -157,15 +157,19 @@ class NativeEngine:
             raise EngineError(f"sequence {seq.key} was released")
         return st
 
-    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None) -> SeqHandle:
+    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
+                      early_layer: int | None = None) -> SeqHandle:
         if not prompt_ids:
             raise EngineError("empty prompt")
+        if early_layer is not None and not 1 <= early_layer < self.cfg.num_layers:
+            raise EngineError(f"early_layer must be in [1, {self.cfg.num_layers - 1}]")
         if len(prompt_ids) >= self.max_model_len:
             raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of {self.max_model_len}")
         if len(prompt_ids) + 16 > self.kv.num_slots:
             raise CapacityError("prompt larger than the KV cache")
         st = self._new_state([])
         st.handle.prompt_len = len(prompt_ids)
+        st.early_layer = early_layer
         feed = _Feed([st], [list(prompt_ids)], asyncio.get_running_loop().create_future(), tally, "prefill")
         st.busy = True
         self._prefills.append((feed, False))
@@ -187,7 +191,8 @@ class NativeEngine:
                 h = SeqHandle(key=cid, prompt_len=seq.prompt_len, token_ids=list(seq.token_ids),
                               cumulative_logprob=seq.cumulative_logprob, text=seq.text,
                               logprobs=list(seq.logprobs))
-                st = SeqState(id=cid, handle=h, chain=chain, logits=parent.logits)
+                st = SeqState(id=cid, handle=h, chain=chain, logits=parent.logits, hidden=parent.hidden,
+                              early_layer=parent.early_layer, early_logits=parent.early_logits)
                 self._states[cid], self._chains[cid] = st, chain
                 children.append(h)
             return children
@@ -226,7 +231,7 @@ class NativeEngine:
                 self.kv.truncate_leaf(st.chain, length - leaf_start)
                 del st.handle.token_ids[length:]
                 st.handle.logprobs = st.handle.logprobs[: max(0, length - st.handle.prompt_len)]
-                st.logits = None
+                st.logits = st.hidden = st.early_logits = None
 
     async def release(self, seqs: list[SeqHandle]) -> None:
         async with self._lock:
@@ -242,7 +247,8 @@ class NativeEngine:
 
     async def generate(self, seqs: list[SeqHandle], params: SamplingParams,
                        processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
-                       kind: str = "decode") -> AsyncIterator[list[TokenEvent]]:
+                       kind: str = "decode", followers: list[SeqHandle] | None = None,
+                       ) -> AsyncIterator[list[TokenEvent]]:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         group = GenGroup(params, processor, asyncio.Queue(), tally, kind, stop_ids)
         base = params.seed if params.seed is not None else random.getrandbits(62)
@@ -256,6 +262,12 @@ class NativeEngine:
             initial = self.decode(st.handle.output_ids) if st.handle.num_output else ""
             st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
             group.live += 1
+        for st, f in zip(states, followers or []):
+            follower = self._state(f)
+            if follower.logits is None:
+                raise EngineError("a follower needs pending logits")
+            st.follower = follower
+            follower.extra["counts_for"] = group
         for st in states:
             self._generating[st.id] = st
         self._wake.set()
@@ -270,6 +282,9 @@ class NativeEngine:
                 if self._generating.pop(st.id, None) is not None:
                     st.handle.finished, st.handle.finish_reason = True, "abort"
                 st.group = None
+                if st.follower is not None:
+                    st.follower.extra.pop("counts_for", None)
+                    st.follower = None
 
     # the loop ---------------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -399,12 +414,9 @@ class NativeEngine:
             ok.append((feed, i, toks))
         if tokens:
             plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale)
-            t = torch.tensor(tokens, device=self.device)
-            pos = torch.tensor(positions, device=self.device)
-            hidden = self.model.hidden_states(t, pos, plan)
-            ends = torch.tensor(list(itertools.accumulate(counts)), device=self.device) - 1
-            logits = self.model.logits(hidden.index_select(0, ends))
-        row = 0
+            ends = [e - 1 for e in itertools.accumulate(counts)]
+            fed = [feed.states[i] for feed, i, toks in ok if toks]  # in the batch's order
+            self._forward(tokens, positions, plan, fed, ends)
         failed = {id(f) for f, _ in result.failed}
         for feed, i, toks in ok:
             if id(feed.future) in failed:
@@ -412,8 +424,6 @@ class NativeEngine:
             st = feed.states[i]
             if toks:
                 st.handle.token_ids.extend(toks)
-                st.logits = logits[row]
-                row += 1
                 feed.done[i] += len(toks)
                 self._count(feed.tally, feed.kind, len(toks))
         for feed in prefills + feeds:
@@ -444,6 +454,8 @@ class NativeEngine:
                     self._generating.pop(st.id, None)
                 else:
                     cont.append((st, tok))
+                    if st.follower is not None and not st.follower.released:
+                        cont.append((st.follower, tok))
             result.events.append((group, events))
         return cont
 
@@ -466,7 +478,7 @@ class NativeEngine:
         h.text = st.text.text
         if finished:
             h.finished, h.finish_reason = True, reason
-            st.logits = None
+            st.logits = st.hidden = st.early_logits = None
         return TokenEvent(seq=h, token_id=tok, logprob=lp, text_delta=delta, finished=finished,
                           finish_reason=reason, top_logprobs=top)
 
@@ -485,18 +497,34 @@ class NativeEngine:
             tokens.append(tok)
         if not states:
             return
-        positions = torch.tensor([st.length - 1 for st in states], device=self.device)
+        positions = [st.length - 1 for st in states]
         plan = DecodePlan(self.kv, chains, slots, self.scale)
-        hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), positions, plan)
-        logits = self.model.logits(hidden)
+        self._forward(tokens, positions, plan, states, list(range(len(states))))
         counts: dict[int, tuple[GenGroup, int]] = {}
-        for i, st in enumerate(states):
-            st.logits = logits[i]
-            if st.group is not None:
-                g = st.group
+        for st in states:
+            g = st.group or st.extra.get("counts_for")
+            if g is not None:
                 counts[id(g)] = (g, counts.get(id(g), (g, 0))[1] + 1)
         for g, n in counts.values():
             self._count(g.tally, g.kind, n)
+
+    def _forward(self, tokens: list[int], positions: list[int], plan, states: list[SeqState],
+                 rows: list[int]) -> None:
+        """One forward pass; states[i] gets the logits (and hidden state) of token rows[i]."""
+        capture = {st.early_layer: None for st in states if st.early_layer is not None}
+        hidden = self.model.hidden_states(
+            torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+            plan, capture or None,
+        )
+        index = torch.tensor(rows, device=self.device)
+        normed, logits = self.model.head(hidden.index_select(0, index))
+        for i, st in enumerate(states):
+            st.logits, st.hidden = logits[i], normed[i]
+        for layer, h in capture.items():
+            picks = [i for i, st in enumerate(states) if st.early_layer == layer]
+            early = self.model.logits(h.index_select(0, index[picks]))
+            for j, i in enumerate(picks):
+                states[i].early_logits = early[j]
 
     def _out_of_memory(self, st: SeqState, result: _StepResult) -> None:
         """No KV left to go on: the sequence ends here rather than the server failing."""

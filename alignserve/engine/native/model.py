@@ -137,18 +137,26 @@ class CausalLM(nn.Module):
 
     def hidden_states(
         self, tokens: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
-        num_layers: int | None = None,
+        capture: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after `num_layers` layers (all by default), before the final norm."""
+        """Hidden states after the last layer, before the final norm. Layers named in
+        `capture` (a dict of layer count -> None) get their output stored there."""
         angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
         cos, sin = torch.cos(angles), torch.sin(angles)
         x = self.embed(tokens)
-        for i, layer in enumerate(self.layers[: num_layers or len(self.layers)]):
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, plan, i)
+            if capture is not None and i + 1 in capture:
+                capture[i + 1] = x
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
+
+    def head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized hidden, float32 logits) for hidden states before the final norm."""
+        normed = self.norm(hidden)
+        return normed, self.lm_head(normed).float()
 
 
 def load_hf_state(model: CausalLM, hf_state: dict[str, torch.Tensor]) -> None:

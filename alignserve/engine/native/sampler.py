@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from alignserve.engine.native.sequence import GenGroup, SeqState
+from alignserve.engine.protocol import StepInputs
 from alignserve.kernels import dispatch
 from alignserve.kernels.sampling import row_seed
 
@@ -29,13 +30,25 @@ def apply_penalties(logits: torch.Tensor, states: list[SeqState], params) -> tor
     return logits
 
 
+def step_inputs(states: list[SeqState]) -> StepInputs:
+    def stack(values):
+        return torch.stack(values).float() if values and all(v is not None for v in values) else None
+
+    followers = [st.follower for st in states]
+    return StepInputs(
+        hidden=stack([st.hidden for st in states]),
+        early_logits=stack([st.early_logits for st in states]),
+        follower_logits=stack([f.logits if f is not None else None for f in followers]),
+    )
+
+
 def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tuple[int, float, list | None]]:
     """[(token, logprob of the token under the model, top logprobs or None)] per state."""
     params = group.params
     raw = torch.stack([st.logits for st in states]).float()
     logits = raw
     if group.processor is not None:
-        logits = group.processor([st.handle for st in states], logits)
+        logits = group.processor([st.handle for st in states], logits, step_inputs(states))
     logits = apply_penalties(logits, states, params)
     early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens]
     if early and group.stop_ids:
