@@ -78,6 +78,9 @@ DecodeEvent = ChoiceDelta | ChoiceFinal | RequestSummary
 class DecodeContext:
     engine: Engine
     request: DecodeRequest
+    # Server-wide things strategies may use: value models (vas), amateurs (contrastive).
+    # See alignserve.decoding.resources; None means the strategy's built-in defaults.
+    resources: Any = None
     tally: TokenTally = field(default_factory=TokenTally)
     started: float = field(default_factory=time.perf_counter)
     reward_seconds: float = 0.0
