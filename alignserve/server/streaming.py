@@ -1,0 +1,89 @@
+"""Server-sent events as vLLM's OpenAI server sends them.
+
+Order per request: for chat, one opening chunk per choice with `delta.role = "assistant"`;
+the choices' text deltas as the strategy yields them; a choice whose text was not streamed
+(`streamed=False`, e.g. best_of_n's winner) sends all of it in one delta; each choice's last
+chunk has `finish_reason` and the choice's `alignment` (reward, components). The request's own
+`alignment` report (strategy, candidates_scored, ...) rides on the last chunk before [DONE]:
+the usage chunk (empty `choices`) when `stream_options.include_usage` is set, otherwise the
+last choice's finish chunk. An error after the stream began is one `data: {"error": ...}`
+chunk, then [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, RequestSummary
+from alignserve.server.errors import api_error_body, as_api_error
+from alignserve.server.metrics import RequestTracker
+from alignserve.server.render import Chunk, Renderer, dump_chunk, report, usage
+from alignserve.server.runner import ClientGone, DecodeRun
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _sse_chunk(chunk: Chunk) -> str:
+    return sse(dump_chunk(chunk))
+
+
+async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
+                        tracker: RequestTracker) -> AsyncIterator[str]:
+    """`start` begins the run once the response starts, so an unsent stream costs nothing."""
+    run = start()
+    finals: list[ChoiceFinal] = []
+    summary: RequestSummary | None = None
+    held: Chunk | None = None  # the newest finish chunk: the last one carries the report
+    completed = False
+    try:
+        for index in range(run.prepared.decode.n):
+            opening = renderer.opening(index)
+            if opening is not None:
+                yield _sse_chunk(opening)
+        async for event in run.events():
+            if isinstance(event, ChoiceDelta):
+                if not event.text and not event.logprobs:
+                    continue
+                if held is not None:
+                    yield _sse_chunk(held)
+                    held = None
+                yield _sse_chunk(renderer.delta(event.index, event.text, event.logprobs))
+            elif isinstance(event, ChoiceFinal):
+                finals.append(event)
+                if held is not None:
+                    yield _sse_chunk(held)
+                    held = None
+                if not event.streamed and (event.text or event.logprobs):
+                    yield _sse_chunk(renderer.delta(event.index, event.text, event.logprobs))
+                held = renderer.finish(event)
+            elif isinstance(event, RequestSummary):
+                summary = event
+        if summary is None:
+            raise RuntimeError(f"strategy {run.prepared.strategy.name} ended without a summary")
+        tracker.finish(summary, finals, run.reward_seconds())
+        completed = True
+        if run.prepared.include_usage or held is None:
+            if held is not None:
+                yield _sse_chunk(held)
+            use = usage(summary.prompt_tokens, sum(len(f.token_ids) for f in finals))
+            yield _sse_chunk(renderer.closing(use if run.prepared.include_usage else None,
+                                              summary))
+        else:
+            held.alignment = report(summary)
+            yield _sse_chunk(held)
+    except (ClientGone, asyncio.CancelledError, GeneratorExit):
+        raise  # the client left: nothing more to send (finally cancels the run)
+    except Exception as exc:  # noqa: BLE001  (sent to the client as an error chunk)
+        yield sse(api_error_body(as_api_error(exc)))
+    finally:
+        run.cancel()
+        if not completed:
+            tracker.abort()
+    yield DONE

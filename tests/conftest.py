@@ -1,0 +1,97 @@
+"""Shared fixtures: one real server (real uvicorn, real embedded model) per test session.
+
+Loading SmolLM2-135M takes ~20 s on CPU, so the engine loads once and the server runs in a
+background thread on a free loopback port for the whole session. Tests reach it over HTTP with
+the official `openai` client or httpx, exactly as users do.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+# Limits the live server runs with; tests that probe limits read them from here.
+SERVER_LIMITS = {"max_n": 8, "max_candidates": 16, "max_tokens_limit": 4096, "max_rewards": 8}
+
+
+@dataclass
+class LiveServer:
+    base_url: str  # http://127.0.0.1:PORT
+    engine: Any  # the NativeEngine behind it (same process: tests may read engine.stats())
+    settings: Any
+    model: str  # the served model name
+
+
+@pytest.fixture(scope="session")
+def native_engine() -> Any:
+    from alignserve.engine.native.engine import NativeEngine
+
+    return NativeEngine.load()
+
+
+@pytest.fixture(scope="session")
+def live_server(native_engine: Any) -> Iterator[LiveServer]:
+    import uvicorn
+
+    from alignserve.server.app import create_app
+    from alignserve.server.settings import ServerSettings
+
+    settings = ServerSettings(host="127.0.0.1", port=0, **SERVER_LIMITS)
+    app = create_app(native_engine, settings)
+    # Bind first and hand uvicorn the socket: no race for the port between choosing and binding.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="alignserve-test-server")
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not become healthy")
+        time.sleep(0.2)
+    yield LiveServer(base_url=base_url, engine=native_engine, settings=settings,
+                     model=settings.served_model_name or native_engine.model_name)
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+@pytest.fixture(scope="session")
+def base_url(live_server: LiveServer) -> str:
+    return live_server.base_url
+
+
+@pytest.fixture(scope="session")
+def model_name(live_server: LiveServer) -> str:
+    return live_server.model
+
+
+@pytest.fixture(scope="session")
+def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="x", max_retries=0,
+                      timeout=180)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def http(live_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server.base_url, timeout=180) as c:
+        yield c
