@@ -66,3 +66,15 @@ def merge_attention(
     wa = torch.exp(lse_a - safe).unsqueeze(-1)
     wb = torch.exp(lse_b - safe).unsqueeze(-1)
     return out_a * wa + out_b * wb, lse
+
+
+def merge_attention_into_reference(
+    out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+) -> None:
+    """In place: out[rows], lse[rows] <- their merge with (part_out, part_lse) [len(rows), ...]
+    (rows distinct): how a decode step folds a shared segment's attention into its group's rows."""
+    mo, ml = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), part_out,
+                             part_lse)
+    out.index_copy_(0, rows, mo)
+    lse.index_copy_(0, rows, ml)

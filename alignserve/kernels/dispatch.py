@@ -1,32 +1,193 @@
-"""Kernel dispatch (placeholder until the Triton kernels land): the PyTorch references."""
+"""Kernel entry points the engine calls: Triton on CUDA tensors, the PyTorch references elsewhere.
+
+Selection, per call: `force="triton"` or `force="reference"` if given, else the module setting
+`FORCE` (initialised from the environment variable `ALIGNSERVE_KERNELS` = triton | reference |
+auto), else automatic: Triton when the tensors are on CUDA and triton is installed. Forcing
+Triton on CPU tensors needs `TRITON_INTERPRET=1` in the environment before the first Triton kernel
+module is imported (the tests do this); the Triton modules are imported lazily, on first use.
+
+Attention (the Hydragen decomposition, see `attention.py`):
+    segment_attention(q [M,H,D], k_pool, v_pool, slots [L], scale) -> (out [M,H,D], lse [M,H])
+    leaf_attention(q [B,H,D], k_pool, v_pool, slot_table [B,Lmax], lengths [B], scale)
+        -> (out [B,H,D], lse [B,H])
+    merge_attention(out_a, lse_a, out_b, lse_b) -> (out, lse)
+    merge_attention_into(out, lse, rows, part_out, part_lse) -> None (in place on out[rows])
+with k_pool / v_pool [num_slots, KVH, D]; outputs fp32, lse natural-log, -inf for an empty part.
+
+Sampling (see `logits_ops.py` for the order of operations):
+    sample(logits [B,V], temperature, top_k, top_p, min_p, seeds, *, penalties, contrastive, vas)
+        -> token ids [B] int64
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+
 import torch
 
-from alignserve.kernels.attention import attention_lse_reference, padded_attention_lse_reference
+from . import attention as _attn
+from .logits_ops import Contrastive, Penalties, ValueGuidance, sample_processed_reference
+
+__all__ = [
+    "FORCE", "Contrastive", "Penalties", "ValueGuidance", "leaf_attention", "merge",
+    "merge_attention", "merge_attention_into",
+    "sample", "segment_attention", "triton_available", "uses_triton",
+]
+
+_MODES = ("triton", "reference", "auto")
 
 
-def segment_attention(q, k_pool, v_pool, slots, scale):
-    idx = slots.long()
-    return attention_lse_reference(q, k_pool.index_select(0, idx), v_pool.index_select(0, idx), scale)
+def _env_mode() -> str | None:
+    mode = os.environ.get("ALIGNSERVE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"ALIGNSERVE_KERNELS must be one of {_MODES}, got {mode!r}")
+    return None if mode == "auto" else mode
 
 
-def leaf_attention(q, k_pool, v_pool, slot_table, lengths, scale):
-    idx = slot_table.long()
-    return padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], lengths, scale)
+FORCE: str | None = _env_mode()
 
 
-def merge(out_a, lse_a, out_b, lse_b):
-    from alignserve.kernels.attention import merge_attention
-
-    return merge_attention(out_a, lse_a, out_b, lse_b)
-
-
-__all__ = ["segment_attention", "leaf_attention", "merge", "torch"]
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seeds):
-    from alignserve.kernels.sampling import sample_reference
+def uses_triton(t: torch.Tensor, force: str | None = None) -> bool:
+    """Whether a call on tensor `t` with this `force` runs the Triton kernel."""
+    mode = force or FORCE
+    if mode not in (None, *_MODES):
+        raise ValueError(f"force must be one of {_MODES}, got {mode!r}")
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("force='triton' but triton is not installed")
+        return True
+    return t.is_cuda and triton_available()
 
-    return sample_reference(logits, temperature, top_k, top_p, min_p, seeds)
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+
+def segment_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+    scale: float, *, force: str | None = None, chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a group's M queries q [M, H, D] over one shared segment, the slots `slots`
+    [L] (int) of the pools [num_slots, KVH, D]: (out fp32 [M, H, D], lse fp32 [M, H])."""
+    if uses_triton(q, force):
+        from .attention_triton import segment_attention_triton
+
+        return segment_attention_triton(q, k_pool, v_pool, slots, scale, chunk_size=chunk_size)
+    idx = slots.to(device=k_pool.device, dtype=torch.long)
+    return _attn.attention_lse_reference(q, k_pool[idx], v_pool[idx], scale)
+
+
+def leaf_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_table: torch.Tensor,
+    lengths: torch.Tensor, scale: float, *, force: str | None = None,
+    max_length: int | None = None, chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence, q [B, H, D], over its own slots slot_table[b, :lengths[b]]
+    (entries past a row's length are never read; lengths may be 0: out 0, lse -inf).
+    `max_length`, an upper bound of `lengths`, lets the Triton path size its grid without a
+    device-to-host read."""
+    if uses_triton(q, force):
+        from .attention_triton import leaf_attention_triton
+
+        return leaf_attention_triton(q, k_pool, v_pool, slot_table, lengths, scale,
+                                     chunk_size=chunk_size, max_length=max_length)
+    width = slot_table.shape[1] if max_length is None else min(max_length, slot_table.shape[1])
+    idx = slot_table[:, :width].to(device=k_pool.device, dtype=torch.long)
+    idx = idx.clamp(0, k_pool.shape[0] - 1)  # padding may hold anything; it is masked
+    lengths = lengths.to(device=q.device).clamp(max=width)
+    return _attn.padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], lengths, scale)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
+    force: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets: (out, lse) fp32. One Triton
+    launch on CUDA instead of the reference's eight elementwise kernels."""
+    if uses_triton(out_a, force):
+        from .attention_triton import merge_attention_triton
+
+        return merge_attention_triton(out_a, lse_a, out_b, lse_b)
+    return _attn.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+def merge_attention_into(
+    out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, part_out: torch.Tensor,
+    part_lse: torch.Tensor, *, force: str | None = None,
+) -> None:
+    """In place: rows `rows` (distinct, int) of out [B, H, D] / lse [B, H] (fp32, contiguous)
+    merged with a segment's (part_out [M, H, D], part_lse [M, H]): a group's shared-segment
+    attention folded into its sequences in one launch (the reference: index_select, merge,
+    index_copy_)."""
+    if uses_triton(out, force):
+        from .attention_triton import merge_attention_into_triton
+
+        merge_attention_into_triton(out, lse, rows, part_out, part_lse)
+        return
+    _attn.merge_attention_into_reference(out, lse, rows.to(device=out.device, dtype=torch.long),
+                                         part_out, part_lse)
+
+
+merge = merge_attention  # the name the placeholder dispatch exported
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+
+def _seed_list(seeds: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(seeds, torch.Tensor):
+        return [int(s) for s in seeds.tolist()]
+    return [int(s) for s in seeds]
+
+
+def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64)
+    return torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=device)
+
+
+def _unsupported_by_triton(contrastive: Contrastive | None, vas: ValueGuidance | None) -> bool:
+    """Rows that have an amateur and VAS keep_others (the kernel adds kept-row VAS values to the
+    logits before the contrastive combination, which is only right without an amateur)."""
+    if contrastive is None or vas is None or vas.ids.numel() == 0:
+        return False
+    keep = (vas.ids >= 0).any(dim=1) & vas.keep_others.bool()
+    with_am = contrastive.amateur_index.to(keep.device) >= 0
+    return bool((keep & with_am).any())
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, seeds: Sequence[int] | torch.Tensor, *,
+    penalties: Penalties | None = None, contrastive: Contrastive | None = None,
+    vas: ValueGuidance | None = None, force: str | None = None,
+) -> torch.Tensor:
+    """Token ids [B] (int64) for logits [B, V], every parameter per row.
+
+    temperature [B] (<= 1e-5: greedy, the argmax of the processed scores), top_k [B] (int, 0 =
+    off), top_p [B] (1 = off), min_p [B] (0 = off), seeds [B] (ints; one draw stream per row:
+    derive them with `sampling.row_seed(request_seed, row, step)`). `logits` is scratch: the
+    Triton path writes the penalties (and VAS values of rows that keep the non-candidates) into
+    it. Both paths are reproducible for given seeds and sample the same distribution; their
+    noise differs (torch.Generator per row vs a counter-based hash in the kernel)."""
+    if uses_triton(logits, force) and not _unsupported_by_triton(contrastive, vas):
+        from .sampling_triton import sample_triton
+
+        return sample_triton(logits, temperature, top_k, top_p, min_p,
+                             _seed_tensor(seeds, logits.device), penalties=penalties,
+                             contrastive=contrastive, vas=vas)
+    return sample_processed_reference(logits, temperature, top_k, top_p, min_p,
+                                      _seed_list(seeds), penalties=penalties,
+                                      contrastive=contrastive, vas=vas)

@@ -1,0 +1,269 @@
+"""Decode attention over the slot pool: the Triton kernels against the PyTorch references.
+
+The Triton kernels run on CPU under TRITON_INTERPRET=1, which triton reads when it is first
+imported; other tests in this process import it earlier (transformers does), so the kernel tests
+run in a child pytest process started by `test_triton_attention_kernels_under_interpreter`
+(only the `test_triton_*` tests, defined only in that child). The reference tests and a compile
+of the kernels for an H100 (sm_90, no GPU needed) run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alignserve.kernels import dispatch
+from alignserve.kernels.attention import attention_lse_reference, merge_attention
+
+CHILD = os.environ.get("ALIGNSERVE_TRITON_CHILD") == "1"
+INF = float("inf")
+
+
+def _pool(slots: int, kvh: int, d: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(slots, kvh, d, generator=g).to(dtype)
+    v = torch.randn(slots, kvh, d, generator=g).to(dtype)
+    return k, v, g
+
+
+def _shared_prefix_case(b: int, h: int, kvh: int, d: int, prefix: int, leaf_lens: list[int],
+                        seed: int = 0):
+    """A group of b sequences sharing `prefix` slots (not contiguous), each with its own leaf."""
+    pool = prefix + sum(leaf_lens) + 17
+    k, v, g = _pool(pool, kvh, d, seed)
+    perm = torch.randperm(pool, generator=g).int()
+    prefix_slots = perm[:prefix]
+    lmax = max(max(leaf_lens), 1)
+    table = torch.full((b, lmax), 10**6, dtype=torch.int32)  # padding must never be read
+    start = prefix
+    for i, n in enumerate(leaf_lens):
+        table[i, :n] = perm[start:start + n]
+        start += n
+    q = torch.randn(b, h, d, generator=g)
+    lengths = torch.tensor(leaf_lens, dtype=torch.int32)
+    return q, k, v, prefix_slots, table, lengths
+
+
+def _full_attention(q, k, v, prefix_slots, table, lengths, scale):
+    outs, lses = [], []
+    for i in range(q.shape[0]):
+        idx = torch.cat([prefix_slots, table[i, : int(lengths[i])]]).long()
+        o, l = attention_lse_reference(q[i:i + 1], k[idx], v[idx], scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+# ----------------------------------------------------------------------------------------------
+# this process: references, dispatch on CPU, and the compile for sm_90
+# ----------------------------------------------------------------------------------------------
+
+if not CHILD:
+
+    def test_merge_of_prefix_and_leaves_equals_attention_over_concatenation():
+        scale = 64 ** -0.5
+        q, k, v, pre, table, lengths = _shared_prefix_case(4, 9, 3, 64, 37, [0, 1, 5, 12])
+        o_p, l_p = dispatch.segment_attention(q, k, v, pre, scale)
+        o_l, l_l = dispatch.leaf_attention(q, k, v, table, lengths, scale)
+        assert torch.isneginf(l_l[0]).all() and (o_l[0] == 0).all()  # an empty leaf
+        out, lse = merge_attention(o_p, l_p, o_l, l_l)
+        ref_o, ref_l = _full_attention(q, k, v, pre, table, lengths, scale)
+        torch.testing.assert_close(out, ref_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_l, atol=1e-5, rtol=1e-5)
+
+    def test_merge_into_reference_folds_a_segment_into_its_rows():
+        scale = 0.125
+        q, k, v, pre, table, lengths = _shared_prefix_case(5, 4, 1, 64, 20, [3, 0, 4, 1, 2],
+                                                           seed=4)
+        out, lse = dispatch.leaf_attention(q, k, v, table, lengths, scale)
+        rows = torch.tensor([3, 1, 4])  # the group sharing the prefix
+        o_p, l_p = dispatch.segment_attention(q[rows], k, v, pre, scale)
+        dispatch.merge_attention_into(out, lse, rows, o_p, l_p)
+        ref_o, ref_l = _full_attention(q, k, v, pre, table, lengths, scale)
+        torch.testing.assert_close(out[rows], ref_o[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[rows], ref_l[rows], atol=1e-5, rtol=1e-5)
+
+    def test_dispatch_uses_the_reference_on_cpu():
+        q = torch.randn(2, 4, 64)
+        assert not dispatch.uses_triton(q)
+        assert not dispatch.uses_triton(q, force="reference")
+        with pytest.raises(ValueError):
+            dispatch.uses_triton(q, force="fast")
+        k, v, _ = _pool(30, 1, 64, 1)
+        slots = torch.tensor([29, 3, 7, 0, 12], dtype=torch.int32)
+        out, lse = dispatch.segment_attention(q, k, v, slots, 0.125)
+        ref_o, ref_l = attention_lse_reference(q, k[slots.long()], v[slots.long()], 0.125)
+        assert torch.equal(out, ref_o) and torch.equal(lse, ref_l)
+
+    def test_triton_attention_kernels_under_interpreter():
+        """Runs this module's `test_triton_*` tests in a child with TRITON_INTERPRET=1."""
+        if not dispatch.triton_available():
+            pytest.fail("triton is not installed (pip install -e '.[triton]')")
+        env = dict(os.environ, TRITON_INTERPRET="1", ALIGNSERVE_TRITON_CHILD="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
+               "-k", "test_triton_", __file__]
+        r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=800)
+        summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        assert r.returncode == 0, r.stdout[-12000:] + r.stderr[-4000:]
+        assert " passed" in summary and "failed" not in summary, summary
+        print("interpreter child:", summary)
+
+    def test_attention_kernels_compile_for_sm90():
+        """The kernels pass Triton's GPU compiler (to a cubin for an H100) in their default
+        configurations: the interpreter accepts code that the compiler rejects."""
+        pytest.importorskip("triton")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler import compile as tcompile
+
+        from alignserve.kernels import attention_triton as at
+
+        ptr = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slots_ptr": "*i32",
+               "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
+               "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32",
+               "a_out_ptr": "*fp32", "a_lse_ptr": "*fp32", "b_out_ptr": "*fp32",
+               "b_lse_ptr": "*fp32", "rows_ptr": "*i64"}
+
+        def build(fn, consts, warps):
+            sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            return tcompile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "enable_fp_fusion": True})
+
+        for g, d, m in ((3, 64, 64), (4, 128, 64), (3, 64, 2)):
+            bq, bn, w = at.segment_config(m * g, d)
+            assert build(at._segment_partial_kernel,
+                         {"G": g, "D": d, "BLOCK_Q": bq, "BLOCK_N": bn}, w).asm["cubin"]
+        for g, d in ((3, 64), (4, 128)):
+            bg, bn, w = at.leaf_config(g, d)
+            assert build(at._leaf_partial_kernel,
+                         {"G": g, "D": d, "BLOCK_G": bg, "BLOCK_N": bn}, w).asm["cubin"]
+        assert build(at._combine_kernel, {"D": 64, "BLOCK_R": 16, "BLOCK_C": 32}, 4).asm["cubin"]
+        for has_rows in (False, True):
+            assert build(at._merge_kernel, {"D": 64, "BLOCK_H": 32, "HAS_ROWS": has_rows},
+                         4).asm["cubin"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the child: Triton kernels under the interpreter (fp32, tiny shapes)
+# ----------------------------------------------------------------------------------------------
+
+if CHILD:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from alignserve.kernels import attention_triton as at
+
+    @pytest.mark.parametrize(
+        "h,kvh,d,m,length,chunk,block_q",
+        [
+            (9, 3, 64, 3, 50, 16, None),  # SmolLM2 heads, 4 chunks
+            (4, 1, 64, 1, 40, None, None),  # a group of one, one chunk
+            (9, 3, 64, 7, 45, 16, 16),  # 21 query rows in two tiles of 16
+            (8, 2, 128, 2, 33, 16, None),  # head_dim 128
+        ],
+    )
+    def test_triton_segment_attention_matches_reference(h, kvh, d, m, length, chunk, block_q):
+        k, v, g = _pool(120, kvh, d, seed=h * 100 + length)
+        slots = torch.randperm(120, generator=g)[:length].int()  # not contiguous
+        q = torch.randn(m, h, d, generator=g)
+        out, lse = at.segment_attention_triton(q, k, v, slots, d ** -0.5, chunk_size=chunk,
+                                               block_n=16, block_q=block_q)
+        ref_o, ref_l = attention_lse_reference(q, k[slots.long()], v[slots.long()], d ** -0.5)
+        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+        torch.testing.assert_close(out, ref_o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_l, atol=2e-5, rtol=1e-5)
+
+    def test_triton_segment_attention_fp16_pool():
+        k, v, g = _pool(100, 3, 64, seed=5, dtype=torch.float16)
+        slots = torch.randperm(100, generator=g)[:45].int()
+        q = torch.randn(4, 9, 64, generator=g).half()
+        out, lse = at.segment_attention_triton(q, k, v, slots, 0.125, chunk_size=16, block_n=16)
+        ref_o, ref_l = attention_lse_reference(q, k[slots.long()], v[slots.long()], 0.125)
+        torch.testing.assert_close(out, ref_o, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse, ref_l, atol=1e-4, rtol=1e-4)
+
+    def test_triton_empty_segment_is_zero_with_minus_inf_lse():
+        k, v, _ = _pool(10, 1, 64, seed=0)
+        out, lse = at.segment_attention_triton(torch.randn(2, 4, 64), k, v,
+                                               torch.zeros(0, dtype=torch.int32), 0.125)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+    @pytest.mark.parametrize("h,kvh,chunk", [(9, 3, None), (9, 3, 16), (4, 1, 8)])
+    def test_triton_leaf_attention_ragged(h, kvh, chunk):
+        scale = 0.125
+        q, k, v, _, table, lengths = _shared_prefix_case(5, h, kvh, 64, 0, [0, 1, 7, 20, 33],
+                                                         seed=h + (chunk or 0))
+        out, lse = at.leaf_attention_triton(q, k, v, table, lengths, scale, chunk_size=chunk,
+                                            block_n=16)
+        ref_o, ref_l = dispatch.leaf_attention(q, k, v, table, lengths, scale,
+                                               force="reference")
+        assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+        torch.testing.assert_close(out, ref_o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_l, atol=2e-5, rtol=1e-5)
+
+    def test_triton_leaf_lengths_are_clamped_to_the_table():
+        q, k, v, _, table, _ = _shared_prefix_case(3, 4, 1, 64, 0, [5, 20, 9], seed=2)
+        lengths = torch.tensor([3, 50, 9], dtype=torch.int32)  # 50 > the table's width 20
+        for ml in (None, 8):
+            got = dispatch.leaf_attention(q, k, v, table, lengths, 0.125, force="triton",
+                                          max_length=ml)
+            want = dispatch.leaf_attention(q, k, v, table, lengths, 0.125, force="reference",
+                                           max_length=ml)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+    def test_triton_decode_step_equals_attention_over_concatenated_kv():
+        """Prefix once for the group (split in chunks) + each leaf, merged: exact attention."""
+        scale = 64 ** -0.5
+        q, k, v, pre, table, lengths = _shared_prefix_case(4, 9, 3, 64, 70, [0, 1, 6, 19],
+                                                           seed=11)
+        o_p, l_p = dispatch.segment_attention(q, k, v, pre, scale, force="triton", chunk_size=16)
+        o_l, l_l = dispatch.leaf_attention(q, k, v, table, lengths, scale, force="triton")
+        out, lse = dispatch.merge_attention(o_p, l_p, o_l, l_l)
+        ref_o, ref_l = _full_attention(q, k, v, pre, table, lengths, scale)
+        torch.testing.assert_close(out, ref_o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_l, atol=2e-5, rtol=1e-5)
+
+    def test_triton_merge_matches_reference_including_empty_parts():
+        g = torch.Generator().manual_seed(8)
+        n, h, d = 5, 9, 64
+        oa, ob = torch.randn(n, h, d, generator=g), torch.randn(n, h, d, generator=g)
+        la, lb = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+        la[0] = -INF  # an empty first part
+        lb[1] = -INF  # an empty second part
+        la[2, :4] = lb[2, :4] = -INF  # both empty for some heads
+        oa[0] = ob[1] = 0
+        oa[2, :4] = ob[2, :4] = 0
+        out, lse = dispatch.merge_attention(oa, la, ob, lb, force="triton")
+        ref_o, ref_l = merge_attention(oa, la, ob, lb)
+        torch.testing.assert_close(out, ref_o, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse, ref_l)
+        assert (out[2, :4] == 0).all() and torch.isneginf(lse[2, :4]).all()
+
+    def test_triton_merge_into_rows_in_place():
+        g = torch.Generator().manual_seed(9)
+        b, h, d = 6, 4, 64
+        out, lse = torch.randn(b, h, d, generator=g), torch.randn(b, h, generator=g)
+        lse[4] = -INF
+        out[4] = 0
+        rows = torch.tensor([4, 1, 3])
+        po, pl = torch.randn(3, h, d, generator=g), torch.randn(3, h, generator=g)
+        want_o, want_l = out.clone(), lse.clone()
+        dispatch.merge_attention_into(want_o, want_l, rows, po, pl, force="reference")
+        got_o, got_l = out.clone(), lse.clone()
+        dispatch.merge_attention_into(got_o, got_l, rows, po, pl, force="triton")
+        torch.testing.assert_close(got_o, want_o, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_l, want_l)
+        assert torch.equal(got_o[[0, 2, 5]], out[[0, 2, 5]])  # other rows untouched
+        torch.testing.assert_close(got_o[4], po[0])  # merged with an empty part
+
+    def test_triton_dispatch_force_paths_agree():
+        q, k, v, pre, table, lengths = _shared_prefix_case(3, 4, 1, 64, 20, [2, 9, 4], seed=3)
+        for fn, args in ((dispatch.segment_attention, (pre,)),
+                         (dispatch.leaf_attention, (table, lengths))):
+            a = fn(q, k, v, *args, 0.125, force="triton")
+            b = fn(q, k, v, *args, 0.125, force="reference")
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
