@@ -1,6 +1,11 @@
 """Decoding strategies; importing this package registers the built-in ones."""
 
-from alignserve.decoding import best_of_n, sample  # noqa: F401  (registration)
+from alignserve.decoding import (  # noqa: F401  (registration)
+    best_of_n,
+    contrastive,
+    deal,
+    sample,
+)
 from alignserve.decoding.base import (
     STRATEGIES,
     ChoiceDelta,

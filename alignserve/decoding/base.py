@@ -24,6 +24,17 @@ class StrategyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrategyInputError(ValueError):
+    """A request a strategy cannot serve because of what the client asked for (the server
+    answers 400). `param` is the offending field as the client sees it, e.g.
+    `alignment.amateur`. Raised by `Strategy.check` (before any work) and by `run`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
 @dataclass
 class DecodeRequest:
     request_id: str
@@ -100,6 +111,10 @@ class DecodeContext:
 
 
 StrategyRun = Callable[[DecodeContext], AsyncIterator[DecodeEvent]]
+# Checks that need the engine or the server's resources (request, engine, resources); raise
+# StrategyInputError. The server calls it before it starts the run (so that a streamed request
+# still gets a 400); `run` calls it again for callers that skip the server.
+StrategyCheck = Callable[[DecodeRequest, Engine, Any], None]
 
 
 @dataclass
@@ -109,6 +124,7 @@ class Strategy:
     params: type[StrategyParams]
     run: StrategyRun
     streams: str = "tokens"  # how it streams: "tokens", "winner", "agreed-prefix"
+    check: StrategyCheck | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}

@@ -38,6 +38,8 @@ def filter_logits_reference(
 ) -> torch.Tensor:
     """Temperature-scaled logits with -inf outside each row's top-k / top-p / min-p set."""
     x = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
+    if not bool(((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)).any()):
+        return x  # no filter asked for: skip the sort
     vocab = x.shape[1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     sorted_x, order = torch.sort(x, dim=1, descending=True)

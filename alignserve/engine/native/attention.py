@@ -59,9 +59,7 @@ class DecodePlan:
         )
         for seg, rows in self.groups:
             o, l = attend_segment(c, layer, q.index_select(0, rows), seg, self.scale)
-            mo, ml = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), o, l)
-            out.index_copy_(0, rows, mo)
-            lse.index_copy_(0, rows, ml)
+            dispatch.merge_attention_into(out, lse, rows, o, l)
         return out
 
 

@@ -224,10 +224,16 @@ class NativeEngine:
     async def truncate(self, seq: SeqHandle, length: int) -> None:
         async with self._lock:
             st = self._state(seq)
-            leaf_start = st.length - len(st.chain[-1])
+            # From the KV's length, not the token list's: after `generate` the last sampled
+            # token of a finished sequence is in token_ids but was never fed (has no KV).
+            fed = self.kv.chain_length(st.chain)
+            leaf_start = fed - len(st.chain[-1])
             if length < leaf_start:
                 raise EngineError("truncate reaches into KV shared with other sequences")
             if length < st.length:
+                if length > fed:
+                    raise EngineError("truncate would keep a token that was never fed")
+                st.handle.finished, st.handle.finish_reason = False, None
                 self.kv.truncate_leaf(st.chain, length - leaf_start)
                 del st.handle.token_ids[length:]
                 st.handle.logprobs = st.handle.logprobs[: max(0, length - st.handle.prompt_len)]
@@ -299,7 +305,10 @@ class NativeEngine:
                 continue
             async with self._lock:
                 prefills = self._admit_prefills()
-                feeds, self._feeds = self._feeds, []
+                # An extend whose caller was cancelled is dropped: its sequences are being
+                # released, and feeding them would hand KV pages to a dead chain.
+                feeds = [f for f in self._feeds if not f.future.done()]
+                self._feeds = []
                 gen = [st for st in self._generating.values() if not st.released]
                 try:
                     result = await loop.run_in_executor(self._executor, self._step, prefills, feeds, gen)

@@ -1,0 +1,457 @@
+"""`deal`: heuristic-guided lookahead search (DeAL, arXiv 2402.06147).
+
+The state is the prompt plus the committed tokens. Each step, for every live beam:
+
+1. actions: the beam's `top_k` next tokens by the model's log-probs (EOS, and any stop token id,
+   is an action: choosing it finishes the beam);
+2. every non-stop action becomes a child: `fork` the beam per action (the children share its KV)
+   and feed each child its action (one batched `extend` for all beams' children);
+3. each child is rolled out `lookahead` tokens greedily (one `generate` over all children,
+   kind "lookahead"), and the lookahead-completed texts, together with the texts of the beams
+   an EOS action finishes, are scored by the request's composed reward in one batched call;
+4. candidates rank by  logprob(committed tokens) + lambda * reward  and the best `beam` survive,
+   finished beams included (a finished beam is scored on its final text and stays in the
+   competition until something outranks it);
+5. survivors are rolled back to their committed length (`truncate`; the rollout lives in the
+   child's own KV leaf). With `commit` > 1 a survivor keeps its action plus the first
+   `commit - 1` tokens of its rollout (fewer steps, coarser search).
+
+The search ends when every surviving beam is finished (EOS, a stop string or stop token id, or
+max_tokens); the `n` best are returned. With no rewards it is beam search by log-likelihood.
+Rollouts are greedy and stop where the request stops (stop strings, stop ids, max_tokens);
+temperature and the other sampling fields do not apply (the search is deterministic).
+
+What a candidate is scored on: its lookahead-completed text (committed tokens, action, rollout;
+keyword rewards match whole words of it), with one exception: the `length` reward is never
+measured on unfinished text. For a candidate whose completion has not finished, the length
+component is the best value any finished text reachable from it could get (word counts from its
+current count to that count plus the tokens max_tokens still allows). That bound does not depend
+on where the rollout was cut, so an unfinished candidate never wins by having been cut at the
+right length, and finishing short of the target never outranks continuing toward it (with a
+negative weight the bound is the worst reachable value). A text that finished (EOS, a stop, or
+max_tokens) is scored as it is; so is every finished beam, on its final text.
+
+Streaming (n == 1): tokens every surviving beam agrees on (their common prefix; finished beams
+count, as they can still win) are sent as they are agreed; the rest when the search ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from alignserve.decoding.base import (
+    ChoiceDelta,
+    ChoiceFinal,
+    DecodeContext,
+    DecodeEvent,
+    DecodeRequest,
+    Strategy,
+    StrategyInputError,
+    StrategyParams,
+    register,
+)
+from alignserve.decoding.common import format_logprobs, score_texts
+from alignserve.engine.protocol import Engine, SamplingParams, SeqHandle
+from alignserve.engine.text import IncrementalText
+from alignserve.rewardmodels.lexical import LengthReward, count_words
+
+MAX_TOP_K, MAX_LOOKAHEAD, MAX_BEAM, MAX_COMMIT = 16, 64, 8, 16
+
+
+class DealParams(StrategyParams):
+    top_k: int = Field(4, ge=1, le=MAX_TOP_K,
+                       description="Actions per beam and step: the most likely next tokens.")
+    lookahead: int = Field(8, ge=0, le=MAX_LOOKAHEAD,
+                           description="Tokens each action is rolled out (greedily) before its "
+                           "text is scored.")
+    beam: int = Field(2, ge=1, le=MAX_BEAM,
+                      description="Beams kept each step; n must not exceed it.")
+    lambda_: float = Field(1.0, ge=0.0, le=1e6, allow_inf_nan=False, alias="lambda",
+                           description="Weight of the reward against the log-likelihood "
+                           "(rank = logprob + lambda * reward).")
+    commit: int = Field(1, ge=1, le=MAX_COMMIT,
+                        description="Tokens committed per step (the action plus commit-1 "
+                        "rollout tokens): more is faster and coarser.")
+
+
+def check(req: DecodeRequest, engine: Engine, resources: Any) -> None:
+    if req.n > req.params.beam:
+        raise StrategyInputError(f"n ({req.n}) must not exceed alignment.beam "
+                                 f"({req.params.beam}): the best n beams are returned",
+                                 "alignment.beam")
+
+
+# ---- the search's arithmetic (pure functions) ----------------------------------------------
+
+def top_actions(next_logprobs: torch.Tensor, top_k: int,
+                banned: Sequence[int] = ()) -> list[tuple[int, float]]:
+    """The top_k (token, log-prob) actions of one beam, best first; `banned` tokens (stop ids
+    before min_tokens) and impossible ones (-inf) are not actions."""
+    lp = next_logprobs.float()
+    if banned:
+        lp = lp.clone()
+        lp[list(banned)] = float("-inf")
+    vals, ids = torch.topk(lp, min(top_k, lp.shape[-1]))
+    return [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]
+
+
+def rank_score(logprob: float, reward: float | None, lam: float) -> float:
+    """What candidates rank by: log-likelihood of the committed tokens + lambda * reward."""
+    return logprob + lam * (reward or 0.0)
+
+
+def select(ranks: Sequence[float], beam: int) -> list[int]:
+    """Indices of the `beam` best ranks, best first (ties: the earlier candidate)."""
+    order = sorted(range(len(ranks)), key=lambda i: (-ranks[i], i))
+    return order[:beam]
+
+
+def split_commit(action: int, action_lp: float, rollout: Sequence[int],
+                 rollout_lps: Sequence[float], commit: int,
+                 stop_ids: Sequence[int] | frozenset[int]) -> tuple[list[int], list[float], bool]:
+    """The tokens a candidate commits: its action, then up to commit-1 rollout tokens, ending at
+    a stop token id if one comes first. Returns (tokens, their log-probs, ended by a stop id)."""
+    tokens, lps = [action], [action_lp]
+    if action in stop_ids:
+        return tokens, lps, True
+    for tok, lp in zip(rollout[: commit - 1], rollout_lps[: commit - 1]):
+        tokens.append(tok)
+        lps.append(lp)
+        if tok in stop_ids:
+            return tokens, lps, True
+    return tokens, lps, False
+
+
+def length_bound(reward: LengthReward, words: int, more_words: int, weight: float) -> float:
+    """Best (worst, for a negative weight) score_words over [words, words + more_words]: the
+    value the finished text could reach. score_words is unimodal (peak at the target or over
+    the range), so the extremes are at the ends or the peak's points clamped into the range."""
+    hi = words + max(0, more_words)
+    points = {words, hi}
+    for peak in (reward.target, reward.lo, reward.hi):
+        if peak is not None:
+            points.add(min(max(peak, words), hi))
+    values = [reward.score_words(w) for w in points]
+    return max(values) if weight >= 0 else min(values)
+
+
+def heuristic_reward(reward: Any, score: Any, text: str, finished: bool,
+                     tokens_left: int) -> float | None:
+    """The reward a candidate ranks by: its score's total, except that for an unfinished text
+    each `length` component is replaced by its bound (see the module docstring)."""
+    if score is None or score.total is None:
+        return None
+    if finished or reward is None:
+        return score.total
+    total = score.total
+    words = None
+    for item in getattr(reward, "items", []):
+        if isinstance(item.reward, LengthReward):
+            if words is None:
+                words = count_words(text)
+            bound = length_bound(item.reward, words, tokens_left, item.weight)
+            total += item.weight * (bound - score.components[item.label])
+    return total
+
+
+# ---- the search ----------------------------------------------------------------------------
+
+@dataclass
+class Beam:
+    tokens: list[int]  # committed output tokens
+    logprob: float  # their summed log-probs
+    text: IncrementalText  # their text (stop strings cut)
+    entries: list[dict] = field(default_factory=list)  # logprob entries, when asked
+    seq: SeqHandle | None = None  # engine sequence: prompt + tokens (live beams)
+    next_logprobs: torch.Tensor | None = None  # next-token log-probs (live beams)
+    finished: bool = False
+    finish_reason: str | None = None
+    score: Any = None  # RewardScore of the final text (finished beams)
+    rank: float = 0.0
+    invalid: bool = False  # a candidate that cannot go on (never survives)
+
+
+@dataclass
+class _Cand:
+    parent: Beam
+    action: int
+    action_lp: float
+    child: SeqHandle | None = None
+    rollout: list[int] = field(default_factory=list)
+    rollout_lps: list[float] = field(default_factory=list)
+    rollout_stopped: bool = False  # the rollout ended at a stop (not at its length)
+
+
+def _clone(text: IncrementalText) -> IncrementalText:
+    out = copy.copy(text)
+    out.ids = list(text.ids)
+    return out
+
+
+def _top(lp: torch.Tensor, k: int | None) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    vals, ids = torch.topk(lp, min(k, lp.shape[-1]))
+    return list(zip(ids.tolist(), vals.tolist()))
+
+
+class _Search:
+    def __init__(self, ctx: DecodeContext) -> None:
+        self.ctx, self.engine, self.req = ctx, ctx.engine, ctx.request
+        self.p: DealParams = self.req.params
+        sp = self.req.sampling
+        self.sp = sp
+        self.max_tokens = min(sp.max_tokens, self.engine.max_model_len - len(self.req.prompt_ids))
+        self.stop_ids = frozenset(sp.stop_token_ids) | (
+            frozenset() if sp.ignore_eos else frozenset(self.engine.eos_token_ids))
+        self.held: dict[Any, SeqHandle] = {}  # every engine sequence not yet released
+
+    async def release(self, seqs: list[SeqHandle]) -> None:
+        for s in seqs:
+            self.held.pop(s.key, None)
+        if seqs:
+            await self.engine.release(seqs)
+
+    async def start(self) -> list[Beam]:
+        root = await self.engine.prefill(self.req.prompt_ids, self.ctx.tally)
+        self.held[root.key] = root
+        first = torch.log_softmax((await self.engine.logits([root]))[0].float(), dim=-1)
+        text = IncrementalText(self.engine.tokenizer, self.req.prompt_ids, self.sp.stop)
+        return [Beam([], 0.0, text, seq=root, next_logprobs=first)]
+
+    async def step(self, beams: list[Beam]) -> list[Beam]:
+        p, sp = self.p, self.sp
+        live = [b for b in beams if not b.finished]
+        done = [b for b in beams if b.finished]
+        n_out = len(live[0].tokens)
+        remaining = self.max_tokens - n_out  # >= 1 for a live beam
+        rollout_len = min(p.lookahead, remaining - 1)
+        commit = min(p.commit, max(1, rollout_len))
+        banned = sorted(self.stop_ids) if n_out < sp.min_tokens else ()
+
+        cands: list[_Cand] = []
+        for b in live:
+            for tok, lp in top_actions(b.next_logprobs, p.top_k, banned):
+                cands.append(_Cand(b, tok, lp))
+        expand = [c for c in cands if c.action not in self.stop_ids and remaining > 1]
+        next_lp: dict[Any, torch.Tensor] = {}
+        captured: dict[Any, dict] = {}
+        if expand:
+            await self._expand(live, expand, next_lp, captured, n_out, rollout_len, commit)
+
+        # what each candidate commits, and the text its completion is scored on
+        new_beams: list[Beam] = []
+        texts: list[str] = []
+        complete: list[bool] = []
+        left: list[int] = []
+        for c in cands:
+            beam, scored, finished_completion, n_total = self._commit(c, commit, captured,
+                                                                      next_lp)
+            new_beams.append(beam)
+            texts.append(scored)
+            complete.append(finished_completion)
+            left.append(self.max_tokens - n_total)
+        scores = await score_texts(self.ctx, texts)
+        reward = self.req.reward
+        for beam, s, text, fin, tl in zip(new_beams, scores, texts, complete, left):
+            h = heuristic_reward(reward, s, text, fin, tl)
+            beam.rank = rank_score(beam.logprob, h, p.lambda_)
+            if beam.finished:
+                beam.score = s
+
+        pool = done + [b for b in new_beams if not b.invalid]
+        if not pool:
+            raise RuntimeError("deal: no candidate could go on")
+        keep = select([b.rank for b in pool], p.beam)
+        survivors = [pool[i] for i in keep]
+        kept = {id(b) for b in survivors}
+        # roll the surviving children back to what they commit; free everything else
+        drop = [b.seq for b in live if b.seq is not None]
+        for b in new_beams:
+            if b.seq is None:
+                continue
+            if id(b) in kept and not b.finished:
+                await self.engine.truncate(b.seq, len(self.req.prompt_ids) + len(b.tokens))
+            else:
+                drop.append(b.seq)
+                b.seq = None
+        for b in live:
+            b.seq = None
+        await self.release(drop)
+        return survivors
+
+    async def _expand(self, live, expand, next_lp, captured, n_out, rollout_len, commit):
+        engine, ctx, sp = self.engine, self.ctx, self.sp
+        per_beam: dict[int, list[_Cand]] = {}
+        for c in expand:
+            per_beam.setdefault(id(c.parent), []).append(c)
+        groups = list(per_beam.values())
+        forks = await asyncio.gather(*(engine.fork(g[0].parent.seq, len(g)) for g in groups),
+                                     return_exceptions=True)
+        for kids in forks:
+            if not isinstance(kids, BaseException):
+                for k in kids:
+                    self.held[k.key] = k
+        for kids in forks:
+            if isinstance(kids, BaseException):
+                raise kids
+        for g, kids in zip(groups, forks):
+            for c, k in zip(g, kids):
+                c.child = k
+        children = [c.child for c in expand]
+        await engine.extend(children, [[c.action] for c in expand], ctx.tally, kind="decode")
+        if commit == 1:
+            rows = torch.log_softmax((await engine.logits(children)).float(), dim=-1)
+            for k, row in zip(children, rows):
+                next_lp[k.key] = row
+        if rollout_len <= 0:
+            return
+        start = n_out + 1
+        want_top = sp.logprobs or 0
+
+        def capture(seqs: list[SeqHandle], logits: torch.Tensor, inputs) -> torch.Tensor:
+            for h, row in zip(seqs, logits):
+                j = h.num_output - start  # index of the rollout token being chosen
+                if j == commit - 1:
+                    captured.setdefault(h.key, {})["next"] = torch.log_softmax(row.float(), -1)
+                elif j < commit - 1 and want_top:
+                    lp = torch.log_softmax(row.float(), -1)
+                    captured.setdefault(h.key, {})[j] = _top(lp, want_top)
+            return logits
+
+        params = SamplingParams(temperature=0.0, max_tokens=start + rollout_len,
+                                min_tokens=sp.min_tokens, stop=sp.stop,
+                                stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos)
+        by_key = {c.child.key: c for c in expand}
+        gen = engine.generate(children, params, processor=capture if commit > 1 else None,
+                              tally=ctx.tally, kind="lookahead")
+        async with contextlib.aclosing(gen):
+            async for events in gen:
+                for ev in events:
+                    c = by_key[ev.seq.key]
+                    if ev.token_id >= 0:
+                        c.rollout.append(ev.token_id)
+                        c.rollout_lps.append(ev.logprob)
+                    if ev.finished and ev.finish_reason == "stop":
+                        c.rollout_stopped = True
+        for c in expand:
+            if c.child.key in captured and "next" in captured[c.child.key]:
+                next_lp[c.child.key] = captured[c.child.key]["next"]
+
+    def _commit(self, c: _Cand, commit: int, captured, next_lp):
+        """The beam a candidate would become, the text its completion is scored on, whether
+        that completion is finished, and its length in tokens."""
+        parent, sp = c.parent, self.sp
+        tokens, lps, stopped = split_commit(c.action, c.action_lp, c.rollout, c.rollout_lps,
+                                            commit, self.stop_ids)
+        text = _clone(parent.text)
+        kept = 0
+        for tok in tokens:
+            kept += 1
+            if text.push(tok) is not None:
+                stopped = True
+                break
+        tokens, lps = tokens[:kept], lps[:kept]
+        entries = list(parent.entries)
+        if sp.logprobs is not None:
+            for j, (tok, lp) in enumerate(zip(tokens, lps)):
+                if j == 0:
+                    top = _top(parent.next_logprobs, sp.logprobs)
+                else:
+                    top = captured.get(c.child.key, {}).get(j - 1, []) if c.child else []
+                entries.append({"token_id": tok, "logprob": lp, "top": top})
+        all_tokens = parent.tokens + tokens
+        beam = Beam(all_tokens, parent.logprob + sum(lps), text, entries, seq=c.child)
+        if stopped or len(all_tokens) >= self.max_tokens:
+            beam.finished = True
+            beam.finish_reason = "stop" if stopped else "length"
+            return beam, text.text, True, len(all_tokens)
+        beam.next_logprobs = next_lp.get(c.child.key) if c.child is not None else None
+        if beam.next_logprobs is None:  # the engine saw a stop this text did not: drop it
+            beam.invalid = True
+        # the completion: the rest of the rollout after the committed tokens
+        full = _clone(text)
+        n_total = len(all_tokens)
+        finished = False
+        for tok in c.rollout[kept - 1:]:
+            n_total += 1
+            if full.push(tok) is not None or tok in self.stop_ids:
+                finished = True
+                break
+        finished = finished or c.rollout_stopped or n_total >= self.max_tokens
+        return beam, full.text, finished, n_total
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
+    req, engine = ctx.request, ctx.engine
+    check(req, engine, ctx.resources)
+    search = _Search(ctx)
+    stream = req.stream and req.n == 1
+    want_logprobs = req.sampling.logprobs is not None
+    shown = IncrementalText(engine.tokenizer, req.prompt_ids, req.sampling.stop)
+    sent = 0  # tokens of choice 0 already streamed
+    try:
+        beams = await search.start()
+        while any(not b.finished for b in beams):
+            beams = await search.step(beams)
+            if stream:
+                agreed = common_prefix([b.tokens for b in beams])
+                if agreed > sent:
+                    toks = beams[0].tokens[sent:agreed]
+                    for t in toks:
+                        shown.push(t)
+                    lps = (format_logprobs(engine, beams[0].entries[sent:agreed])
+                           if want_logprobs else [])
+                    yield ChoiceDelta(0, shown.delta(final=False), toks, lps)
+                    sent = agreed
+        best = sorted(beams, key=lambda b: -b.rank)[: req.n]
+        for i, b in enumerate(best):
+            if stream and i == 0:
+                toks = b.tokens[sent:]
+                for t in toks:
+                    shown.push(t)
+                lps = format_logprobs(engine, b.entries[sent:]) if want_logprobs else []
+                yield ChoiceDelta(0, shown.delta(final=True), toks, lps)
+            yield ChoiceFinal(
+                index=i, text=b.text.text, token_ids=list(b.tokens),
+                finish_reason=b.finish_reason or "stop",
+                reward=None if b.score is None else b.score.total,
+                components={} if b.score is None else dict(b.score.components),
+                cumulative_logprob=b.logprob,
+                logprobs=format_logprobs(engine, b.entries) if want_logprobs else [],
+                streamed=stream and i == 0,
+            )
+        yield ctx.summary(sum(len(b.tokens) for b in best))
+    finally:
+        await engine.release(list(search.held.values()))
+
+
+STRATEGY = register(Strategy(
+    name="deal",
+    description="DeAL lookahead search: each step the top_k next tokens of every beam are rolled "
+    "out `lookahead` tokens, scored by the rewards, ranked by logprob + lambda * reward; the best "
+    "`beam` survive (EOS is an action; finished beams stay in the competition).",
+    params=DealParams,
+    run=run,
+    streams="agreed-prefix",
+    check=check,
+))
