@@ -1,0 +1,1 @@
+"""Stand-ins for heavy external systems, used by tests only."""
