@@ -1,0 +1,817 @@
+"""The engine protocol on vLLM's AsyncLLM (pinned 0.25.x).
+
+vLLM owns the KV cache and never hands out logits or KV handles, so the protocol maps onto
+requests, with vLLM's prefix cache doing what fork does natively:
+
+- a `SeqHandle` is its token ids; `prefill` only checks and records the prompt (the first
+  request that uses it computes it, and every later one finds its full blocks in the prefix
+  cache); `fork` copies the handle; `extend` appends ids; `truncate` cuts them; `release`
+  aborts the sequence's requests still in flight.
+- `generate` sends one vLLM request per group of sequences with identical token ids (and
+  identical processor arguments), with n = the group's size: the n children of one prompt
+  share its KV blocks. Groups run concurrently; each RequestOutput (DELTA kind) becomes one
+  list of TokenEvents. If the consumer stops (a client disconnects), every request is
+  cancelled, which makes AsyncLLM abort it, and aborted again explicitly.
+- `logits` is a sparse view: a 1-token request with `logprobs=top_k` gives the top-k raw
+  log-probabilities of the next token; the dense [B, V] row holds them, and every other entry
+  the log of the remaining probability mass spread evenly, so log_softmax of the row gives
+  the exact log-probabilities of the top k, and top-k / argmax of it give the true top-k
+  tokens (enough for DeAL's actions, not for sampling from the tail). Lookahead generations
+  request the same top-k for every token they sample, so a beam truncated back into one of
+  its rollouts already knows its next-token distribution and needs no request.
+- logits processors run in vLLM's engine-core process, so a strategy's Python processor
+  cannot be called there; a processor that supports vLLM carries its arguments in a
+  declarative `alignserve_spec` (see `_processor_args`) that travels in
+  SamplingParams.extra_args to `AlignLogitsProcessor`.
+
+Model tokens: prompt tokens are counted when a request computes them, as vLLM reports
+(`num_cached_tokens`: the prompt tokens found in the prefix cache), so a prompt shared by N
+children counts once plus what each child recomputes of its last, partial KV block; tokens
+added by `extend` count under the kind given there once a request computes them; every
+sampled token but a request's first costs one token of the generate call's kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from alignserve.engine.protocol import (
+    CapacityError,
+    EngineError,
+    EngineStats,
+    LogitsProcessor,
+    SamplingParams,
+    SeqHandle,
+    StepInputs,
+    TokenEvent,
+    TokenTally,
+)
+from alignserve.engine.vllm import spec as wire
+from alignserve.engine.vllm.logits_processor import PROCESSOR
+from alignserve.engine.vllm.metrics import VllmGauges, vllm_metrics_text
+
+log = logging.getLogger(__name__)
+
+class VllmApi:
+    """The few vLLM names the adapter touches, imported on demand; tests pass a fake."""
+
+    def __init__(self, sampling_params: Any, tokens_prompt: Any, delta_kind: Any):
+        self.SamplingParams = sampling_params
+        self.TokensPrompt = tokens_prompt
+        self.delta_kind = delta_kind
+
+    @classmethod
+    def load(cls) -> VllmApi:
+        try:
+            from vllm import SamplingParams as VSamplingParams
+            from vllm.inputs import TokensPrompt
+            from vllm.sampling_params import RequestOutputKind
+        except ImportError as e:
+            raise EngineError("the vllm engine needs vLLM: pip install 'alignserve[vllm]' "
+                              f"(vllm==0.25.*) on a CUDA machine ({e})") from e
+        return cls(VSamplingParams, TokensPrompt, RequestOutputKind.DELTA)
+
+    def params(self, **kw: Any) -> Any:
+        return self.SamplingParams(**kw)
+
+    def prompt(self, ids: Sequence[int]) -> Any:
+        return self.TokensPrompt(prompt_token_ids=list(ids))
+
+
+@dataclass(eq=False)
+class _Seq:
+    handle: SeqHandle
+    early_layer: int | None = None
+    tally: TokenTally | None = None
+    computed: int = 0  # leading tokens vLLM computed for this lineage (when it cannot tell us)
+    spans: list[tuple[int, str]] = field(default_factory=list)  # (first position, kind) after the prompt
+    dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # position -> top-k
+    requests: set[str] = field(default_factory=set)
+    call: _Call | None = None
+    last_generated: list[int] = field(default_factory=list)  # by the latest generate call
+    released: bool = False
+
+    def forget_after(self, pos: int) -> None:
+        """Tokens are about to be written from `pos` on: distributions cached for longer prefixes
+        belonged to another continuation (a parent's rollout, a truncated tail)."""
+        if self.dists:
+            self.dists = {p: d for p, d in self.dists.items() if p <= pos}
+
+    def mark(self, start: int, kind: str) -> None:
+        if not self.spans or self.spans[-1][1] != kind:
+            self.spans.append((start, kind))
+
+
+@dataclass(eq=False)
+class _Call:
+    """One `generate` call: its queue of event lists and the sequences still live."""
+
+    queue: asyncio.Queue
+    live: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    states: list[_Seq]
+    prompt_len: int  # tokens in the vLLM prompt
+    seen: set[int] = field(default_factory=set)  # child indices that produced output
+    done: set[int] = field(default_factory=set)
+    produced: dict[int, int] = field(default_factory=dict)  # child index -> tokens so far
+
+
+@dataclass(frozen=True)
+class _Weight:
+    weight: torch.Tensor
+
+
+class VllmEngine:
+    """alignserve.engine.protocol.Engine on a vLLM AsyncLLM (real, or a fake in tests)."""
+
+    def __init__(self, llm: Any, tokenizer: Any, model_name: str, *, max_model_len: int,
+                 vocab_size: int, num_layers: int | None = None, api: VllmApi | None = None,
+                 logits_top_k: int = 32, track_logprobs: bool = True,
+                 amateur_paths: dict[str, str] | None = None,
+                 value_model_paths: dict[str, str] | None = None, processors: bool = True,
+                 model_path: str | None = None, token_matrix: torch.Tensor | None = None):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.num_layers = num_layers
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = frozenset({eos} if eos is not None else ())
+        self.api = api or VllmApi.load()
+        self.logits_top_k = logits_top_k
+        self.track_logprobs = track_logprobs
+        self.amateur_paths = dict(amateur_paths or {})
+        self.value_model_paths = dict(value_model_paths or {})
+        self.processors = processors  # whether AlignLogitsProcessor was loaded with vLLM
+        self.model_path = model_path
+        self._token_matrix = token_matrix
+        self._ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._prefix = f"alignserve-{os.getpid()}-{id(self) & 0xFFFF:04x}"
+        self._states: dict[int, _Seq] = {}
+        self._inflight: dict[str, _Request] = {}
+        self._stats = EngineStats()
+        self._gauges = VllmGauges()
+        self._closed = False
+        self._vllm_config: Any = None  # set by `load`; the AsyncLLM starts in `start`
+
+    # construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | None = None, tensor_parallel_size: int = 1, *,
+             served_model_name: str | None = None, logits_top_k: int = 32,
+             processors: bool = True, side_kv_gib: float = 1.0,
+             amateur_paths: dict[str, str] | None = None,
+             value_model_paths: dict[str, str] | None = None,
+             **engine_kwargs: Any) -> VllmEngine:
+        """Configure vLLM for `model` (a local HF directory, or a GGUF file vLLM can read; None:
+        the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
+        (gpu_memory_utilization, max_model_len, dtype, load_format, seed, enforce_eager, ...),
+        after those in the JSON object ALIGNSERVE_VLLM_ENGINE_ARGS, if set. The AsyncLLM itself
+        starts in `start()`, inside the serving event loop (vLLM binds its sockets to it)."""
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not shipped
+        api = VllmApi.load()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from alignserve.engine.native.loader import load_tokenizer, resolve
+
+        directory, gguf, name = resolve(model)
+        path = os.path.join(directory, gguf) if gguf else directory
+        args: dict[str, Any] = {
+            "model": path,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_prefix_caching": True,
+            "max_logprobs": max(64, logits_top_k),
+            # vLLM's own vllm:* metrics need stats on; this must stay the only AsyncLLM in the
+            # process that has them (a second one would unregister them, see FACTS)
+            "disable_log_stats": False,
+            "additional_config": {"alignserve": {"side_kv_gib": side_kv_gib}},
+        }
+        if processors:
+            args["logits_processors"] = [PROCESSOR]
+        env = os.environ.get("ALIGNSERVE_VLLM_ENGINE_ARGS")
+        if env:
+            args.update(json.loads(env))
+        args.update(engine_kwargs)
+        processors = PROCESSOR in (args.get("logits_processors") or [])
+        vllm_config = AsyncEngineArgs(**args).create_engine_config()
+        mc = vllm_config.model_config
+        tokenizer = load_tokenizer(directory, gguf)
+        engine = cls(None, tokenizer, served_model_name or name, max_model_len=mc.max_model_len,
+                     vocab_size=mc.get_vocab_size(),
+                     num_layers=getattr(mc.hf_config, "num_hidden_layers", None), api=api,
+                     logits_top_k=logits_top_k, amateur_paths=amateur_paths,
+                     value_model_paths=value_model_paths, processors=processors, model_path=path)
+        engine._vllm_config = vllm_config
+        return engine
+
+    async def start(self) -> None:
+        """Start vLLM's AsyncLLM (engine-core process, output handler) in this event loop."""
+        if self.llm is not None or self._vllm_config is None:
+            return
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            self.llm = AsyncLLM.from_vllm_config(self._vllm_config, disable_log_stats=False)
+        except TypeError:  # an AsyncLLM without that keyword: stats are on by default
+            self.llm = AsyncLLM.from_vllm_config(self._vllm_config)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ids = list(self._inflight)
+        if ids and self.llm is not None:
+            try:
+                await self.llm.abort(ids)
+            except Exception:
+                log.exception("aborting in-flight requests at shutdown")
+        shutdown = getattr(self.llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def healthy(self) -> bool:
+        if self._closed or self.llm is None:
+            return False
+        return not bool(getattr(self.llm, "errored", False))
+
+    @property
+    def lm_head(self) -> Any:
+        """The served model's output token matrix E [V, H] as `.weight` (read from the checkpoint
+        on first use, on CPU): value models check their shape against it and bind to it
+        (`alignserve.rewardmodels.value.model.token_matrix`). vLLM's own copy stays on the GPU."""
+        if self._token_matrix is None:
+            if self.model_path is None:
+                raise AttributeError("lm_head: this engine does not know its checkpoint")
+            from alignserve.engine.vllm.side_model import load_token_matrix
+
+            self._token_matrix = load_token_matrix(self.model_path)
+        return _Weight(self._token_matrix)
+
+    # text helpers ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # metrics --------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.running_sequences = sum(len(r.states) - len(r.done) for r in self._inflight.values())
+        g = self._gauges.read()
+        s.waiting_requests = int(g.get("waiting", 0))
+        usage = g.get("kv_usage")
+        if usage is not None:
+            s.kv_total_slots = 10_000  # vLLM reports a fraction: expose it as per-ten-thousand
+            s.kv_used_slots = round(usage * 10_000)
+        return s
+
+    def metrics_text(self) -> str:
+        """vLLM's own `vllm:*` metrics in Prometheus text format, to serve beside ours."""
+        return vllm_metrics_text()
+
+    # counting -------------------------------------------------------------------------------
+    def _count(self, tally: TokenTally | None, kind: str, n: int) -> None:
+        if n <= 0:
+            return
+        if tally is not None:
+            tally.add(kind, n)
+        self._stats.model_tokens[kind] = self._stats.model_tokens.get(kind, 0) + n
+        if kind == "prefill":
+            self._stats.prefill_tokens += n
+
+    def _count_prompt(self, st: _Seq, tally: TokenTally | None, start: int, end: int) -> None:
+        """Positions [start, end) of st's tokens were computed by vLLM as prompt tokens: the
+        original prompt's count as prefill, later ones by the kind that added them."""
+        start = max(0, start)
+        if end <= start:
+            return
+        pl = st.handle.prompt_len
+        self._count(tally, "prefill", min(end, pl) - start)
+        lo = max(start, pl)
+        if lo >= end:
+            return
+        segs = [(pl, "decode")]  # (first position, kind), positions from the prompt's end on
+        for s, k in st.spans:
+            if s <= pl:
+                segs[0] = (pl, k)
+            else:
+                segs.append((s, k))
+        counts: dict[str, int] = {}
+        for i, (s, k) in enumerate(segs):
+            e = segs[i + 1][0] if i + 1 < len(segs) else end
+            n = min(e, end) - max(s, lo)
+            if n > 0:
+                counts[k] = counts.get(k, 0) + n
+        for k, n in counts.items():
+            self._count(tally, k, n)
+
+    # the protocol ---------------------------------------------------------------------------
+    def _state(self, seq: SeqHandle) -> _Seq:
+        st = self._states.get(seq.key)
+        if st is None or st.released:
+            raise EngineError(f"sequence {seq.key} was released")
+        return st
+
+    async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
+                      early_layer: int | None = None) -> SeqHandle:
+        if not prompt_ids:
+            raise EngineError("empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of "
+                                f"{self.max_model_len}")
+        if early_layer is not None and self.num_layers is not None and not 1 <= early_layer < self.num_layers:
+            raise EngineError(f"early_layer must be in [1, {self.num_layers - 1}]")
+        h = SeqHandle(key=next(self._ids), prompt_len=len(prompt_ids), token_ids=list(prompt_ids))
+        self._states[h.key] = _Seq(h, early_layer=early_layer, tally=tally)
+        return h
+
+    async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
+        parent = self._state(seq)
+        out = []
+        for _ in range(n):
+            h = SeqHandle(key=next(self._ids), prompt_len=seq.prompt_len, token_ids=list(seq.token_ids),
+                          cumulative_logprob=seq.cumulative_logprob, text=seq.text,
+                          logprobs=list(seq.logprobs))
+            self._states[h.key] = _Seq(h, early_layer=parent.early_layer, tally=parent.tally,
+                                       computed=parent.computed, spans=list(parent.spans),
+                                       dists=dict(parent.dists))
+            out.append(h)
+        return out
+
+    async def extend(self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
+                     kind: str = "decode") -> None:
+        if len(seqs) != len(tokens):
+            raise EngineError("one token list per sequence")
+        states = [self._state(s) for s in seqs]
+        for st, toks in zip(states, tokens):
+            if len(st.handle.token_ids) + len(toks) > self.max_model_len:
+                raise CapacityError("extension beyond the model's context")
+            if any(not 0 <= t < self.vocab_size for t in toks):
+                raise EngineError("token id outside the vocabulary")
+        for st, toks in zip(states, tokens):
+            if toks:
+                st.forget_after(len(st.handle.token_ids))
+                st.mark(len(st.handle.token_ids), kind)
+                st.handle.token_ids.extend(int(t) for t in toks)
+            if tally is not None:
+                st.tally = tally
+
+    async def truncate(self, seq: SeqHandle, length: int) -> None:
+        st = self._state(seq)
+        h = st.handle
+        if length < 1:
+            raise EngineError("truncate must keep at least one token")
+        if length < len(h.token_ids):
+            h.finished, h.finish_reason = False, None
+            del h.token_ids[length:]
+            h.logprobs = h.logprobs[: max(0, length - h.prompt_len)]
+            st.computed = min(st.computed, length)
+            st.spans = [(s, k) for s, k in st.spans if s < length]
+            st.forget_after(length)
+
+    async def release(self, seqs: list[SeqHandle]) -> None:
+        abort = []
+        for s in seqs:
+            st = self._states.pop(s.key, None)
+            if st is None or st.released:
+                continue
+            st.released = True
+            if st.call is not None and st.handle.key in st.call.live:
+                st.call.queue.put_nowait(("released", st.handle.key))
+            for rid in st.requests:
+                req = self._inflight.get(rid)
+                if req is not None and all(x.released for x in req.states):
+                    abort.append(rid)
+        if abort:
+            await self._abort(abort)
+
+    async def _abort(self, ids: list[str]) -> None:
+        try:
+            await self.llm.abort(ids)
+        except Exception:
+            log.exception("aborting vLLM requests %s", ids)
+
+    # logits: a sparse view from 1-token requests --------------------------------------------
+    def _dense(self, ids: list[int], lps: list[float]) -> torch.Tensor:
+        row = torch.empty(self.vocab_size, dtype=torch.float32)
+        rest = 1.0 - sum(math.exp(x) for x in lps)
+        others = self.vocab_size - len(ids)
+        tail = math.log(rest / others) if rest > 1e-12 and others > 0 else float("-inf")
+        row.fill_(tail)
+        if ids:
+            row[torch.tensor(ids, dtype=torch.long)] = torch.tensor(lps, dtype=torch.float32)
+        return row
+
+    async def logits(self, seqs: list[SeqHandle], top_k: int | None = None) -> torch.Tensor:
+        """Pending next-token log-probabilities as a dense float32 [B, V] tensor: exact for the
+        top `top_k` (default `logits_top_k`) tokens, the remaining mass spread evenly over the
+        rest (a sparse view; see the module docstring)."""
+        k = min(top_k or self.logits_top_k, self.vocab_size)
+        states = [self._state(s) for s in seqs]
+        need: dict[tuple[int, ...], list[_Seq]] = {}
+        for st in states:
+            pos = len(st.handle.token_ids)
+            if pos >= self.max_model_len:
+                raise CapacityError("no room for another token in the model's context")
+            cached = st.dists.get(pos)
+            if cached is None or len(cached[0]) < k:
+                need.setdefault(tuple(st.handle.token_ids), []).append(st)
+        if need:
+            results = await asyncio.gather(*(self._next_dist(group, k) for group in need.values()),
+                                           return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise self._wrap(r)
+        rows = []
+        for st in states:
+            ids, lps = st.dists[len(st.handle.token_ids)]
+            rows.append(self._dense(ids[:k], lps[:k]))
+        return torch.stack(rows)
+
+    async def _next_dist(self, group: list[_Seq], k: int) -> None:
+        st0 = group[0]
+        ids = st0.handle.token_ids
+        params = self.api.params(n=1, max_tokens=1, temperature=0.0, logprobs=k, detokenize=False,
+                                 output_kind=self.api.delta_kind)
+        req = self._register(group, len(ids))
+        try:
+            async for out in self.llm.generate(self.api.prompt(ids), params, req.id):
+                for o in out.outputs:
+                    if o.index == 0 and 0 not in req.seen:
+                        req.seen.add(0)
+                        self._prompt_computed(req, 0, st0, getattr(out, "num_cached_tokens", None),
+                                              st0.tally, siblings=group)
+                    if o.logprobs:
+                        top = self._top(o.logprobs[0], k)
+                        for st in group:
+                            st.dists[len(ids)] = ([t for t, _ in top], [lp for _, lp in top])
+        finally:
+            self._unregister(req)
+        if len(ids) not in st0.dists:
+            raise EngineError("vLLM returned no logprobs for the next token")
+
+    # generate ---------------------------------------------------------------------------------
+    def _register(self, states: list[_Seq], prompt_len: int) -> _Request:
+        if self.llm is None:
+            raise EngineError("the vLLM engine is not started (await engine.start())")
+        req = _Request(f"{self._prefix}-{next(self._req_ids)}", states, prompt_len)
+        self._inflight[req.id] = req
+        for st in states:
+            st.requests.add(req.id)
+        return req
+
+    def _unregister(self, req: _Request) -> None:
+        self._inflight.pop(req.id, None)
+        for st in req.states:
+            st.requests.discard(req.id)
+
+    def _prompt_computed(self, req: _Request, index: int, st: _Seq, cached: int | None,
+                         tally: TokenTally | None, siblings: list[_Seq]) -> None:
+        """A child's first output: its prompt has been computed; count what was not cached."""
+        if cached is None:  # vLLM did not say: the first child computes what we never sent
+            start = st.computed if len(req.seen) == 1 else req.prompt_len
+        else:
+            start = min(int(cached), req.prompt_len)
+        self._count_prompt(st, tally, start, req.prompt_len)
+        for s in siblings:
+            s.computed = max(s.computed, req.prompt_len)
+
+    @staticmethod
+    def _top(entry: Any, k: int) -> list[tuple[int, float]]:
+        """The top-k (token, logprob) of one position's vLLM logprobs dict, best first."""
+        items = []
+        for tok, lp in entry.items():
+            rank = getattr(lp, "rank", None)
+            items.append((rank if rank is not None else 1 << 30, -lp.logprob, int(tok), float(lp.logprob)))
+        items.sort()
+        return [(t, lp) for rank, _, t, lp in items if rank <= k][:k]
+
+    def _vllm_params(self, params: SamplingParams, n: int, done: int, seed_offset: int,
+                     logprobs: int | None, extra_args: dict | None) -> Any:
+        seed = None if params.seed is None else params.seed + seed_offset
+        kw: dict[str, Any] = {
+            "n": n,
+            "temperature": max(params.temperature, 0.0),
+            "top_p": params.top_p,
+            "top_k": max(0, params.top_k),
+            "min_p": params.min_p,
+            "seed": seed,
+            "max_tokens": max(1, params.max_tokens - done),
+            "min_tokens": max(0, params.min_tokens - done),
+            "stop": list(params.stop) or None,
+            "stop_token_ids": list(params.stop_token_ids) or None,
+            "ignore_eos": params.ignore_eos,
+            "logprobs": logprobs,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "repetition_penalty": params.repetition_penalty,
+            "output_kind": self.api.delta_kind,
+        }
+        if extra_args:
+            kw["extra_args"] = extra_args
+        return self.api.params(**kw)
+
+    def _wrap(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, EngineError):
+            return exc
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        cause = exc.__cause__
+        if cause is not None and str(cause):
+            text += f" ({type(cause).__name__}: {cause})"
+        if "context length" in text or "max_model_len" in text or "maximum model length" in text:
+            return CapacityError(f"vLLM: {text}")
+        return EngineError(f"vLLM: {text}")
+
+    def _processor_args(self, processor: LogitsProcessor | None, states: list[_Seq],
+                        followers: list[_Seq] | None) -> tuple[list[dict | None], Any]:
+        """(per sequence the `extra_args` that carry `processor` to AlignLogitsProcessor, or an
+        observer to call here).
+
+        vLLM runs logits processors in its engine-core process, so a Python callable cannot
+        steer there. A processor that steers carries `alignserve_spec`: a dict (or a callable
+        taking the list of handles and returning one) with "contrastive" and/or "vas" parts in
+        the format of `alignserve.engine.vllm.spec`, where the engine fills in what it knows:
+        - contrastive "amateur" may be omitted: the sequence's `early_layer` (prefill) makes it
+          `self:L`; `followers` make it the expert on the follower's tokens (lame prompt); it may
+          also be "self:L" or the name of an amateur given at load (`amateur_paths`);
+        - vas value models may be {"name": N} of one given at load (`value_model_paths`).
+        A processor without one is an observer (e.g. DeAL's capture of rollout distributions):
+        it is called here on each sampled position with the sparse top-k view of the logits
+        (see `logits`), and must return them unchanged; one that changes them is an error.
+        """
+        if processor is None:
+            return [None] * len(states), None
+        raw = getattr(processor, "alignserve_spec", None)
+        if raw is None:
+            return [None] * len(states), processor
+        if not self.processors:
+            raise EngineError("this vLLM engine was started without alignserve's logits processor")
+        if callable(raw):
+            raw = raw([st.handle for st in states])
+        if not isinstance(raw, dict):
+            raise EngineError("alignserve_spec must be a dict (see alignserve.engine.vllm.spec)")
+        raw = raw.get(wire.KEY, raw)
+        out: list[dict | None] = []
+        for i, st in enumerate(states):
+            d = copy.deepcopy(raw)
+            c = d.get("contrastive")
+            if isinstance(c, dict):
+                c["amateur"] = self._amateur(c.get("amateur"), st, followers[i] if followers else None)
+            v = d.get("vas")
+            if isinstance(v, dict):
+                for m in v.get("value_models") or []:
+                    if isinstance(m, dict) and "name" in m:
+                        name = m.pop("name")
+                        if "path" not in m:
+                            if name not in self.value_model_paths:
+                                raise EngineError(f"value model {name!r} is not served by this engine")
+                            m["path"] = self.value_model_paths[name]
+            try:
+                parsed = wire.parse({wire.KEY: d})
+            except ValueError as e:
+                raise EngineError(f"bad processor arguments: {e}") from e
+            out.append(wire.to_wire(parsed) if parsed is not None else None)
+        return out, None
+
+    def _amateur(self, a: Any, st: _Seq, follower: _Seq | None) -> dict:
+        if a is None:
+            if follower is not None:
+                return {"source": "expert", "prompt_ids": list(follower.handle.token_ids)}
+            if st.early_layer is not None:
+                return {"source": "self", "layers": st.early_layer}
+            raise EngineError("contrastive on vLLM needs an amateur: early_layer at prefill, "
+                              "followers, or an explicit amateur")
+        if isinstance(a, str):
+            if a.startswith("self:"):
+                return {"source": "self", "layers": int(a[5:])}
+            a = {"name": a}
+        if isinstance(a, dict) and "name" in a and "source" not in a:
+            name = a["name"]
+            if name not in self.amateur_paths:
+                raise EngineError(f"amateur {name!r} is not served by this engine")
+            return {"source": "model", "path": self.amateur_paths[name]}
+        if isinstance(a, dict) and a.get("source") == "expert" and "prompt_ids" not in a and follower:
+            return {**a, "prompt_ids": list(follower.handle.token_ids)}
+        return a
+
+    async def generate(self, seqs: list[SeqHandle], params: SamplingParams,
+                       processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
+                       kind: str = "decode", followers: list[SeqHandle] | None = None,
+                       ) -> AsyncIterator[list[TokenEvent]]:
+        states = [self._state(s) for s in seqs]
+        fstates = [self._state(f) for f in followers] if followers else None
+        extra, observer = self._processor_args(processor, states, fstates)
+        call = _Call(asyncio.Queue(), {st.handle.key for st in states})
+        groups: dict[tuple, list[int]] = {}
+        for i, st in enumerate(states):
+            if st.call is not None:
+                raise EngineError(f"sequence {st.handle.key} is already generating")
+            key = (tuple(st.handle.token_ids), json.dumps(extra[i], sort_keys=True))
+            groups.setdefault(key, []).append(i)
+        k_req = params.logprobs or 0
+        if kind == "lookahead" or observer is not None:
+            k_req = max(k_req, self.logits_top_k)  # the next step's logits come for free
+        logprobs = k_req if (k_req or params.logprobs is not None or self.track_logprobs) else None
+        for f in fstates or []:  # the amateur computes the follower's context beside vLLM
+            self._count_prompt(f, tally or f.tally, f.computed, len(f.handle.token_ids))
+            f.computed = len(f.handle.token_ids)
+        for st in states:
+            st.call = call
+            h = st.handle
+            h.finished, h.finish_reason = False, None
+            h.text = self.decode(h.output_ids) if h.num_output else ""
+            if tally is not None:
+                st.tally = tally
+        tasks = []
+        for key, members in groups.items():
+            group = [states[i] for i in members]
+            sp = self._vllm_params(params, len(members), group[0].handle.num_output, members[0],
+                                   logprobs, extra[members[0]])
+            tasks.append(asyncio.create_task(
+                self._run(group, sp, call, params, tally, kind, k_req, observer),
+                name=f"vllm-generate-{members[0]}"))
+        try:
+            while call.live:
+                item = await call.queue.get()
+                if isinstance(item, BaseException):
+                    raise self._wrap(item)
+                if isinstance(item, tuple):  # a sequence was released mid-generation
+                    call.live.discard(item[1])
+                    continue
+                events = [ev for ev in item if ev.seq.key in call.live]
+                for ev in events:
+                    if ev.finished:
+                        call.live.discard(ev.seq.key)
+                if events:
+                    yield events
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()  # AsyncLLM.generate aborts the request when cancelled
+            ids = [rid for st in states for rid in st.requests]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if ids:
+                await self._abort(sorted(set(ids)))
+            for st in states:
+                st.call = None
+                if not st.handle.finished:
+                    st.handle.finished, st.handle.finish_reason = True, "abort"
+            for st, f in zip(states, fstates or []):
+                if not f.released:
+                    self._feed_follower(f, st, tally, kind)
+
+    def _feed_follower(self, follower: _Seq, st: _Seq, tally: TokenTally | None, kind: str) -> None:
+        """A follower is fed what its sequence sampled, all but the token that finished it (as
+        the native engine does), so that it stays in lockstep for later calls."""
+        toks = st.last_generated
+        if toks and st.handle.finish_reason in ("stop", "length"):
+            toks = toks[:-1]
+        if toks:
+            follower.forget_after(len(follower.handle.token_ids))
+            follower.mark(len(follower.handle.token_ids), kind)
+            follower.handle.token_ids.extend(toks)
+            follower.computed = len(follower.handle.token_ids)
+            self._count(tally, kind, len(toks))  # the amateur computed them beside vLLM
+
+    async def _run(self, group: list[_Seq], sp: Any, call: _Call, params: SamplingParams,
+                   tally: TokenTally | None, kind: str, k_top: int, observer: Any = None) -> None:
+        first = group[0].handle
+        prompt_ids = list(first.token_ids)
+        req = self._register(group, len(prompt_ids))
+        for st in group:
+            st.last_generated = []
+            st.forget_after(len(prompt_ids))
+            st.mark(len(prompt_ids), kind)
+        try:
+            async for out in self.llm.generate(self.api.prompt(prompt_ids), sp, req.id):
+                events: list[TokenEvent] = []
+                cached = getattr(out, "num_cached_tokens", None)
+                for o in out.outputs:
+                    if not 0 <= o.index < len(group) or o.index in req.done:
+                        continue
+                    events.extend(self._consume(req, group, o, cached, params, tally, kind, k_top,
+                                                observer))
+                if events:
+                    call.queue.put_nowait(events)
+                if getattr(out, "finished", False):
+                    break
+            missing = [i for i in range(len(group)) if i not in req.done]
+            if missing:  # the stream ended without them (aborted elsewhere)
+                evs = []
+                for i in missing:
+                    h = group[i].handle
+                    h.finished, h.finish_reason = True, "abort"
+                    req.done.add(i)
+                    evs.append(TokenEvent(h, -1, 0.0, "", True, "abort"))
+                call.queue.put_nowait(evs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (the consumer raises it as an EngineError)
+            call.queue.put_nowait(exc)
+        finally:
+            self._unregister(req)
+
+    def _observe(self, observer: Any, h: SeqHandle, dist: tuple[list[int], list[float]]) -> None:
+        row = self._dense(*dist).unsqueeze(0)
+        seen = row.clone()
+        try:
+            out = observer([h], seen, StepInputs())
+        except EngineError:
+            raise
+        except Exception as e:
+            raise EngineError(f"logits processor failed on vLLM's top-k view: {e}") from e
+        if out is not None and not torch.equal(out, row):
+            raise EngineError("this logits processor changes the logits, which vLLM can only do in "
+                              "its engine core: give it an `alignserve_spec` "
+                              "(alignserve.engine.vllm.spec)")
+
+    def _consume(self, req: _Request, group: list[_Seq], o: Any, cached: int | None,
+                 params: SamplingParams, tally: TokenTally | None, kind: str,
+                 k_top: int, observer: Any = None) -> list[TokenEvent]:
+        """One child's new tokens (a DELTA CompletionOutput) -> TokenEvents. The hot path: one
+        call per child and step."""
+        index = o.index
+        st = group[index]
+        h = st.handle
+        if index not in req.seen:
+            req.seen.add(index)
+            self._prompt_computed(req, index, st, cached, tally, siblings=[st])
+        toks = o.token_ids or ()
+        lps = o.logprobs or ()
+        reason = getattr(o, "finish_reason", None)
+        events: list[TokenEvent] = []
+        if toks:
+            produced = req.produced.get(index, 0)
+            req.produced[index] = produced + len(toks)
+            # every sampled token but the request's first was fed back to the model
+            self._count(tally, kind, len(toks) if produced else len(toks) - 1)
+        want = params.logprobs
+        last_j = len(toks) - 1
+        for j, tok in enumerate(toks):
+            tok = int(tok)
+            pos = len(h.token_ids)
+            entry = lps[j] if j < len(lps) else None
+            lp = 0.0
+            top: list[tuple[int, float]] | None = None
+            if entry:
+                chosen = entry.get(tok)
+                lp = float(chosen.logprob) if chosen is not None else 0.0
+                if k_top:
+                    full = self._top(entry, k_top)
+                    st.dists[pos] = dist = ([t for t, _ in full], [v for _, v in full])
+                    if want:
+                        top = full[:want]
+                    if observer is not None:
+                        self._observe(observer, h, dist)
+            h.token_ids.append(tok)
+            st.last_generated.append(tok)
+            h.cumulative_logprob += lp
+            if want is not None:
+                h.logprobs.append({"token_id": tok, "logprob": lp, "top": top or []})
+            if j < last_j:
+                events.append(TokenEvent(h, tok, lp, "", False, None, top))
+                continue
+            delta = o.text or ""
+            h.text += delta
+            finished = reason is not None
+            if finished:
+                h.finished, h.finish_reason = True, _finish_reason(reason)
+                req.done.add(index)
+            events.append(TokenEvent(h, tok, lp, delta, finished,
+                                     h.finish_reason if finished else None, top))
+        if toks:
+            st.computed = max(st.computed, len(h.token_ids) - 1)
+        elif reason is not None and index not in req.done:
+            delta = o.text or ""
+            h.text += delta
+            h.finished, h.finish_reason = True, _finish_reason(reason)
+            req.done.add(index)
+            events.append(TokenEvent(h, -1, 0.0, delta, True, h.finish_reason))
+        return events
+
+
+def _finish_reason(reason: Any) -> str:
+    r = str(reason)
+    return r if r in ("stop", "length", "abort") else "stop"
