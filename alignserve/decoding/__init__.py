@@ -5,6 +5,7 @@ from alignserve.decoding import (  # noqa: F401  (registration)
     contrastive,
     deal,
     sample,
+    vas,
 )
 from alignserve.decoding.base import (
     STRATEGIES,

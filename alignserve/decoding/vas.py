@@ -1,0 +1,265 @@
+"""`vas`: value-augmented sampling (Han et al. 2024, arXiv 2405.06639).
+
+Each step, for every sequence, a logits processor (run by the engine between its forward pass
+and sampling) takes the base model's `top_k` candidate tokens C(s), evaluates each requested
+value model's Q_i(s, a) on them from the final hidden state the engine hands it
+(StepInputs.hidden: for value heads on the served model this costs no backbone compute),
+centres each Q_i over the candidates and adds the weighted sum, scaled by `beta`, to the
+candidates' logits:
+
+    score(a) = logit0(a) + beta * sum_i w_i * (Q_i(s, a) - mean_{b in C(s)} Q_i(s, b))   a in C(s)
+    score(a) = -inf                     (or logit0(a) with keep_non_candidates)      otherwise
+
+so that, at temperature 1, pi(a|s) ∝ pi0(a|s) * exp(beta * sum_i w_i Q_i(s, a)) on C(s) (the
+centring is a per-state constant: it changes nothing among candidates, and with
+keep_non_candidates it decides the candidates' share against the rest). `beta` is the global
+strength (the inverse KL temperature of the paper's objective), `w_i` the per-request weight
+of value model i (a negative weight steers away from its reward). The usual sampling fields
+apply afterwards: temperature divides the whole score, then top_k / top_p / min_p (note the
+request's own `top_k` is a sampling field; `alignment.top_k` is VAS's candidate count).
+
+Value models come from the server's resources (`DecodingResources.value_models`, name ->
+ValueModel, a directory, or a ValueModelRegistry) and otherwise from the shipped ones; with no
+`value_models` the request uses the server's default (shipped: `sentiment-positive`, trained
+on the embedded SmolLM2 for positive VADER sentiment). Rewards given with `vas` report only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignserve.decoding.base import (
+    ChoiceDelta,
+    DecodeContext,
+    DecodeEvent,
+    DecodeRequest,
+    Strategy,
+    StrategyInputError,
+    StrategyParams,
+    register,
+)
+from alignserve.decoding.common import final_choice, format_logprobs, prefill_branches, score_texts
+from alignserve.decoding.resources import resources_of
+from alignserve.engine.protocol import EngineError, SeqHandle, StepInputs
+from alignserve.kernels.logits_ops import vas_reference
+
+DEFAULT_BETA = 32.0
+DEFAULT_TOP_K = 10
+MAX_VALUE_MODELS = 8
+
+
+class ValueModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="A value model this server offers "
+                      "(GET /v1/alignment lists them).")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False,
+                          description="Its weight w_i in beta * sum_i w_i Q_i (negative steers "
+                          "away from its reward).")
+
+
+class VasParams(StrategyParams):
+    beta: float = Field(DEFAULT_BETA, ge=0.0, le=50.0, allow_inf_nan=False,
+                        description="Strength: beta * (weighted, centred Q) is added to the "
+                        "candidates' logits (Q is in reward units; 0 is plain sampling from the "
+                        "top_k candidates).")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=100,
+                       description="Candidates per step: the base model's top_k tokens.")
+    value_models: list[ValueModelRef] | None = Field(
+        None, min_length=1, max_length=MAX_VALUE_MODELS,
+        description="Value models composed with weights; default: the server's default value "
+        "model with weight 1.")
+    keep_non_candidates: bool = Field(
+        False, description="Keep the tokens outside the top_k at their base logits (as the "
+        "paper's code does) instead of masking them.")
+
+
+# ------------------------------------------------------------------------------ the formula
+
+
+def candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The base model's top_k token ids per row [B, K] (int64); -1 where a row has fewer than
+    K tokens with a finite logit."""
+    k = min(top_k, logits.shape[-1])
+    vals, ids = torch.topk(logits, k, dim=-1)
+    return torch.where(torch.isfinite(vals), ids, torch.full_like(ids, -1))
+
+
+def combine_values(qs: list[torch.Tensor], weights: list[float], ids: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * (Q_i - mean over the row's valid candidates of Q_i) [B, K] (0 at padding)."""
+    valid = (ids >= 0).float()
+    count = valid.sum(-1, keepdim=True).clamp_min(1.0)
+    total = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    for q, w in zip(qs, weights):
+        q = q.float().to(ids.device) * valid
+        centred = (q - q.sum(-1, keepdim=True) / count) * valid
+        total = total + float(w) * centred
+    return total
+
+
+def vas_logits(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, beta: float,
+               keep_non_candidates: bool) -> torch.Tensor:
+    """logits + beta * values on each row's candidates `ids`; the rest -inf unless kept
+    (the kernels' reference `vas_reference`, one beta for all rows)."""
+    b = logits.shape[0]
+    return vas_reference(
+        logits, ids, values,
+        torch.full((b,), float(beta), device=logits.device),
+        torch.full((b,), bool(keep_non_candidates), device=logits.device, dtype=torch.bool),
+    )
+
+
+class VasProcessor:
+    """The engine-side logits processor of one request."""
+
+    def __init__(self, models: list[tuple[Any, float]], beta: float, top_k: int,
+                 keep_non_candidates: bool) -> None:
+        self.models, self.beta, self.top_k = models, beta, top_k
+        self.keep = keep_non_candidates
+
+    def __call__(self, seqs: list[SeqHandle], logits: torch.Tensor,
+                 inputs: StepInputs) -> torch.Tensor:
+        if inputs.hidden is None:
+            raise EngineError("vas needs the hidden states behind the logits; this engine "
+                              "does not provide them")
+        ids = candidates(logits, self.top_k)
+        safe = ids.clamp_min(0)
+        qs = [vm.q_values(inputs.hidden, safe) for vm, _ in self.models]
+        values = combine_values(qs, [w for _, w in self.models], ids)
+        return vas_logits(logits, ids, values.to(logits.device), self.beta, self.keep)
+
+
+# ------------------------------------------------------------------------ the value models
+
+_loaded_dirs: dict[str, Any] = {}
+
+
+def _value_model_source(resources: Any) -> Mapping[str, Any]:
+    return resources_of(resources).value_models or {}
+
+
+def default_value_model(resources: Any) -> str | None:
+    source = _value_model_source(resources)
+    name = getattr(source, "default_name", None)
+    if name:
+        return name
+    from alignserve.rewardmodels.value.registry import shipped_registry
+
+    return shipped_registry().default_name
+
+
+def available(resources: Any) -> list[str]:
+    from alignserve.rewardmodels.value.registry import shipped_registry
+
+    names = list(_value_model_source(resources))
+    return names + [n for n in shipped_registry().names if n not in names]
+
+
+def _lookup(name: str, resources: Any) -> Any:
+    """The ValueModel named `name` (unbound), or None."""
+    from alignserve.rewardmodels.value.model import load_value_model
+    from alignserve.rewardmodels.value.registry import shipped_registry
+
+    source = _value_model_source(resources)
+    if name in source:
+        entry = source[name]
+        if isinstance(entry, (str, Path)):
+            key = str(Path(entry).resolve())
+            if key not in _loaded_dirs:
+                _loaded_dirs[key] = load_value_model(entry, name)
+            entry = _loaded_dirs[key]
+        return entry
+    shipped = shipped_registry()
+    return shipped.get(name)
+
+
+def resolve_value_models(params: VasParams, engine: Any, resources: Any) -> list[tuple[Any, float]]:
+    """[(ValueModel bound to the engine's model, weight)]; StrategyInputError naming the field
+    for an unknown name or a model trained on another base model."""
+    from alignserve.rewardmodels.value.model import ValueModelError, token_matrix
+
+    if params.value_models:
+        refs = [(r.name, r.weight, f"alignment.value_models[{i}].name")
+                for i, r in enumerate(params.value_models)]
+    else:
+        name = default_value_model(resources)
+        if name is None:
+            raise StrategyInputError("this server has no default value model: name one in "
+                                     "alignment.value_models", "alignment.value_models")
+        refs = [(name, 1.0, "alignment.value_models")]
+    out = []
+    try:
+        tokens = token_matrix(engine)
+    except ValueModelError as e:
+        raise StrategyInputError(f"vas is not available on this engine: {e}",
+                                 "alignment.strategy") from None
+    for name, weight, param in refs:
+        try:
+            vm = _lookup(name, resources)
+        except ValueModelError as e:
+            raise StrategyInputError(f"value model {name!r} cannot be loaded: {e}", param) from None
+        if vm is None:
+            raise StrategyInputError(
+                f"unknown value model {name!r}; this server offers: "
+                f"{', '.join(available(resources)) or 'none'}", param)
+        try:
+            vm.bind(tokens, getattr(engine, "model_name", None))
+        except ValueModelError as e:
+            raise StrategyInputError(str(e), param) from None
+        out.append((vm, weight))
+    return out
+
+
+def check(request: DecodeRequest, engine: Any, resources: Any) -> None:
+    """Before the run (the server calls it so that a stream still gets a 400)."""
+    resolve_value_models(request.params, engine, resources)
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
+    req, engine = ctx.request, ctx.engine
+    params: VasParams = req.params
+    models = resolve_value_models(params, engine, ctx.resources)
+    processor = VasProcessor(models, params.beta, params.top_k, params.keep_non_candidates)
+    seqs = await prefill_branches(ctx, req.n)
+    index = {s.key: i for i, s in enumerate(seqs)}
+    want_logprobs = req.sampling.logprobs is not None
+    try:
+        async for events in engine.generate(seqs, req.sampling, processor=processor,
+                                            tally=ctx.tally):
+            done = []
+            for ev in events:
+                lp = (format_logprobs(engine, ev.seq.logprobs[-1:])
+                      if want_logprobs and ev.token_id >= 0 else [])
+                if ev.text_delta or lp:
+                    yield ChoiceDelta(index[ev.seq.key], ev.text_delta, [ev.token_id], lp)
+                if ev.finished:
+                    done.append(ev.seq)
+            if done:
+                scores = await score_texts(ctx, [s.text for s in done])
+                for seq, score in zip(done, scores):
+                    yield final_choice(ctx, index[seq.key], seq, score, streamed=True)
+        yield ctx.summary(sum(s.num_output for s in seqs))
+    finally:
+        await engine.release(seqs)
+
+
+STRATEGY = register(Strategy(
+    name="vas",
+    description="Value-augmented sampling: each step the base model's top_k candidates get "
+    "beta * sum_i w_i (Q_i - mean Q_i) added to their logits, Q_i from value heads on the "
+    "model's hidden state; the rest are masked unless keep_non_candidates. Rewards, if given, "
+    "are reported.",
+    params=VasParams,
+    run=run,
+    streams="tokens",
+    check=check,
+))
+
