@@ -17,19 +17,23 @@ from alignserve import __version__
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from alignserve.server.app import create_app
+    from alignserve.server.lifecycle import GracefulServer
+    from alignserve.server.logs import configure_logging
     from alignserve.server.settings import from_args
 
-    settings = from_args(args)
     try:
-        settings.reward_model_pairs()
+        settings = from_args(args)
+        settings.check()
     except ValueError as e:
         print(f"alignserve serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("alignserve.server")
     if settings.engine == "native":
         from alignserve.engine.native.engine import NativeEngine
 
@@ -40,7 +44,21 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"alignserve serve: engine {settings.engine!r} is not available", file=sys.stderr)
         return 2
     app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, log_config=None, access_log=False)
+    server = GracefulServer(config, app.state.lifecycle, settings.shutdown_grace)
+    log.info("serving %s on http://%s:%d", engine.model_name, settings.host, settings.port,
+             extra={"fields": {"auth": bool(settings.api_keys()),
+                               "max_running_requests": settings.max_running_requests,
+                               "max_waiting_requests": settings.max_waiting_requests,
+                               "request_timeout_s": settings.request_timeout}})
+    # uvicorn restores the handler that was there before it and re-raises what it caught
+    # through it: a SIGTERM that was drained must not kill the process after the fact.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    if not server.started:
+        return 1  # e.g. the port was taken
+    log.info("shut down cleanly")
     return 0
 
 
@@ -54,8 +72,20 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_serve)
 
 
+def _add_eval(sub: Any) -> None:
+    from alignserve.evaluation.command import add_arguments, main
+
+    p = sub.add_parser("eval", help="evaluate the strategies on task sets through a live server",
+                       description="Run the task sets (keywords, length, sentiment, "
+                       "continuation) through a live server (--base-url, or --spawn one) with "
+                       "each strategy configuration; write JSON, Markdown and an SVG plot of "
+                       "reward against model tokens into --out.")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
 # Each entry adds one subcommand; others add train-value, eval and bench here.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

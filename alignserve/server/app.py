@@ -1,26 +1,48 @@
-"""The FastAPI application: routes of API.md wired to the preparer, the runner and the renderers."""
+"""The FastAPI application: routes of API.md wired to the preparer, the runner and the renderers.
+
+Around the routes: the Gatekeeper middleware (request ids, auth, body limit, access log), the
+admission queue (running/waiting bounds, KV reservations: 429 past them) and the lifecycle
+(drain and abort on shutdown). See README's "Production" section for the whole picture.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from alignserve import __version__
 from alignserve.decoding.base import STRATEGIES
 from alignserve.engine.protocol import Engine
-from alignserve.server.errors import APIError, api_error_body, as_api_error, install_error_handlers
+from alignserve.server.admission import Admission, Overloaded, Ticket, engine_kv
+from alignserve.server.errors import (
+    APIError,
+    api_error_response,
+    as_api_error,
+    install_error_handlers,
+)
+from alignserve.server.lifecycle import Lifecycle
 from alignserve.server.metrics import ServerMetrics
-from alignserve.server.prepare import Prepared, Preparer
+from alignserve.server.middleware import Gatekeeper, access_record
+from alignserve.server.prepare import STRATEGY_LIMITS, Prepared, Preparer
 from alignserve.server.protocol import (
     STREAM_MODES,
     AlignmentInfo,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     StrategyInfo,
@@ -28,7 +50,7 @@ from alignserve.server.protocol import (
 from alignserve.server.render import Renderer
 from alignserve.server.runner import ClientGone, DecodeRun, collect
 from alignserve.server.settings import ServerSettings
-from alignserve.server.streaming import stream_events
+from alignserve.server.streaming import abort_reason, stream_events
 
 log = logging.getLogger("alignserve.server")
 
@@ -51,46 +73,153 @@ def _named(resources: Any, attr: str) -> list[dict[str, Any]]:
     return [{"name": name} for name in getattr(resources, attr, None) or {}]
 
 
+class DecodeStream(StreamingResponse):
+    """A stream that gives its admission ticket back even when it never started (a client
+    that left before the first byte); a started run gives it back itself."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# What each decode route may answer besides 200 (documented in /openapi.json).
+DECODE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request, or over one of the server's limits (`param` names the field)"),
+    401: _error("Missing or wrong API key"),
+    404: _error("Unknown model"),
+    408: _error("The request timed out (--request-timeout); its work was cancelled"),
+    413: _error("Request body over --max-body-bytes"),
+    429: _error("Too many requests waiting (--max-waiting-requests); see Retry-After"),
+    500: _error("Server fault"),
+    503: _error("Shutting down, or the engine cannot serve now; see Retry-After"),
+}
+LISTING_ERRORS: dict[int | str, dict[str, Any]] = {401: _error("Missing or wrong API key")}
+
+
+def _sse_event(chunk: str) -> dict[str, Any]:
+    """One server-sent event of a stream: a chunk, an error, or the closing [DONE]."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                                             {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string"}, "id": {"type": "string"},
+                           "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
+
+def _decode_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "The completion (JSON), or with `stream: "
+                  "true` server-sent events, each a " + chunk.__name__ + " (or an error), "
+                  "ending in `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": _sse_event(chunk.__name__)}}},
+            **DECODE_ERRORS}
+
+
 def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
-               resources: Any = None) -> FastAPI:
+               resources: Any = None, own_engine: bool = True) -> FastAPI:
     """`rewards`: a RewardRegistry (default: built-ins plus --reward-model); `resources`: the
-    decoding.resources.DecodingResources strategies share (None: their built-in defaults)."""
+    decoding.resources.DecodingResources strategies share (None: their built-in defaults);
+    `own_engine`: the app's lifespan starts and closes the engine (False when another app
+    serving the same engine owns it)."""
     import alignserve.decoding  # noqa: F401  (registers the strategies)
 
     rewards = default_rewards(settings) if rewards is None else rewards
     served = settings.served_model_name or engine.model_name
-    metrics = ServerMetrics(engine)
-    preparer = Preparer(engine, settings, rewards, served, resources)
+    kv = engine_kv(engine)
+    admission = Admission(settings.max_running_requests, settings.max_waiting_requests,
+                          kv[0] if kv else None)
+    lifecycle = Lifecycle()
+    metrics = ServerMetrics(engine, admission)
+    preparer = Preparer(engine, settings, rewards, served, resources, kv=kv)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         start = getattr(engine, "start", None)
-        if start is not None:
+        if own_engine and start is not None:
             await start()  # the engine's worker binds to this event loop
         try:
             yield
         finally:
-            await engine.close()
+            lifecycle.begin_drain()
+            if lifecycle.runs:  # uvicorn gave up waiting: stop what is left, then close
+                lifecycle.abort_all(APIError("The server is shutting down.", status=503))
+                await asyncio.sleep(0.1)
+            if own_engine:
+                await engine.close()
+                log.info("engine closed")
 
     app = FastAPI(title="alignserve", version=__version__, lifespan=lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.admission, app.state.lifecycle = admission, lifecycle
+    app.state.preparer = preparer
     install_error_handlers(app)
+    app.add_middleware(Gatekeeper, settings=settings, metrics=metrics, lifecycle=lifecycle,
+                       route_paths=lambda: {getattr(r, "path", "") for r in app.routes})
 
-    async def authorized(request: Request) -> None:
-        expected = f"Bearer {settings.api_key}"
-        if settings.api_key and request.headers.get("authorization") != expected:
-            raise APIError("Invalid or missing API key.", status=401)
+    def limits() -> dict[str, int | float | None]:
+        out: dict[str, int | float | None] = {
+            "max_n": settings.max_n, "max_candidates": settings.max_candidates,
+            "max_top_k": settings.max_top_k, "max_lookahead": settings.max_lookahead,
+            "max_beam": settings.max_beam, "max_rewards": settings.max_rewards,
+            "max_tokens": settings.max_tokens_limit, "max_model_len": engine.max_model_len,
+            "max_prompt_tokens": settings.max_prompt_tokens or engine.max_model_len - 1,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_regex_chars": settings.max_regex_chars,
+            "max_schema_bytes": settings.max_schema_bytes,
+            "max_running_requests": settings.max_running_requests,
+            "max_waiting_requests": settings.max_waiting_requests,
+            "request_timeout_s": settings.request_timeout or None,
+            "regex_timeout_s": settings.regex_timeout,
+            "kv_cache_slots": kv[0] if kv else None,
+        }
+        return out
+
+    def admit(prepared: Prepared) -> Ticket:
+        try:
+            return admission.enter(prepared.kv_slots)
+        except Overloaded:
+            raise APIError(
+                f"The server is at capacity: {admission.running} requests running and "
+                f"{admission.waiting} waiting (--max-running-requests "
+                f"{settings.max_running_requests}, --max-waiting-requests "
+                f"{settings.max_waiting_requests}). Retry after {settings.retry_after} s.",
+                status=429, headers={"Retry-After": str(settings.retry_after)}) from None
 
     async def serve(prepared: Prepared, request: Request) -> Response:
+        record = access_record(request.scope)
+        record.strategy, record.stream = prepared.strategy.name, prepared.decode.stream
+        ticket = admit(prepared)
+        loop = asyncio.get_running_loop()
+        timeout = settings.request_timeout
+        deadline = loop.time() + timeout if timeout > 0 else None
         tracker = metrics.tracker(prepared.strategy.name)
         renderer = Renderer(prepared, engine.tokenizer)
-        if prepared.decode.stream:
-            def start() -> DecodeRun:
-                return DecodeRun(prepared, engine, tracker, resources)
+        runs: list[DecodeRun] = []
 
-            return StreamingResponse(stream_events(start, renderer, tracker),
-                                     media_type="text/event-stream")
-        run = DecodeRun(prepared, engine, tracker, resources)
+        def start() -> DecodeRun:
+            run = DecodeRun(prepared, engine, tracker, resources, ticket=ticket,
+                            deadline=deadline, timeout_s=timeout,
+                            retry_after=settings.retry_after)
+            runs.append(run)
+            lifecycle.add(run)
+            return run
+
+        if prepared.decode.stream:
+            def closed() -> None:
+                if not runs:
+                    ticket.release()
+
+            return DecodeStream(stream_events(start, renderer, tracker, record), closed)
+        run = start()
         try:
             got = await collect(run, request, settings.disconnect_poll_s)
             if got.summary is None or len(got.finals) != prepared.decode.n:
@@ -98,49 +227,105 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                                    f"{len(got.finals)} choices for n={prepared.decode.n}"
                                    + ("" if got.summary else " and no summary"))
         except ClientGone:
-            tracker.abort()
+            tracker.abort("disconnect")
             return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:  # noqa: BLE001  (every failure becomes an error body)
-            tracker.abort()
+            tracker.abort(abort_reason(run))
             err = as_api_error(exc)
-            return JSONResponse(api_error_body(err), status_code=err.status)
+            record.error = err.message
+            return api_error_response(err)
         tracker.finish(got.summary, got.finals, run.reward_seconds())
+        record.prompt_tokens = got.summary.prompt_tokens
+        record.completion_tokens = sum(len(f.token_ids) for f in got.finals)
         return JSONResponse(renderer.response(got.finals, got.summary))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    def request_id(request: Request) -> str:
+        return str(request.scope.get("state", {}).get("request_id") or "")
+
+    @app.post("/v1/chat/completions",
+              responses=_decode_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serve(preparer.chat(body), request)
+        return await serve(preparer.chat(body, request_id(request)), request)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", responses=_decode_responses(CompletionResponse,
+                                                              CompletionChunk))
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await serve(preparer.completion(body), request)
+        return await serve(preparer.completion(body, request_id(request)), request)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models() -> dict[str, Any]:
+    @app.get("/v1/models", response_model=ModelList, responses=LISTING_ERRORS)
+    async def models() -> ModelList:
         card = ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[card])
 
-    @app.get("/v1/alignment", dependencies=[Depends(authorized)])
-    async def alignment() -> dict[str, Any]:
+    @app.get("/v1/alignment", response_model=AlignmentInfo, responses=LISTING_ERRORS)
+    async def alignment() -> AlignmentInfo:
         strategies = [StrategyInfo(name=s.name, description=s.description, streams=s.streams,
                                    streams_description=STREAM_MODES.get(s.streams, s.streams),
-                                   params=s.params.model_json_schema())
+                                   params=_limited_schema(s.params.model_json_schema(),
+                                                          settings))
                       for s in sorted(STRATEGIES.values(), key=lambda s: s.name)]
-        limits = {"max_n": settings.max_n, "max_candidates": settings.max_candidates,
-                  "max_rewards": settings.max_rewards, "max_tokens": settings.max_tokens_limit,
-                  "max_model_len": engine.max_model_len}
         return AlignmentInfo(strategies=strategies, rewards=rewards.describe(),
                              value_models=_named(resources, "value_models"),
-                             amateurs=_named(resources, "amateurs"), limits=limits).model_dump()
+                             amateurs=_named(resources, "amateurs"), limits=limits())
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthStatus,
+             responses={503: {"model": HealthStatus, "description": "Cannot serve (or draining)"},
+                        **LISTING_ERRORS})
     async def health() -> Response:
+        if lifecycle.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         healthy = getattr(engine, "healthy", lambda: True)()
         return JSONResponse({"status": "ok" if healthy else "unavailable"},
                             status_code=200 if healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text format"}, **LISTING_ERRORS})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _limited_schema(schema: dict[str, Any], settings: ServerSettings) -> dict[str, Any]:
+    """A strategy's params schema with the server's limits as the maxima it states."""
+    props = schema.get("properties", {})
+    for key, setting in STRATEGY_LIMITS.items():
+        prop = props.get(key)
+        if isinstance(prop, dict):
+            limit = getattr(settings, setting)
+            prop["maximum"] = min(prop.get("maximum", limit), limit)
+            if isinstance(prop.get("default"), int) and prop["default"] > limit:
+                prop["default"] = limit
+    return schema
+
+
+def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
+    """FastAPI's schema, told the truth: validation errors are 400 (never 422), errors have
+    OpenAI's shape, and /v1 routes take a bearer key when the server has keys."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                         description="OpenAI-compatible API with the `alignment` extension.")
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            op.get("responses", {}).pop("422", None)
+            if settings.api_keys() and path.startswith("/v1/"):
+                op["security"] = [{"bearer": []}]
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for model in (ChatCompletionChunk, CompletionChunk):  # the stream events' schemas
+        one = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in one.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas.setdefault(model.__name__, one)
+    if settings.api_keys():
+        components.setdefault("securitySchemes", {})["bearer"] = {"type": "http",
+                                                                  "scheme": "bearer"}
+    return schema

@@ -27,6 +27,7 @@ _TYPES = {
     403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
     415: "UnsupportedMediaTypeError",
     429: "RateLimitError",
@@ -38,11 +39,13 @@ _TYPES = {
 class APIError(Exception):
     """Raised anywhere in the server to answer with an error body (400 unless told)."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.headers = headers or {}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -50,12 +53,17 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def api_error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.status, exc.message, exc.param)
+
+
+def api_error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(api_error_body(exc), status_code=exc.status, headers=exc.headers or None)
 
 
 # Pydantic names union members in error locations ("str", "list[str]", "function-after[...]",
@@ -128,7 +136,8 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, CapacityError):  # can never fit: the client must ask for less
         return APIError(f"The request does not fit in this server's KV cache: {exc}")
     if isinstance(exc, EngineError):  # e.g. out of KV memory right now: retry later
-        return APIError(f"The engine cannot serve this request now: {exc}", status=503)
+        return APIError(f"The engine cannot serve this request now: {exc}", status=503,
+                        headers={"Retry-After": "1"})
     log.error("request failed", exc_info=exc)
     return APIError(f"Internal server error: {type(exc).__name__}: {exc}", status=500)
 
@@ -136,7 +145,7 @@ def as_api_error(exc: BaseException) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(api_error_body(exc), status_code=exc.status)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -159,5 +168,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Reached only for bugs: log the traceback, answer 500, keep serving.
-        err = as_api_error(exc)
-        return JSONResponse(api_error_body(err), status_code=err.status)
+        return api_error_response(as_api_error(exc))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,22 +34,28 @@ _REWARD = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class EngineCollector(Collector):
-    """Reads the engine's counters and gauges at scrape time."""
+    """Reads the engine's counters and gauges (and the admission queue's) at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admission: Any = None) -> None:
         self.engine = engine
+        self.admission = admission  # server.admission.Admission, or None
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily,
-                                 CounterMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[Metric, ...]:
         return (
             GaugeMetricFamily(P + "num_requests_running",
                               "Sequences in the engine's running batch (as vLLM counts n>1)."),
-            GaugeMetricFamily(P + "num_requests_waiting", "Requests waiting for the engine."),
+            GaugeMetricFamily(P + "num_requests_waiting",
+                              "Requests waiting: queued for admission plus prompts queued in "
+                              "the engine."),
             GaugeMetricFamily(P + "kv_cache_usage_perc", "KV cache use, 0 to 1 (1 = full)."),
             CounterMetricFamily(P + "prefill_tokens",
                                 "Prompt tokens actually computed (a shared prompt counts once)."),
             CounterMetricFamily(P + "model_tokens", "Tokens the model computed, by kind.",
                                 labels=["kind"]),
+            GaugeMetricFamily(P + "server_requests_running",
+                              "Requests admitted and decoding (each may run many sequences)."),
+            GaugeMetricFamily(P + "kv_cache_reserved_perc",
+                              "KV cache reserved by admitted requests' worst cases, 0 to 1."),
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -60,9 +67,13 @@ class EngineCollector(Collector):
         except Exception:  # a scrape must never fail because the engine is busy or broken
             log.exception("engine.stats() failed during a scrape")
             return
-        running, waiting, kv, prefill, model = self._families()
+        running, waiting, kv, prefill, model, admitted, reserved = self._families()
+        adm = self.admission
         running.add_metric([], stats.running_sequences)
-        waiting.add_metric([], stats.waiting_requests)
+        waiting.add_metric([], stats.waiting_requests + (adm.waiting if adm else 0))
+        admitted.add_metric([], adm.running if adm else 0)
+        kv_total = adm.kv_total if adm and adm.kv_total else 0
+        reserved.add_metric([], adm.kv_reserved / kv_total if kv_total else 0.0)
         total = stats.kv_total_slots
         kv.add_metric([], stats.kv_used_slots / total if total else 0.0)
         prefill.add_metric([], stats.prefill_tokens)
@@ -71,11 +82,11 @@ class EngineCollector(Collector):
         for kind, value in stats.model_tokens.items():
             if kind not in ("prefill", "decode", "lookahead"):
                 model.add_metric([kind], value)
-        yield from (running, waiting, kv, prefill, model)
+        yield from (running, waiting, kv, prefill, model, admitted, reserved)
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admission: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.e2e = Histogram(P + "e2e_request_latency_seconds",
@@ -98,7 +109,15 @@ class ServerMetrics:
                                   ["strategy"], registry=r)
         self.reward_seconds = Histogram(P + "reward_seconds", "Seconds spent in each reward.",
                                         ["reward"], buckets=_REWARD, registry=r)
-        r.register(EngineCollector(engine))
+        self.aborts = Counter(P + "request_aborts", "Requests that ended early, by why: "
+                              "disconnect (client left), timeout (--request-timeout), shutdown, "
+                              "error.", ["reason"], registry=r)
+        self.http_requests = Counter(P + "http_requests", "HTTP responses by route and status "
+                                     "(401, 413, 429, ... included).", ["route", "status"],
+                                     registry=r)
+        for reason in ("disconnect", "timeout", "shutdown", "error"):
+            self.aborts.labels(reason)
+        r.register(EngineCollector(engine, admission))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -140,10 +159,12 @@ class RequestTracker:
         for name, seconds in reward_seconds.items():
             self.m.reward_seconds.labels(name).observe(seconds)
 
-    def abort(self) -> None:
-        """The client left or the request failed after it started."""
+    def abort(self, reason: str = "disconnect") -> None:
+        """The request ended before its answer: the client left (disconnect), its deadline
+        passed (timeout), the server stopped it (shutdown) or it failed (error)."""
         if self.done:
             return
         self.done = True
         self.m.e2e.observe(time.perf_counter() - self.arrival)
         self.m.success.labels("abort").inc()
+        self.m.aborts.labels(reason).inc()

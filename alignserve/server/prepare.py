@@ -2,12 +2,19 @@
 
 These need the engine (tokenizer, context length), the strategy registry, the reward registry
 or the server's limits. Every failure is an APIError naming the offending field.
+
+Limits: a strategy's own keys (top_k, lookahead, beam, candidates) are first validated by its
+pydantic params (their hard bounds), then held to the server's limits here: a value the client
+set above a limit is a 400 naming the field and the flag; a strategy *default* above a limit is
+lowered to it (so every strategy still runs with `strategy` alone). The KV check comes last: a
+request whose worst case cannot fit in the whole KV cache is a 400, unless max_tokens was left
+to the server, which then picks the most that fits.
 """
 
 from __future__ import annotations
 
+import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +29,7 @@ from alignserve.decoding.base import (
 )
 from alignserve.engine.protocol import Engine
 from alignserve.rewardmodels.protocol import RewardSpecError
+from alignserve.server.admission import kv_slots_needed
 from alignserve.server.errors import APIError, validation_error
 from alignserve.server.protocol import (
     AlignmentRequest,
@@ -32,6 +40,14 @@ from alignserve.server.protocol import (
 from alignserve.server.settings import ServerSettings
 
 Kind = Literal["chat", "completion"]
+
+# alignment keys held to a server limit: key -> settings field (flag --max-...)
+STRATEGY_LIMITS = {"candidates": "max_candidates", "top_k": "max_top_k",
+                   "lookahead": "max_lookahead", "beam": "max_beam"}
+
+
+def flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
 
 
 @dataclass
@@ -46,12 +62,15 @@ class Prepared:
     decode: DecodeRequest
     include_usage: bool
     echo: str = ""  # completions with echo=true: the prompt text put before each choice
+    kv_slots: int = 0  # the KV slots admission reserves for it (0: not budgeted)
 
 
 class Preparer:
     def __init__(self, engine: Engine, settings: ServerSettings, rewards: Any,
-                 served_model_name: str, resources: Any = None) -> None:
+                 served_model_name: str, resources: Any = None,
+                 kv: tuple[int, int] | None = None) -> None:
         self.engine = engine
+        self.kv = kv  # (total KV slots, page size) of a native engine: requests are budgeted
         self.resources = resources  # decoding.resources.DecodingResources (None: defaults)
         self.settings = settings
         self.rewards = rewards  # rewardmodels.compose.RewardRegistry
@@ -59,7 +78,7 @@ class Preparer:
 
     # -- entry points
 
-    def chat(self, req: ChatCompletionRequest) -> Prepared:
+    def chat(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
@@ -69,9 +88,10 @@ class Preparer:
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
             raise APIError(f"The chat template rejected the messages: {e}",
                            param="messages") from None
-        return self._finish("chat", req, prompt_text, list(prompt_ids), messages, "messages")
+        return self._finish("chat", req, prompt_text, list(prompt_ids), messages, "messages",
+                            request_id)
 
-    def completion(self, req: CompletionRequest) -> Prepared:
+    def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)
         if req.echo and req.logprobs is not None:
             raise APIError("`echo` with `logprobs` (prompt logprobs) is not supported.",
@@ -86,7 +106,8 @@ class Preparer:
                                f"(0..{self.engine.vocab_size - 1}).", param="prompt")
             prompt_ids = list(prompt)
             prompt_text = self.engine.tokenizer.decode(prompt_ids)
-        prepared = self._finish("completion", req, prompt_text, prompt_ids, None, "prompt")
+        prepared = self._finish("completion", req, prompt_text, prompt_ids, None, "prompt",
+                                request_id)
         prepared.echo = prompt_text if req.echo else ""
         return prepared
 
@@ -113,23 +134,95 @@ class Preparer:
             params = strategy.params.model_validate(spec.strategy_params())
         except ValidationError as e:
             raise validation_error(list(e.errors()), prefix="alignment") from None
+        params = self._limit_params(params)
         candidates = getattr(params, "candidates", None)
-        if isinstance(candidates, int):
-            if candidates > self.settings.max_candidates:
-                raise APIError(f"alignment.candidates is {candidates}; this server allows at "
-                               f"most {self.settings.max_candidates}.",
-                               param="alignment.candidates")
-            if n > candidates:
-                raise APIError(f"n ({n}) must not exceed alignment.candidates ({candidates}): "
-                               "the best n of the candidates are returned.",
-                               param="alignment.candidates")
+        if isinstance(candidates, int) and n > candidates:
+            raise APIError(f"n ({n}) must not exceed alignment.candidates ({candidates}): "
+                           "the best n of the candidates are returned.",
+                           param="alignment.candidates")
         return strategy, params
 
+    def _limit_params(self, params: StrategyParams) -> StrategyParams:
+        """Hold the strategy's keys to the server's limits (see the module docstring)."""
+        lowered: dict[str, int] = {}
+        for key, setting in STRATEGY_LIMITS.items():
+            value = getattr(params, key, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            limit = getattr(self.settings, setting)
+            if value <= limit:
+                continue
+            if key in params.model_fields_set:
+                raise APIError(f"alignment.{key} is {value}; this server allows at most {limit} "
+                               f"({flag(setting)}).", param=f"alignment.{key}")
+            lowered[key] = limit
+        return params.model_copy(update=lowered) if lowered else params
+
+    def _check_reward_limits(self, specs: Any) -> None:
+        """Regex and schema sizes, against this server's limits (the rewards package holds
+        its own, larger, ceilings)."""
+        if not isinstance(specs, list) or len(specs) > self.settings.max_rewards:
+            return  # the registry answers those
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict):
+                continue
+            where = f"alignment.rewards[{i}]"
+            pattern = spec.get("pattern")
+            limit = self.settings.max_regex_chars
+            if spec.get("name") == "regex" and isinstance(pattern, str) and len(pattern) > limit:
+                raise APIError(f"{where}.pattern is {len(pattern)} characters; this server "
+                               f"allows at most {limit} (--max-regex-chars).",
+                               param=f"{where}.pattern")
+            if spec.get("name") == "json_schema" and "schema" in spec:
+                try:
+                    size = len(json.dumps(spec["schema"], separators=(",", ":")).encode())
+                except (TypeError, ValueError, RecursionError):
+                    continue  # the registry says what is wrong with it
+                limit = self.settings.max_schema_bytes
+                if size > limit:
+                    raise APIError(f"{where}.schema is {size} bytes as compact JSON; this "
+                                   f"server allows at most {limit} (--max-schema-bytes).",
+                                   param=f"{where}.schema")
+
     def _reward(self, spec: AlignmentRequest) -> Any:
+        self._check_reward_limits(spec.rewards)
         try:
-            return self.rewards.build(spec.rewards, max_rewards=self.settings.max_rewards)
+            reward = self.rewards.build(spec.rewards, max_rewards=self.settings.max_rewards)
         except RewardSpecError as e:
             raise APIError(str(e), param=getattr(e, "param", None) or "alignment.rewards") from None
+        for item in getattr(reward, "items", []):
+            if hasattr(item.reward, "timeout_s") and item.reward.name == "regex":
+                item.reward.timeout_s = self.settings.regex_timeout  # --regex-timeout
+        return reward
+
+    def _fit_kv(self, decode: DecodeRequest, req: SamplingFields) -> int:
+        """Reserve the request's worst-case KV; 400 when it can never fit (see admission)."""
+        if self.kv is None:
+            return 0
+        total, page = self.kv
+        need = kv_slots_needed(decode, page)
+        if need <= total:
+            return need
+        if req.requested_max_tokens() is None:
+            # The server chose max_tokens: choose the most that fits instead.
+            lo, hi = 0, decode.sampling.max_tokens
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if kv_slots_needed(decode, page, max_tokens=mid) <= total:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo >= max(1, req.min_tokens):
+                decode.sampling.max_tokens = lo
+                return kv_slots_needed(decode, page)
+        name = ("max_completion_tokens" if getattr(req, "max_completion_tokens", None)
+                else "max_tokens")
+        raise APIError(f"This request can need up to {need} KV cache slots at once "
+                       f"({decode.strategy} with n={decode.n}, {len(decode.prompt_ids)} prompt "
+                       f"tokens and {name}={decode.sampling.max_tokens}), more than the "
+                       f"{total} this server's whole KV cache holds (--kv-cache-gib); it can "
+                       f"never run. Ask for fewer tokens or fewer branches (n, candidates, beam, "
+                       "top_k).", param=name)
 
     def _max_tokens(self, req: SamplingFields, kind: Kind, prompt_len: int, where: str) -> int:
         limit, ctx = self.settings.max_tokens_limit, self.engine.max_model_len
@@ -139,6 +232,10 @@ class Preparer:
             raise APIError(f"This model's maximum context length is {ctx} tokens. However, your "
                            f"{where} resulted in {prompt_len} tokens. Please reduce the length "
                            f"of the {where}.", param=where)
+        most = self.settings.max_prompt_tokens
+        if most is not None and prompt_len > most:
+            raise APIError(f"Your {where} resulted in {prompt_len} tokens; this server allows at "
+                           f"most {most} prompt tokens (--max-prompt-tokens).", param=where)
         requested = req.requested_max_tokens()
         if requested is None:
             # OpenAI's defaults: completions 16 tokens; chat whatever the context leaves.
@@ -157,7 +254,8 @@ class Preparer:
         return requested
 
     def _finish(self, kind: Kind, req: SamplingFields, prompt_text: str, prompt_ids: list[int],
-                messages: list[dict[str, str]] | None, where: str) -> Prepared:
+                messages: list[dict[str, str]] | None, where: str,
+                request_id: str) -> Prepared:
         spec = req.alignment_or_default()
         strategy, params = self._strategy(spec, req.n)
         reward = self._reward(spec)
@@ -165,7 +263,7 @@ class Preparer:
         if req.min_tokens > max_tokens:
             raise APIError(f"min_tokens ({req.min_tokens}) must not exceed max_tokens "
                            f"({max_tokens}).", param="min_tokens")
-        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         decode = DecodeRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -184,6 +282,7 @@ class Preparer:
                 check(decode, self.engine, self.resources)
             except StrategyInputError as e:
                 raise APIError(e.message, param=e.param) from None
+        kv_slots = self._fit_kv(decode, req)
         return Prepared(kind=kind, request_id=request_id, created=int(time.time()),
                         model=self.served_model_name, strategy=strategy, decode=decode,
-                        include_usage=req.include_usage())
+                        include_usage=req.include_usage(), kv_slots=kv_slots)

@@ -19,7 +19,9 @@ from alignserve.engine.protocol import SamplingParams
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong type is an error, never coerced (`"n": "2"` or
+    # `"min_p": true` are 400s, as the schema says), except ints where floats go.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AlignmentRequest(BaseModel):
@@ -417,4 +419,25 @@ class AlignmentInfo(ResponseModel):
     rewards: list[dict[str, Any]]
     value_models: list[dict[str, Any]] = Field(default_factory=list)
     amateurs: list[dict[str, Any]] = Field(default_factory=list)
-    limits: dict[str, int]
+    # every limit a request is held to (counts, tokens, bytes; seconds for the timeouts)
+    limits: dict[str, int | float | None]
+
+
+# ---------------------------------------------------------------------------- errors, health
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """Every error this server sends, in OpenAI's shape."""
+
+    error: ErrorInfo
+
+
+class HealthStatus(ResponseModel):
+    status: Literal["ok", "unavailable", "draining"]

@@ -1,6 +1,8 @@
 """Server settings: one dataclass, each field a CLI flag whose default comes from `ALIGNSERVE_*`.
 
 The flag table lives here (not in cli.py) so the names, env vars and defaults are written once.
+Booleans are `--flag/--no-flag` pairs; lists repeat their flag and read a comma-separated
+environment variable.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 @dataclass
@@ -28,6 +33,21 @@ class ServerSettings:
         default=None, metadata={"help": "context length (default: the model's)"}
     )
     kv_cache_gib: float | None = field(default=None, metadata={"help": "KV cache budget in GiB"})
+    reward_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "extra reward model NAME=PATH (repeatable)", "flag": "--reward-model",
+                  "metavar": "NAME=PATH"},
+    )
+    # -- auth
+    api_key: list[str] = field(
+        default_factory=list,
+        metadata={"help": "require `Authorization: Bearer KEY` on /v1/* (repeatable: any of "
+                  "the keys is accepted; env: comma-separated)", "metavar": "KEY"},
+    )
+    protect_metrics: bool = field(
+        default=False, metadata={"help": "also require the API key on /metrics and /health"}
+    )
+    # -- limits (each listed by GET /v1/alignment; over a limit is a 400 naming it)
     max_tokens_limit: int = field(
         default=4096, metadata={"help": "largest max_tokens a request may ask for"}
     )
@@ -35,22 +55,68 @@ class ServerSettings:
     max_candidates: int = field(
         default=64, metadata={"help": "largest alignment.candidates a request may ask for"}
     )
+    max_top_k: int = field(
+        default=32, metadata={"help": "largest alignment.top_k (deal, vas)"}
+    )
+    max_lookahead: int = field(
+        default=32, metadata={"help": "largest alignment.lookahead (deal)"}
+    )
+    max_beam: int = field(default=8, metadata={"help": "largest alignment.beam (deal)"})
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "most prompt tokens a request may send (default: the "
+                                "context length less one)"}
+    )
+    max_body_bytes: int = field(
+        default=2 * 1024 * 1024,
+        metadata={"help": "largest request body in bytes; larger bodies get 413 unread"},
+    )
     max_rewards: int = field(
         default=16, metadata={"help": "most items in alignment.rewards per request"}
     )
-    reward_models: list[str] = field(
-        default_factory=list,
-        metadata={"help": "extra reward model NAME=PATH (repeatable)", "flag": "--reward-model",
-                  "metavar": "NAME=PATH"},
+    max_regex_chars: int = field(
+        default=1000, metadata={"help": "longest `regex` reward pattern (at most 1000)"}
     )
-    api_key: str | None = field(
-        default=None, metadata={"help": "if set, /v1/* requires `Authorization: Bearer KEY`"}
+    regex_timeout: float = field(
+        default=0.05, metadata={"help": "seconds a `regex` reward may spend matching one text "
+                                "(a match that runs out scores 0)"}
+    )
+    max_schema_bytes: int = field(
+        default=64 * 1024,
+        metadata={"help": "largest `json_schema` reward schema, compact JSON bytes (at most "
+                  "65536)"},
+    )
+    # -- backpressure, deadlines, shutdown
+    max_running_requests: int = field(
+        default=64, metadata={"help": "requests decoded at once; more wait in a bounded queue"}
+    )
+    max_waiting_requests: int = field(
+        default=256, metadata={"help": "requests that may wait for a running slot or KV memory; "
+                               "past it, 429 with Retry-After"}
+    )
+    retry_after: int = field(
+        default=1, metadata={"help": "seconds a 429 asks the client to wait (Retry-After)"}
+    )
+    request_timeout: float = field(
+        default=600.0, metadata={"help": "seconds a request may take, queueing included; then "
+                                 "it is cancelled and answered 408 (0: no deadline)"}
+    )
+    shutdown_grace: float = field(
+        default=20.0, metadata={"help": "on SIGTERM, seconds in-flight requests may finish "
+                                "before they are aborted"}
     )
     disconnect_poll_s: float = field(
         default=0.1, metadata={"help": "how often a non-streamed request checks its client"}
     )
+    # -- logs
     log_level: str = field(default="info", metadata={
         "help": "log level", "choices": ["critical", "error", "warning", "info", "debug"]})
+    log_format: str = field(default="json", metadata={
+        "help": "log line format: one JSON object per line, or plain text",
+        "choices": ["json", "text"]})
+    access_log: bool = field(
+        default=True, metadata={"help": "one log line per HTTP request (id, route, status, "
+                                "strategy, latency, tokens)"}
+    )
 
     def reward_model_pairs(self) -> list[tuple[str, str]]:
         """`--reward-model NAME=PATH` items as (name, path); a malformed item is a usage error."""
@@ -61,6 +127,39 @@ class ServerSettings:
                 raise ValueError(f"--reward-model expects NAME=PATH, got {item!r}")
             pairs.append((name, path))
         return pairs
+
+    def api_keys(self) -> list[str]:
+        """The accepted keys (`api_key` may also be set to one string at run time)."""
+        keys = self.api_key
+        if not keys:
+            return []
+        return [keys] if isinstance(keys, str) else [k for k in keys if k]
+
+    def check(self) -> None:
+        """Settings that cannot work raise ValueError naming the flag."""
+        from alignserve.rewardmodels.pattern import MAX_PATTERN_CHARS
+        from alignserve.rewardmodels.structured import MAX_SCHEMA_BYTES
+
+        self.reward_model_pairs()
+        positive = ["max_tokens_limit", "max_n", "max_candidates", "max_top_k", "max_lookahead",
+                    "max_beam", "max_body_bytes", "max_rewards", "max_regex_chars",
+                    "max_schema_bytes", "max_running_requests", "retry_after"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_waiting_requests", "request_timeout", "shutdown_grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("--max-prompt-tokens must be at least 1")
+        if self.regex_timeout <= 0:
+            raise ValueError("--regex-timeout must be positive")
+        if self.max_regex_chars > MAX_PATTERN_CHARS:
+            raise ValueError(f"--max-regex-chars is at most {MAX_PATTERN_CHARS}")
+        if self.max_schema_bytes > MAX_SCHEMA_BYTES:
+            raise ValueError(f"--max-schema-bytes is at most {MAX_SCHEMA_BYTES}")
+        if any("," in k or not k.strip() for k in self.api_keys()):
+            raise ValueError("--api-key values must be non-empty and contain no comma")
 
 
 def _env_name(name: str) -> str:
@@ -73,6 +172,15 @@ def _base_type(f: Any) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}.get(text, str)
 
 
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected true or false")
+
+
 def _env_default(f: Any) -> Any:
     raw = os.environ.get(_env_name(f.name))
     default = f.default_factory() if callable(f.default_factory) else f.default
@@ -80,8 +188,13 @@ def _env_default(f: Any) -> Any:
         return default
     if str(f.type).startswith("list"):
         # A list from the environment is comma-separated: ALIGNSERVE_REWARD_MODELS=a=/x,b=/y
-        return [item for item in raw.split(",") if item]
-    return _base_type(f)(raw)
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    kind = _base_type(f)
+    if kind is bool:
+        return _parse_bool(_env_name(f.name), raw)
+    if raw == "" and f.default is None:
+        return None
+    return kind(raw)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,12 +202,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerSettings):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = _env_default(f)
-        shown = f" (default: {default})" if default not in (None, []) else ""
+        secret = f.name == "api_key"
+        shown = (f" (default: {default})" if default not in (None, []) and not secret else "")
         help_text = f"{f.metadata.get('help', '')}{shown} [env {_env_name(f.name)}]"
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         if str(f.type).startswith("list"):
             kwargs["action"] = "append"
             kwargs["default"] = None  # argparse appends to a default list in place: merge below
+        elif _base_type(f) is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _base_type(f)
         for key in ("choices", "metavar"):

@@ -7,7 +7,8 @@ chunk has `finish_reason` and the choice's `alignment` (reward, components). The
 `alignment` report (strategy, candidates_scored, ...) rides on the last chunk before [DONE]:
 the usage chunk (empty `choices`) when `stream_options.include_usage` is set, otherwise the
 last choice's finish chunk. An error after the stream began is one `data: {"error": ...}`
-chunk, then [DONE].
+chunk, then [DONE]: that is how a request deadline (408) or a shutdown that aborts the request
+(503) reaches a stream whose 200 already went out.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def _sse_chunk(chunk: Chunk) -> str:
 
 
 async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
-                        tracker: RequestTracker) -> AsyncIterator[str]:
-    """`start` begins the run once the response starts, so an unsent stream costs nothing."""
+                        tracker: RequestTracker, record: Any = None) -> AsyncIterator[str]:
+    """`start` begins the run once the response starts, so an unsent stream costs nothing.
+    `record` (the access log's AccessRecord) gets the token counts or the error."""
     run = start()
+    reason = "disconnect"  # why it ended early, for the metrics
     finals: list[ChoiceFinal] = []
     summary: RequestSummary | None = None
     held: Chunk | None = None  # the newest finish chunk: the last one carries the report
@@ -69,6 +72,9 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
             raise RuntimeError(f"strategy {run.prepared.strategy.name} ended without a summary")
         tracker.finish(summary, finals, run.reward_seconds())
         completed = True
+        if record is not None:
+            record.prompt_tokens = summary.prompt_tokens
+            record.completion_tokens = sum(len(f.token_ids) for f in finals)
         if run.prepared.include_usage or held is None:
             if held is not None:
                 yield _sse_chunk(held)
@@ -81,9 +87,18 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
     except (ClientGone, asyncio.CancelledError, GeneratorExit):
         raise  # the client left: nothing more to send (finally cancels the run)
     except Exception as exc:  # noqa: BLE001  (sent to the client as an error chunk)
-        yield sse(api_error_body(as_api_error(exc)))
+        reason = abort_reason(run)
+        err = as_api_error(exc)
+        if record is not None:
+            record.error = err.message
+        yield sse(api_error_body(err))
     finally:
         run.cancel()
         if not completed:
-            tracker.abort()
+            tracker.abort(reason)
     yield DONE
+
+
+def abort_reason(run: DecodeRun) -> str:
+    """The metrics' name for why a run failed: timeout, shutdown or error."""
+    return {"timeout": "timeout", "abort": "shutdown"}.get(run.ended_by or "", "error")

@@ -446,30 +446,34 @@ class NativeEngine:
 
     def _sample(self, gen: list[SeqState], result: _StepResult) -> list[tuple[SeqState, int]]:
         """Sample a token for every generating sequence; returns those that go on."""
-        by_group: dict[int, list[SeqState]] = {}
+        # Groups are read once: a cancelled `generate` clears st.group (and st.follower) from
+        # the event loop while this step runs in the worker thread.
+        by_group: dict[int, tuple[GenGroup, list[SeqState]]] = {}
         for st in gen:
-            if st.group is not None and st.logits is not None:
-                by_group.setdefault(id(st.group), []).append(st)
+            group = st.group
+            if group is not None and st.logits is not None:
+                by_group.setdefault(id(group), (group, []))[1].append(st)
         cont: list[tuple[SeqState, int]] = []
-        for states in by_group.values():
-            group = states[0].group
+        for group, states in by_group.values():
             rows = sample_rows(states, group, self.vocab_size)
             events = []
             for st, (tok, lp, top) in zip(states, rows):
-                ev = self._commit(st, tok, lp, top)
+                ev = self._commit(st, tok, lp, top, group)
                 events.append(ev)
                 if ev.finished:
                     group.live -= 1
                     self._generating.pop(st.id, None)
                 else:
                     cont.append((st, tok))
-                    if st.follower is not None and not st.follower.released:
-                        cont.append((st.follower, tok))
+                    follower = st.follower
+                    if follower is not None and not follower.released:
+                        cont.append((follower, tok))
             result.events.append((group, events))
         return cont
 
-    def _commit(self, st: SeqState, tok: int, lp: float, top) -> TokenEvent:
-        h, group = st.handle, st.group
+    def _commit(self, st: SeqState, tok: int, lp: float, top,
+                group: GenGroup | None = None) -> TokenEvent:
+        h, group = st.handle, group or st.group
         params = group.params
         h.token_ids.append(tok)
         h.cumulative_logprob += lp
