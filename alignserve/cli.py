@@ -43,7 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
     else:  # the vllm adapter plugs in here
         print(f"alignserve serve: engine {settings.engine!r} is not available", file=sys.stderr)
         return 2
-    app = create_app(engine, settings)
+    try:
+        resources = _resources(engine, settings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"alignserve serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(engine, settings, resources=resources)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, log_config=None, access_log=False)
     server = GracefulServer(config, app.state.lifecycle, settings.shutdown_grace)
@@ -60,6 +65,31 @@ def _serve(args: argparse.Namespace) -> int:
         return 1  # e.g. the port was taken
     log.info("shut down cleanly")
     return 0
+
+
+def _resources(engine: Any, settings: Any) -> Any:
+    """Value models (the shipped ones plus --value-model) and --amateur engines for strategies."""
+    from alignserve.decoding.resources import DecodingResources
+    from alignserve.engine.native.engine import NativeEngine
+    from alignserve.rewardmodels.value.registry import ValueModelRegistry
+
+    values = ValueModelRegistry.default().bind(engine)
+    for spec in settings.value_models:
+        values.add_spec(spec)
+    amateurs = {}
+    for name, path in settings.amateur_pairs():
+        amateur = NativeEngine.load(model=path, device=settings.device)
+        if amateur.vocab_size != engine.vocab_size:
+            raise ValueError(f"--amateur {name}: vocabulary {amateur.vocab_size} differs from the "
+                             f"served model's {engine.vocab_size}")
+        amateurs[name] = amateur
+    return DecodingResources(amateurs=amateurs, value_models=values)
+
+
+def _add_train_value(sub: Any) -> None:
+    from alignserve.rewardmodels.value.train import add_subcommand
+
+    add_subcommand(sub)
 
 
 def _add_serve(sub: Any) -> None:
@@ -85,7 +115,7 @@ def _add_eval(sub: Any) -> None:
 
 
 # Each entry adds one subcommand; others add train-value, eval and bench here.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_eval]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_eval, _add_train_value]
 
 
 def build_parser() -> argparse.ArgumentParser:

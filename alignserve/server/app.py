@@ -146,6 +146,10 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         start = getattr(engine, "start", None)
         if own_engine and start is not None:
             await start()  # the engine's worker binds to this event loop
+        amateurs = list((getattr(resources, "amateurs", None) or {}).values())
+        if own_engine:
+            for amateur in amateurs:  # served amateurs run on this loop too
+                await amateur.start()
         try:
             yield
         finally:
@@ -154,6 +158,8 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                 lifecycle.abort_all(APIError("The server is shutting down.", status=503))
                 await asyncio.sleep(0.1)
             if own_engine:
+                for amateur in amateurs:
+                    await amateur.close()
                 await engine.close()
                 log.info("engine closed")
 

@@ -38,6 +38,16 @@ class ServerSettings:
         metadata={"help": "extra reward model NAME=PATH (repeatable)", "flag": "--reward-model",
                   "metavar": "NAME=PATH"},
     )
+    value_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "extra VAS value model NAME=DIR (repeatable; the shipped ones are always "
+                  "offered)", "flag": "--value-model", "metavar": "NAME=DIR"},
+    )
+    amateurs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "contrastive amateur model NAME=PATH sharing the expert's vocabulary "
+                  "(repeatable)", "flag": "--amateur", "metavar": "NAME=PATH"},
+    )
     # -- auth
     api_key: list[str] = field(
         default_factory=list,
@@ -120,13 +130,10 @@ class ServerSettings:
 
     def reward_model_pairs(self) -> list[tuple[str, str]]:
         """`--reward-model NAME=PATH` items as (name, path); a malformed item is a usage error."""
-        pairs = []
-        for item in self.reward_models:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--reward-model expects NAME=PATH, got {item!r}")
-            pairs.append((name, path))
-        return pairs
+        return _pairs(self.reward_models, "--reward-model")
+
+    def amateur_pairs(self) -> list[tuple[str, str]]:
+        return _pairs(self.amateurs, "--amateur")
 
     def api_keys(self) -> list[str]:
         """The accepted keys (`api_key` may also be set to one string at run time)."""
@@ -195,6 +202,16 @@ def _env_default(f: Any) -> Any:
     if raw == "" and f.default is None:
         return None
     return kind(raw)
+
+
+def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} expects NAME=PATH, got {item!r}")
+        pairs.append((name, path))
+    return pairs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
