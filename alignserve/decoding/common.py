@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
-from alignserve.decoding.base import ChoiceFinal, DecodeContext
+from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, DecodeEvent
 from alignserve.engine.protocol import SeqHandle
 
 
@@ -64,3 +65,29 @@ def final_choice(ctx: DecodeContext, index: int, seq: SeqHandle, score, streamed
         logprobs=format_logprobs(ctx.engine, seq.logprobs) if ctx.request.sampling.logprobs is not None else [],
         streamed=streamed,
     )
+
+
+async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
+                         followers: list[SeqHandle] | None = None) -> AsyncIterator[DecodeEvent]:
+    """Generate `seqs` as choices 0..n-1: their tokens as deltas, each scored once finished."""
+    engine = ctx.engine
+    index = {s.key: i for i, s in enumerate(seqs)}
+    want_logprobs = ctx.request.sampling.logprobs is not None
+    gen = engine.generate(seqs, ctx.request.sampling, processor=processor, tally=ctx.tally,
+                          followers=followers)
+    try:
+        async for events in gen:
+            done = []
+            for ev in events:
+                lp = (format_logprobs(engine, ev.seq.logprobs[-1:])
+                      if want_logprobs and ev.token_id >= 0 else [])
+                if ev.text_delta or lp:
+                    yield ChoiceDelta(index[ev.seq.key], ev.text_delta, [ev.token_id], lp)
+                if ev.finished:
+                    done.append(ev.seq)
+            if done:
+                scores = await score_texts(ctx, [s.text for s in done])
+                for seq, score in zip(done, scores):
+                    yield final_choice(ctx, index[seq.key], seq, score, streamed=True)
+    finally:
+        await gen.aclose()

@@ -48,7 +48,7 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import final_choice, format_logprobs, score_texts
+from alignserve.decoding.common import format_logprobs, score_texts, stream_choices
 from alignserve.decoding.resources import resources_of
 from alignserve.engine.protocol import Engine, SeqHandle
 from alignserve.engine.text import IncrementalText
@@ -261,27 +261,8 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
 
 
 async def _stream(ctx: DecodeContext, seqs: list[SeqHandle], processor, followers):
-    req, engine = ctx.request, ctx.engine
-    index = {s.key: i for i, s in enumerate(seqs)}
-    want_logprobs = req.sampling.logprobs is not None
-    gen = engine.generate(seqs, req.sampling, processor=processor, tally=ctx.tally,
-                          followers=followers)
-    try:
-        async for events in gen:
-            done = []
-            for ev in events:
-                lp = (format_logprobs(engine, ev.seq.logprobs[-1:])
-                      if want_logprobs and ev.token_id >= 0 else [])
-                if ev.text_delta or lp:
-                    yield ChoiceDelta(index[ev.seq.key], ev.text_delta, [ev.token_id], lp)
-                if ev.finished:
-                    done.append(ev.seq)
-            if done:
-                scores = await score_texts(ctx, [s.text for s in done])
-                for seq, score in zip(done, scores):
-                    yield final_choice(ctx, index[seq.key], seq, score, streamed=True)
-    finally:
-        await gen.aclose()
+    async for event in stream_choices(ctx, seqs, processor=processor, followers=followers):
+        yield event
     yield ctx.summary(sum(s.num_output for s in seqs))
 
 

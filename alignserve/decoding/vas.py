@@ -34,7 +34,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignserve.decoding.base import (
-    ChoiceDelta,
     DecodeContext,
     DecodeEvent,
     DecodeRequest,
@@ -43,7 +42,7 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import final_choice, format_logprobs, prefill_branches, score_texts
+from alignserve.decoding.common import prefill_branches, stream_choices
 from alignserve.decoding.resources import resources_of
 from alignserve.engine.protocol import EngineError, SeqHandle, StepInputs
 from alignserve.kernels.logits_ops import vas_reference
@@ -229,23 +228,9 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     models = resolve_value_models(params, engine, ctx.resources)
     processor = VasProcessor(models, params.beta, params.top_k, params.keep_non_candidates)
     seqs = await prefill_branches(ctx, req.n)
-    index = {s.key: i for i, s in enumerate(seqs)}
-    want_logprobs = req.sampling.logprobs is not None
     try:
-        async for events in engine.generate(seqs, req.sampling, processor=processor,
-                                            tally=ctx.tally):
-            done = []
-            for ev in events:
-                lp = (format_logprobs(engine, ev.seq.logprobs[-1:])
-                      if want_logprobs and ev.token_id >= 0 else [])
-                if ev.text_delta or lp:
-                    yield ChoiceDelta(index[ev.seq.key], ev.text_delta, [ev.token_id], lp)
-                if ev.finished:
-                    done.append(ev.seq)
-            if done:
-                scores = await score_texts(ctx, [s.text for s in done])
-                for seq, score in zip(done, scores):
-                    yield final_choice(ctx, index[seq.key], seq, score, streamed=True)
+        async for event in stream_choices(ctx, seqs, processor=processor):
+            yield event
         yield ctx.summary(sum(s.num_output for s in seqs))
     finally:
         await engine.release(seqs)
