@@ -48,3 +48,19 @@ class IncrementalText:
         out = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return out
+
+
+class TextCodec:
+    """encode / encode_chat / decode over `self.tokenizer`; both engines speak text this way."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -37,7 +37,7 @@ from alignserve.engine.protocol import (
     TokenEvent,
     TokenTally,
 )
-from alignserve.engine.text import IncrementalText
+from alignserve.engine.text import IncrementalText, TextCodec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class _StepResult:
     failed: list[tuple[asyncio.Future | GenGroup, Exception]] = field(default_factory=list)
 
 
-class NativeEngine:
+class NativeEngine(TextCodec):
     def __init__(self, model: CausalLM, tokenizer, name: str, device: torch.device,
                  kv_cache_gib: float | None = None, max_model_len: int | None = None,
                  prefill_chunk: int | None = None):
@@ -100,7 +100,7 @@ class NativeEngine:
     # construction -----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
-             max_model_len: int | None = None, random_weights: bool = False) -> "NativeEngine":
+             max_model_len: int | None = None, random_weights: bool = False) -> NativeEngine:
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
@@ -123,17 +123,6 @@ class NativeEngine:
 
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self._crashed is None
-
-    # text helpers -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, self.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def stats(self) -> EngineStats:
         s = self._stats
@@ -480,9 +469,7 @@ class NativeEngine:
         if params.logprobs is not None:
             h.logprobs.append({"token_id": tok, "logprob": lp, "top": top or []})
         reason = None
-        if tok in group.stop_ids and h.num_output > params.min_tokens - 1:
-            reason = "stop"
-        elif st.text.push(tok) is not None:
+        if tok in group.stop_ids and h.num_output > params.min_tokens - 1 or st.text.push(tok) is not None:
             reason = "stop"
         if reason is None and (h.num_output >= params.max_tokens or len(h.token_ids) >= self.max_model_len):
             reason = "length"

@@ -33,7 +33,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
 
     @classmethod
-    def from_hf(cls, cfg: Any) -> "ModelConfig":
+    def from_hf(cls, cfg: Any) -> ModelConfig:
         rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))

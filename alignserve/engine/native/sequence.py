@@ -34,7 +34,7 @@ class SeqState:
     hidden: torch.Tensor | None = None  # the normalized hidden state behind `logits`
     early_layer: int | None = None  # also keep the logits of the first early_layer layers
     early_logits: torch.Tensor | None = None
-    follower: "SeqState | None" = None  # fed every token this sequence samples
+    follower: SeqState | None = None  # fed every token this sequence samples
     group: GenGroup | None = None
     rng_seed: int = 0
     text: IncrementalText | None = None

@@ -57,6 +57,7 @@ from alignserve.engine.protocol import (
     TokenEvent,
     TokenTally,
 )
+from alignserve.engine.text import TextCodec
 from alignserve.engine.vllm import spec as wire
 from alignserve.engine.vllm.logits_processor import PROCESSOR
 from alignserve.engine.vllm.metrics import VllmGauges, vllm_metrics_text
@@ -136,7 +137,7 @@ class _Weight:
     weight: torch.Tensor
 
 
-class VllmEngine:
+class VllmEngine(TextCodec):
     """alignserve.engine.protocol.Engine on a vLLM AsyncLLM (real, or a fake in tests)."""
 
     def __init__(self, llm: Any, tokenizer: Any, model_name: str, *, max_model_len: int,
@@ -262,17 +263,6 @@ class VllmEngine:
 
             self._token_matrix = load_token_matrix(self.model_path)
         return _Weight(self._token_matrix)
-
-    # text helpers ---------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, self.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # metrics --------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
