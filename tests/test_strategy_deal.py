@@ -4,6 +4,7 @@ and the strategy end to end on the live server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import openai
@@ -43,19 +44,23 @@ def test_top_actions_include_eos_and_skip_banned_and_impossible():
 
 
 def test_ranking_eos_action_and_a_finished_beam_stay_in_the_competition():
-    # One live beam (committed log-prob -1.0) whose next-token distribution is
+    # One live beam (one committed token, log-prob -1.0) whose next-token distribution is
     # [EOS .5, x .3, y .15, z .05]; top_k=3 gives the actions EOS, x, y. Rewards of their
     # (lookahead-completed) texts: EOS 0.0 (the beam's final text), x 1.0, y 0.0. A beam that
-    # finished earlier ranks at -1.5 and competes with them.
+    # finished earlier ranks at -0.8 and competes with them. Ranks use the mean log-prob of
+    # the committed tokens (two each here).
     acts = top_actions(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), 3)
     rewards = {0: 0.0, 1: 1.0, 2: 0.0}
     for lam, expect in [(1.0, ["x", "finished"]), (0.0, ["finished", "EOS"])]:
-        ranks = [-1.5] + [rank_score(-1.0 + lp, rewards[t], lam) for t, lp in acts]
+        ranks = [-0.8] + [rank_score(-1.0 + lp, 2, rewards[t], lam) for t, lp in acts]
         names = ["finished", "EOS", "x", "y"]
         assert [names[i] for i in select(ranks, 2)] == expect
-    # by hand: lambda 1: x = -1 + ln .3 + 1 = -1.204 > finished -1.5 > EOS = -1 + ln .5 = -1.693
-    assert rank_score(-1.0 + L(0.3), 1.0, 1.0) == pytest.approx(-1.0 + L(0.3) + 1.0)
-    assert rank_score(-2.0, None, 5.0) == -2.0  # no rewards: log-likelihood alone
+    # by hand: lambda 1: x = (-1 + ln .3) / 2 + 1 = -0.102 > finished -0.8 > EOS = -0.847
+    assert rank_score(-1.0 + L(0.3), 2, 1.0, 1.0) == pytest.approx((-1.0 + L(0.3)) / 2 + 1.0)
+    assert rank_score(-2.0, 4, None, 5.0) == -0.5  # no rewards: mean log-likelihood alone
+    # the mean does not favour stopping: a beam that stops after 1 token at -0.5 a token
+    # ranks with one that goes on for 3 at the same rate
+    assert rank_score(-0.5, 1, 0.5, 2.0) == rank_score(-1.5, 3, 0.5, 2.0)
     assert select([1.0, 2.0, 2.0, 0.0], 3) == [1, 2, 0]  # ties keep the earlier candidate
 
 
@@ -111,14 +116,16 @@ def test_heuristic_reward_never_rewards_an_unfinished_cut():
 
 
 def test_params_bounds_alias_and_schema():
-    p = DealParams.model_validate({"lambda": 2.5, "top_k": 3})
-    assert (p.lambda_, p.top_k, p.lookahead, p.beam, p.commit) == (2.5, 3, 8, 2, 1)
+    p = DealParams.model_validate({"lambda": 2.5, "top_k": 5})
+    assert (p.lambda_, p.top_k, p.lookahead, p.beam, p.commit, p.rollout) == (
+        2.5, 5, 8, 2, 8, "greedy")
     for bad in [{"top_k": 0}, {"top_k": 17}, {"lookahead": 65}, {"lookahead": -1}, {"beam": 9},
-                {"lambda": -1}, {"commit": 0}, {"commit": 17}, {"lambda_": 1}, {"depth": 2}]:
+                {"lambda": -1}, {"commit": 0}, {"commit": 17}, {"lambda_": 1}, {"depth": 2},
+                {"rollout": "beam"}]:
         with pytest.raises(ValidationError):
             DealParams.model_validate(bad)
     props = DealParams.model_json_schema()["properties"]
-    assert props["lambda"]["default"] == 1.0 and props["lambda"]["minimum"] == 0
+    assert props["lambda"]["default"] == 4.0 and props["lambda"]["minimum"] == 0
     assert (props["top_k"]["maximum"], props["lookahead"]["maximum"], props["beam"]["maximum"],
             props["commit"]["maximum"]) == (16, 64, 8, 16)
 
@@ -178,11 +185,13 @@ def test_search_without_rewards_is_beam_search_with_eos_actions():
 def test_search_with_a_reward_keeps_a_finished_beam_competing():
     eng = FakeEngine(WORDS, TABLE)
     rewards = [{"name": "keywords", "keywords": ["dog"]}]
-    events = _run(_ctx(eng, {"top_k": 2, "beam": 2, "lookahead": 1, "lambda": 3}, rewards, n=2))
+    events = _run(_ctx(eng, {"top_k": 2, "beam": 2, "lookahead": 1, "lambda": 0.5}, rewards,
+                       n=2))
     finals = _finals(events)
-    # step 2 ranks yes+dog (rollout -> EOS: " yes dog", reward 1) first, and yes+EOS (finished,
-    # reward 0) second; at step 3 yes+dog+EOS (ln .07 + 3) wins and the finished " yes" (ln .3)
-    # still outranks yes+dog+yes (ln .012 + 3), so it is returned second.
+    # ranks are mean log-prob + 0.5 * reward. Step 2 keeps yes+EOS (finished, reward 0:
+    # ln .3 / 2 = -0.602) and yes+dog (rollout -> EOS: " yes dog", reward 1: ln .1 / 2 + 0.5 =
+    # -0.651); at step 3 yes+dog+EOS (ln .07 / 3 + 0.5 = -0.386) wins and the finished " yes"
+    # still outranks yes+dog+yes (ln .012 / 3 + 0.5 = -0.974), so it is returned second.
     assert [f.text for f in finals] == [" yes dog", " yes"]
     assert [f.reward for f in finals] == [1.0, 0.0]
     assert finals[0].components == {"keywords": 1.0}
@@ -246,13 +255,54 @@ def test_n_above_beam_is_refused_and_cancellation_frees_everything():
     assert e.value.param == "alignment.beam"
 
     async def cancel_early():
-        agen = STRATEGY.run(_ctx(eng, {"top_k": 2, "beam": 1, "lookahead": 2}, stream=True))
+        agen = STRATEGY.run(_ctx(eng, {"top_k": 2, "beam": 1, "lookahead": 2, "commit": 1},
+                                 stream=True))
         first = await agen.__anext__()  # the first agreed token, mid-search
         await agen.aclose()  # what a client disconnect does to the strategy
         return first
 
     assert asyncio.run(cancel_early()).token_ids == [1]
     assert not eng.live
+
+
+class _SlowSecondFork(FakeEngine):
+    """A fake whose second fork of a step never completes until cancelled."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.first_fork_done = asyncio.Event()
+
+    async def fork(self, seq, n):
+        self.forks_started = getattr(self, "forks_started", 0) + 1
+        if self.forks_started == 2:  # step 2's first fork: cancelled before it forks anything
+            await asyncio.Event().wait()
+        kids = await super().fork(seq, n)
+        if self.forks_started == 3:
+            self.first_fork_done.set()
+        return kids
+
+
+def test_cancel_while_a_step_forks_frees_the_forks_that_completed():
+    # beam 2 forks two beams in parallel; a client disconnect arriving after the first fork
+    # returned and while the second is in flight must release the first fork's children too
+    eng = _SlowSecondFork(WORDS, TABLE)
+
+    async def go():
+        task = asyncio.ensure_future(_drain(STRATEGY.run(
+            _ctx(eng, {"top_k": 2, "beam": 2, "lookahead": 1, "commit": 1}))))
+        await eng.first_fork_done.wait()  # step 2's second fork returned, its first waits
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def _drain(agen):
+        async with contextlib.aclosing(agen):
+            async for _ in agen:
+                pass
+
+    asyncio.run(go())
+    assert eng.calls["fork"] == 2 and not eng.live  # the root's and step 2's second beam's
 
 
 # ---- live server ---------------------------------------------------------------------------------
@@ -300,10 +350,29 @@ def test_live_deal_stream_delivers_the_final_text(client, model_name):
     assert len(two.choices) == 2 and two.choices[0].message.content == whole.message.content
 
 
+def test_live_deal_sampled_rollouts_are_seeded_and_greedy_at_temperature_0(client, model_name):
+    msgs = [{"role": "user", "content": "Write one sentence about a dog and a ball."}]
+    rewards = [{"name": "keywords", "keywords": ["park"]}]
+    params = {"strategy": "deal", "top_k": 2, "beam": 1, "lookahead": 4, "commit": 4,
+              "rewards": rewards}
+
+    def run(temperature, seed, **extra):
+        return client.chat.completions.create(
+            model=model_name, messages=msgs, max_tokens=12, temperature=temperature, seed=seed,
+            extra_body={"alignment": {**params, **extra}}).choices[0]
+
+    greedy = run(0.0, None)
+    assert run(0.0, None, rollout="sample").message.content == greedy.message.content
+    a, b = run(1.0, 7, rollout="sample"), run(1.0, 7, rollout="sample")
+    assert a.message.content == b.message.content  # the request's seed makes it reproducible
+    assert a.alignment["reward"] is not None
+
+
 @pytest.mark.parametrize(("alignment", "n", "param"), [
     ({"top_k": 0}, 1, "alignment.top_k"),
     ({"lookahead": 65}, 1, "alignment.lookahead"),
     ({"lambda": -1}, 1, "alignment.lambda"),
+    ({"rollout": "beam"}, 1, "alignment.rollout"),
     ({"beam": 2}, 3, "alignment.beam"),
 ])
 def test_live_deal_bad_input_names_the_field(client, model_name, alignment, n, param):
