@@ -34,16 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("alignserve.server")
-    if settings.engine == "native":
-        from alignserve.engine.native.engine import NativeEngine
-
-        engine = NativeEngine.load(model=settings.model, device=settings.device,
-                                   kv_cache_gib=settings.kv_cache_gib,
-                                   max_model_len=settings.max_model_len)
-    else:  # the vllm adapter plugs in here
-        print(f"alignserve serve: engine {settings.engine!r} is not available", file=sys.stderr)
-        return 2
     try:
+        engine = load_engine(settings)
         resources = _resources(engine, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"alignserve serve: {e}", file=sys.stderr)
@@ -67,10 +59,52 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resources(engine: Any, settings: Any) -> Any:
-    """Value models (the shipped ones plus --value-model) and --amateur engines for strategies."""
-    from alignserve.decoding.resources import DecodingResources
+def load_engine(settings: Any) -> Any:
+    """The engine `--engine` names; ValueError (a usage error: exit 2) when it cannot load,
+    e.g. vllm without vLLM installed."""
+    if settings.engine == "vllm":
+        from alignserve.engine.protocol import EngineError
+        from alignserve.engine.vllm.engine import VllmEngine
+
+        try:
+            return VllmEngine.load(settings.model, settings.tensor_parallel_size,
+                                   **vllm_load_kwargs(settings))
+        except EngineError as e:
+            raise ValueError(str(e)) from e
     from alignserve.engine.native.engine import NativeEngine
+
+    return NativeEngine.load(model=settings.model, device=settings.device,
+                             kv_cache_gib=settings.kv_cache_gib,
+                             max_model_len=settings.max_model_len,
+                             random_weights=settings.load_format == "dummy",
+                             cuda_graphs=settings.cuda_graphs)
+
+
+def vllm_load_kwargs(settings: Any) -> dict[str, Any]:
+    """VllmEngine.load's keywords from the settings: amateurs and value models by name for its
+    logits processor, and the vLLM engine arguments the flags set (they override those in
+    ALIGNSERVE_VLLM_ENGINE_ARGS)."""
+    kw: dict[str, Any] = {
+        "served_model_name": settings.served_model_name,
+        # deal's actions come from the top-k view of the logits: keep it exact to --max-top-k
+        "logits_top_k": max(32, settings.max_top_k),
+        "amateur_paths": dict(settings.amateur_pairs()),
+        "value_model_paths": {name.strip(): path.strip() for name, _, path in
+                              (v.partition("=") for v in settings.value_models)},
+    }
+    if settings.load_format != "auto":  # vLLM's default; leaves ALIGNSERVE_VLLM_ENGINE_ARGS' own
+        kw["load_format"] = settings.load_format
+    if settings.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.max_model_len is not None:
+        kw["max_model_len"] = settings.max_model_len
+    return kw
+
+
+def _resources(engine: Any, settings: Any) -> Any:
+    """Value models (the shipped ones plus --value-model) and --amateur models for strategies:
+    engines on native; on vllm descriptions of models its engine core runs (`CoreAmateur`)."""
+    from alignserve.decoding.resources import DecodingResources
     from alignserve.rewardmodels.value.registry import ValueModelRegistry
 
     values = ValueModelRegistry.default().bind(engine)
@@ -78,7 +112,14 @@ def _resources(engine: Any, settings: Any) -> Any:
         values.add_spec(spec)
     amateurs = {}
     for name, path in settings.amateur_pairs():
-        amateur = NativeEngine.load(model=path, device=settings.device)
+        if settings.engine == "vllm":
+            from alignserve.engine.vllm.amateurs import CoreAmateur
+
+            amateur = CoreAmateur.read(name, path)
+        else:
+            from alignserve.engine.native.engine import NativeEngine
+
+            amateur = NativeEngine.load(model=path, device=settings.device)
         if amateur.vocab_size != engine.vocab_size:
             raise ValueError(f"--amateur {name}: vocabulary {amateur.vocab_size} differs from the "
                              f"served model's {engine.vocab_size}")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result  # noqa: E402
+from common import provenance, write_result
 
-from alignserve.decoding import STRATEGIES, DecodeContext, DecodeRequest  # noqa: E402
-from alignserve.engine.native.engine import NativeEngine  # noqa: E402
-from alignserve.engine.protocol import SamplingParams  # noqa: E402
-from alignserve.rewardmodels.compose import RewardRegistry  # noqa: E402
+from alignserve.decoding import STRATEGIES, DecodeContext, DecodeRequest
+from alignserve.engine.native.engine import NativeEngine
+from alignserve.engine.protocol import SamplingParams
+from alignserve.rewardmodels.compose import RewardRegistry
 
 TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, counting the steps and "
         "listening to the sea. ")

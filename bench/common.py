@@ -25,12 +25,12 @@ def provenance(device: str | None = None) -> dict:
         device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                   else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     return {"device": device, "commit": commit + ("-dirty" if dirty else ""),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ DEAL = {  # label -> alignment (the server's defaults fill the rest)
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """y at x on the piecewise-linear curve through (x, y) points; None outside it."""
     pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None

@@ -12,10 +12,11 @@ server's `--engine vllm`; it installs nothing and exits with a message when any 
    own random weights instead (then those side models see other weights: a plumbing check).
 2. Baseline: vLLM alone (vllm.LLM in a child process, no alignserve code) samples n = 1, 16, 64
    sequences of G tokens (ignore_eos) on a shared P-token random prompt, fresh each repeat.
-3. The server: `python -m alignserve.cli serve --engine vllm` in a child process; every strategy
-   through the official openai client (/v1/completions, token-id prompts), each response
-   checked (choices, finish reasons, token counts, the alignment report), and /metrics
-   (alignserve_* and vLLM's vllm:*).
+3. The server: `python -m alignserve.cli serve --engine vllm --load-format auto|dummy
+   --gpu-memory-utilization F --max-model-len L` in a child process (the other engine arguments,
+   dtype and seed, through ALIGNSERVE_VLLM_ENGINE_ARGS); every strategy through the official
+   openai client (/v1/completions, token-id prompts), each response checked (choices, finish
+   reasons, token counts, the alignment report), and /metrics (alignserve_* and vLLM's vllm:*).
 4. Ratios from the same run: sample n=16 and best_of_n with 16 and 64 candidates against vLLM's
    n=16 and n=64 (server-side seconds minus reward seconds, the goal being < 1.10), deal against
    a plain sample of the same length (goal <= 3), vas and contrastive against a plain sample.
@@ -25,6 +26,7 @@ versions, every timing and check.
     python bench/vllm_gpu.py prepare      # here: carry/vllm-bench (git-ignored, ~4 MB)
     # on the GPU machine, from the repository root, vLLM installed in /tmp/site:
     PYTHONPATH=/tmp/site:. python3 bench/vllm_gpu.py run --model-dir carry/vllm-bench
+    PYTHONPATH=/tmp/site:. python3 bench/vllm_gpu.py run --load-format dummy   # no weights written
 """
 
 from __future__ import annotations
@@ -143,12 +145,21 @@ def serve_flags() -> str:
     return out.stdout + out.stderr
 
 
+# engine arguments `alignserve serve` has flags for; the others travel in the environment
+SERVE_FLAGS = {"gpu_memory_utilization": "--gpu-memory-utilization",
+               "max_model_len": "--max-model-len", "load_format": "--load-format",
+               "tensor_parallel_size": "--tensor-parallel-size"}
+
+
 def start_server(model: Path, port: int, engine_args: dict, extra: list[str], log: Path):
-    env = dict(os.environ, ALIGNSERVE_VLLM_ENGINE_ARGS=json.dumps(engine_args),
+    flags = [x for k, flag in SERVE_FLAGS.items() if k in engine_args
+             for x in (flag, str(engine_args[k]))]
+    rest = {k: v for k, v in engine_args.items() if k not in SERVE_FLAGS}
+    env = dict(os.environ, ALIGNSERVE_VLLM_ENGINE_ARGS=json.dumps(rest),
                VLLM_USE_FLASHINFER_SAMPLER="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "alignserve.cli", "serve", "--engine", "vllm", "--model", str(model),
-           "--port", str(port), "--max-n", "64", "--max-candidates", "64", *extra]
+           *flags, "--port", str(port), "--max-n", "64", "--max-candidates", "64", *extra]
     print("starting:", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -262,9 +273,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         fail("no CUDA device: this benchmark runs on the lent GPU machine only")
-    if "vllm" not in serve_flags():
-        fail("`alignserve serve` has no `--engine vllm` choice yet: wire "
-             "alignserve.engine.vllm.engine.VllmEngine.load into alignserve/cli.py first")
+    flags = serve_flags()
+    missing_flags = [f for f in ("--engine", "--load-format", *SERVE_FLAGS.values()) if f not in flags]
+    if "vllm" not in flags or missing_flags:
+        fail("`alignserve serve` lacks `--engine vllm` or " + ", ".join(missing_flags)
+             + ": this checkout's CLI does not match the benchmark")
     import vllm
     from common import provenance, write_result
 
@@ -273,10 +286,10 @@ def run(args: argparse.Namespace) -> int:
         fail(f"{src} has no config.json: run `python bench/vllm_gpu.py prepare --out {src}` on a "
              "machine with the embedded model and carry the folder")
     engine_args = dict(ENGINE_ARGS)
-    if args.load_format == "dummy":
+    if args.load_format == "dummy":  # vLLM draws its weights; so do the side models (seeded)
         model, engine_args["load_format"] = src, "dummy"
     else:
-        model = with_weights(src, Path(args.work) / "model")
+        model, engine_args["load_format"] = with_weights(src, Path(args.work) / "model"), "auto"
     P, G = args.prompt, args.gen
     result: dict = {"bench": "vllm_gpu", **provenance(), "vllm": vllm.__version__,
                     "torch": torch.__version__, "engine_args": engine_args,
@@ -297,7 +310,6 @@ def run(args: argparse.Namespace) -> int:
     result["baseline"] = base
 
     # 3. the server
-    flags = serve_flags()
     extra = []
     if "--value-model" in flags:
         extra += ["--value-model", f"bench={value_model_dir(model, Path(args.work) / 'value')}"]

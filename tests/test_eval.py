@@ -108,7 +108,7 @@ def test_plan_runs_each_configuration_where_it_is_meaningful():
     assert ("sentiment", "vas") in pairs and ("keywords", "vas") not in pairs
     assert ("continuation", "contrastive") in pairs and ("continuation", "greedy") in pairs
     assert ("keywords", "deal") in pairs and ("continuation", "deal") not in pairs
-    assert ("keywords", "best_of_64") in pairs and ("length", "best_of_64") not in pairs
+    assert ("keywords", "best_of_8") in pairs and ("length", "best_of_8") not in pairs
     every = plan(tasks, parse_configs("vas,sample"), limit=3, all_pairs=True)
     assert len(every) == 8 and all(len(p.items) == 3 for p in every)
     assert [c.label for c in parse_configs("deal, sample,deal")] == ["deal", "sample"]
@@ -138,6 +138,7 @@ def _synthetic() -> dict:
         _rec("keywords", "deal", "deal", {}, None, None, None, error="BadRequestError: x"),
         _rec("sentiment", "best_of_16", "best_of_n", {"sentiment": 0.8}, 0.8, 1000, 2.0),
         _rec("sentiment", "vas", "vas", {"sentiment": 0.85}, 0.85, 200, 1.0),
+        _rec("sentiment", "vas_c2", "vas", {"sentiment": 0.7}, 0.7, 300, 1.0),
         _rec("continuation", "greedy", "sample", {"rep4": 0.3, "distinct2": 0.6}, None, 70, 1.0),
         _rec("continuation", "contrastive", "contrastive", {"rep4": 0.1, "distinct2": None},
              None, 70, 2.0),
@@ -178,6 +179,9 @@ def test_goals_compare_at_equal_model_tokens():
     assert eq["met"] is True and f"{ref:.3f}" in eq["measured"]
     vas = goals["vas reaches best_of_16's reward with under a quarter of its model tokens"]
     assert vas["met"] is True and "(0.20x)" in vas["measured"]
+    # every vas configuration is held to the goal on its own
+    vas_c2 = goals["vas_c2 reaches best_of_16's reward with under a quarter of its model tokens"]
+    assert vas_c2["met"] is False and "(0.30x)" in vas_c2["measured"]
     assert goals["contrastive cuts greedy's 4-gram repetition rate"]["met"] is True
 
 
@@ -198,7 +202,7 @@ def test_report_writer_produces_valid_json_markdown_and_svg(tmp_path):
     assert root.tag == f"{ns}svg"
     circles = root.findall(f".//{ns}circle")
     plotted = [r for r in result["rows"] if r["model_tokens"]]
-    assert len(circles) == len(plotted) == 7
+    assert len(circles) == len(plotted) == 8
     labels = {t.text for t in root.iter(f"{ns}text")}
     assert {"keywords", "sentiment", "continuation", "best_of_16", "vas"} <= labels
     assert "mean rep4" in labels and "mean reward" in labels

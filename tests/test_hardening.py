@@ -380,6 +380,14 @@ def test_regex_timeout_flag_reaches_the_reward(live_server, model_name):
     start = time.perf_counter()
     assert regex_reward.score(["a" * 30 + "!"]) == [0.0]  # catastrophic: cut off, scores 0
     assert time.perf_counter() - start < 0.5 and regex_reward.timeouts == 1
+    # the same bound applies to a json_schema reward's `pattern`
+    req = ChatCompletionRequest.model_validate(_body(alignment={"rewards": [
+        {"name": "json_schema", "schema": {"type": "string", "pattern": "^(a|aa)+$"}}]}))
+    schema_reward = preparer.chat(req, "rid").decode.reward.items[0].reward
+    assert schema_reward.timeout_s == 0.001
+    start = time.perf_counter()
+    assert schema_reward.score(['"' + "a" * 40 + '!"', '"aaaa"']) == [0.5, 1.0]
+    assert time.perf_counter() - start < 0.5
 
 
 def test_body_limit_413_before_parsing(live_server):
@@ -463,9 +471,10 @@ def test_kv_estimate_grows_with_what_a_request_can_hold():
     assert need("sample", n=4) > need("sample", n=2) > need("sample")
     assert need("sample", max_tokens=200) > need("sample")
     assert need("best_of_n", candidates=8) >= 8 * 100
-    assert need("deal", beam=2, top_k=4, lookahead=8) >= 2 * 100 * 16  # a page per step
+    # token by token: a page per step; committing blocks needs fewer steps, so fewer pages
+    assert need("deal", beam=2, top_k=4, lookahead=8, commit=1) >= 2 * 100 * 16
     assert need("deal", beam=2, top_k=4, lookahead=8, commit=4) < \
-        need("deal", beam=2, top_k=4, lookahead=8)
+        need("deal", beam=2, top_k=4, lookahead=8, commit=1)
     assert need("contrastive", amateur="lame_prompt") >= 2 * (20 + 100)
 
 

@@ -3,11 +3,13 @@ value head, its storage and registry, and a tiny fit whose loss goes down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
 import pytest
 import torch
+from fakes.fake_engine import FakeEngine
 
 from alignserve.decoding.base import StrategyInputError
 from alignserve.decoding.resources import DecodingResources
@@ -19,7 +21,7 @@ from alignserve.decoding.vas import (
     resolve_value_models,
     vas_logits,
 )
-from alignserve.engine.protocol import StepInputs
+from alignserve.engine.protocol import StepInputs, TokenEvent
 from alignserve.rewardmodels.value.model import (
     ValueHead,
     ValueModel,
@@ -269,3 +271,121 @@ def test_unknown_or_mismatched_value_model_names_the_field(tmp_path):
     (vm_default, weight), = resolve_value_models(VasParams(), engine,
                                                  DecodingResources(value_models=reg.bind(engine)))
     assert vm_default is reg["toy"] and weight == 1.0
+
+
+# ------------------------------------------------------------------ candidates: VAS + best-of-N
+
+
+class _BranchEngine(FakeEngine):
+    """A fake engine that gives VAS what it needs (a token matrix, hidden states) and makes
+    branch i of a generate call say word i+1, then stop: distinct texts to rank."""
+
+    WORDS = ("<eos>", " good", " bad", " great", " fine", " okay")
+
+    def __init__(self):
+        super().__init__(self.WORDS, {})
+        self.model = torch.nn.Module()
+        self.model.lm_head = torch.nn.Linear(4, 6, bias=False)
+        self.processed = 0  # rows the VAS processor saw
+
+    async def generate(self, seqs, params, processor=None, tally=None, kind="decode",
+                       followers=None):
+        self._call("generate")
+        live = list(seqs)
+        branch = {s.key: i for i, s in enumerate(seqs)}
+        while live:
+            logits = torch.full((len(live), 6), -2.0)
+            for row, s in enumerate(live):
+                logits[row, 0 if s.num_output else 1 + branch[s.key] % 5] = 5.0
+            logits = processor(live, logits, StepInputs(hidden=torch.randn(len(live), 4)))
+            self.processed += len(live)
+            events, nxt = [], []
+            for s, row in zip(live, logits):
+                tok = int(torch.argmax(row))
+                s.token_ids.append(tok)
+                s.text = self.tokenizer.decode(s.output_ids)
+                s.cumulative_logprob -= 0.1 * branch[s.key]
+                reason = "stop" if tok == 0 else None
+                s.finished, s.finish_reason = reason is not None, reason
+                events.append(TokenEvent(s, tok, 0.0, self.tokenizer.decode([tok]),
+                                         reason is not None, reason))
+                if reason is None:
+                    nxt.append(s)
+            if tally:
+                tally.add(kind, len(nxt))
+            live = nxt
+            yield events
+
+
+def _vas_run(alignment: dict, n: int = 1, rewards=None, stream: bool = False):
+    from alignserve.decoding.base import DecodeContext, DecodeRequest
+    from alignserve.decoding.vas import STRATEGY
+    from alignserve.engine.protocol import SamplingParams
+    from alignserve.rewardmodels.compose import RewardRegistry
+
+    engine = _BranchEngine()
+    vm, _ = _tiny_model()
+    reward = RewardRegistry.default().build(rewards, param="alignment.rewards") if rewards else None
+    req = DecodeRequest(request_id="r", prompt_ids=[1, 2, 3], prompt_text=" good bad great",
+                        sampling=SamplingParams(temperature=0.0, max_tokens=4), n=n,
+                        strategy="vas", params=VasParams.model_validate(alignment),
+                        reward=reward, stream=stream)
+    ctx = DecodeContext(engine, req, resources=DecodingResources(value_models={"toy": vm}))
+
+    async def collect():
+        return [ev async for ev in STRATEGY.run(ctx)]
+
+    return engine, asyncio.run(collect())
+
+
+# keywords "great" (1.0) plus regex "fine" (0.5): branch texts " good", " bad", " great",
+# " fine", " okay" score 0, 0, 1, 0.5, 0
+RANKED = [{"name": "keywords", "weight": 1.0, "keywords": ["great"]},
+          {"name": "regex", "weight": 0.5, "pattern": "fine"}]
+TOY = {"value_models": [{"name": "toy"}], "beta": 0.0, "top_k": 2}
+
+
+def test_candidates_return_the_best_n_by_reward_sharing_one_prefill():
+    from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, RequestSummary
+
+    engine, events = _vas_run({**TOY, "candidates": 5}, n=2, rewards=RANKED)
+    finals = [e for e in events if isinstance(e, ChoiceFinal)]
+    assert [(c.index, c.text, c.reward) for c in finals] == [(0, " great", 1.0), (1, " fine", 0.5)]
+    assert finals[1].components == {"keywords": 0.0, "regex": 1.0}
+    assert not any(isinstance(e, ChoiceDelta) for e in events)  # not streamed: whole choices
+    (summary,) = [e for e in events if isinstance(e, RequestSummary)]
+    # the prompt (3 tokens) is computed once for all 5 candidates; each decodes 1 fed token
+    assert (summary.tally.prefill, summary.tally.decode, summary.model_tokens) == (3, 5, 8)
+    assert summary.candidates_scored == 5 and summary.completion_tokens == 4
+    assert engine.calls["prefill"] == 1 and engine.calls["fork"] == 1
+    assert engine.processed == 10  # every candidate's every step went through VAS
+    assert engine.live == {}  # every branch released
+
+
+def test_candidates_without_rewards_return_the_most_likely_n_and_stream_winners():
+    from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, RequestSummary
+
+    _, events = _vas_run({**TOY, "candidates": 4}, n=2, stream=True)
+    finals = [e for e in events if isinstance(e, ChoiceFinal)]
+    assert [(c.text, c.reward, c.streamed) for c in finals] == [(" good", None, True),
+                                                                (" bad", None, True)]
+    deltas = [e for e in events if isinstance(e, ChoiceDelta)]
+    assert [(d.index, d.text) for d in deltas] == [(0, " good"), (1, " bad")]
+    # ranked by log-likelihood: counted as scored, as best_of_n counts them
+    assert events[-1].candidates_scored == 4 and isinstance(events[-1], RequestSummary)
+    # candidates == n (and the default, n): plain VAS, every branch, token by token
+    for alignment in ({**TOY, "candidates": 2}, TOY):
+        _, plain = _vas_run(alignment, n=2, rewards=RANKED)
+        finals = sorted((e for e in plain if isinstance(e, ChoiceFinal)), key=lambda c: c.index)
+        assert [(c.text, c.reward) for c in finals] == [(" good", 0.0), (" bad", 0.0)]
+        assert plain[-1].tally.prefill == 3 and plain[-1].tally.decode == 2
+
+
+def test_candidates_bounds():
+    from pydantic import ValidationError
+
+    assert VasParams().candidates is None  # default: n
+    assert VasParams.model_validate({"candidates": 64}).candidates == 64
+    for bad in (0, 65, -1, 2.5):
+        with pytest.raises(ValidationError):
+            VasParams.model_validate({"candidates": bad})

@@ -24,6 +24,8 @@ from fakes.fake_vllm import (
     FakeBatchUpdate,
     FakeSamplingParams,
     TinyLM,
+    TinyResources,
+    tiny_value_model,
 )
 
 from alignserve.decoding.base import (
@@ -40,13 +42,9 @@ from alignserve.engine.vllm.engine import VllmEngine
 from alignserve.engine.vllm.logits_processor import (
     AlignLogitsProcessor,
     AlignProcessorCore,
-    SideResources,
     centred_value_sum,
 )
 from alignserve.engine.vllm.side_model import HiddenFromLogits, SideRunner, truncated
-
-EXPERT = "/models/tiny-expert"  # the served model's path as the engine core sees it
-
 
 # ---- fixtures ----------------------------------------------------------------------------------
 
@@ -60,22 +58,6 @@ def tok():
 @pytest.fixture(scope="module")
 def lm(tok):
     return TinyLM(len(tok))
-
-
-class TinyResources(SideResources):
-    """Engine-core resources whose models are the test's tiny ones."""
-
-    def __init__(self, lm: TinyLM, models: dict[str, object] | None = None):
-        super().__init__(EXPERT, "cpu", torch.float32, kv_gib=0.01)
-        self.lm, self.models = lm, models or {}
-        self.loaded: list[str] = []
-
-    def load_model(self, path):
-        self.loaded.append(path)
-        return self.lm.model if path == EXPERT else self.models[path]
-
-    def token_matrix(self):
-        return self.lm.model.lm_head.weight.detach().float()
 
 
 def make(tok, lm, core=None, **kw):
@@ -285,52 +267,10 @@ def test_logits_is_an_exact_top_k_view_and_rollouts_prefill_it(tok, lm):
 
 # ---- vas and contrastive: the logits processor in the (fake) engine core ----------------------
 
-@pytest.fixture
-def spec_hooks(monkeypatch):
-    """The vLLM forms of the strategies' processors (`alignserve_spec`), patched in only where
-    the strategy modules do not define them yet."""
-    from alignserve.decoding import contrastive, vas
-
-    if not hasattr(vas.VasProcessor, "alignserve_spec"):
-        def vas_spec(self):
-            return {"vas": {"beta": self.beta, "top_k": self.top_k, "keep_others": self.keep,
-                            "value_models": [{"path": str(vm.path), "weight": w}
-                                             for vm, w in self.models]}}
-        monkeypatch.setattr(vas.VasProcessor, "alignserve_spec", property(vas_spec), raising=False)
-    probe = contrastive.make_processor("early_logits", 0.1, 0.5)
-    if not hasattr(probe, "alignserve_spec"):
-        original = contrastive.make_processor
-
-        def make_processor(source, alpha, beta):
-            proc = original(source, alpha, beta)
-            proc.alignserve_spec = {"contrastive": {"alpha": alpha, "beta": beta}}
-            return proc
-        monkeypatch.setattr(contrastive, "make_processor", make_processor)
-
-
-def _value_model(tmp_path, lm, seed):
-    from alignserve.rewardmodels.value.model import (
-        ValueHead,
-        ValueModel,
-        ValueModelConfig,
-        load_value_model,
-    )
-
-    torch.manual_seed(seed)
-    head = ValueHead(lm.cfg.hidden_size, rank=0)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0.0, 0.5)
-    cfg = ValueModelConfig(base_model="tiny", hidden_size=lm.cfg.hidden_size,
-                           vocab_size=lm.cfg.vocab_size)
-    path = ValueModel(head, cfg, name=f"v{seed}").save(tmp_path / f"v{seed}")
-    return load_value_model(path, f"v{seed}")
-
-
-def test_vas_on_vllm_matches_the_native_engine(tok, lm, tmp_path, spec_hooks):
+def test_vas_on_vllm_matches_the_native_engine(tok, lm, tmp_path):
     from alignserve.decoding.resources import DecodingResources
 
-    models = {"pos": _value_model(tmp_path, lm, 1), "neg": _value_model(tmp_path, lm, 2)}
+    models = {"pos": tiny_value_model(tmp_path, lm, 1), "neg": tiny_value_model(tmp_path, lm, 2)}
     params = {"beta": 4.0, "top_k": 5, "value_models": [{"name": "pos", "weight": 1.0},
                                                        {"name": "neg", "weight": -0.5}]}
     core = AlignProcessorCore(TinyResources(lm))
@@ -343,7 +283,7 @@ def test_vas_on_vllm_matches_the_native_engine(tok, lm, tmp_path, spec_hooks):
     assert args["beta"] == 4.0 and args["top_k"] == 5 and args["keep_others"] is False
     assert [(m["path"], m["weight"]) for m in args["value_models"]] == [
         (str(models["pos"].path), 1.0), (str(models["neg"].path), -0.5)]
-    nmodels = {k: _value_model(tmp_path / "n", lm, s) for k, s in (("pos", 1), ("neg", 2))}
+    nmodels = {k: tiny_value_model(tmp_path / "n", lm, s) for k, s in (("pos", 1), ("neg", 2))}
     greedy_kw = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     nevents, plain = on_native(
         tok, lm, ("vas", {"params": params, **greedy_kw}, DecodingResources(value_models=nmodels)),
@@ -356,7 +296,7 @@ def test_vas_on_vllm_matches_the_native_engine(tok, lm, tmp_path, spec_hooks):
 
 
 @pytest.mark.parametrize("amateur", ["self:1", "lame_prompt"])
-def test_contrastive_on_vllm_matches_the_native_engine(tok, lm, amateur, spec_hooks):
+def test_contrastive_on_vllm_matches_the_native_engine(tok, lm, amateur):
     params = {"amateur": amateur, "alpha": 0.05, "beta": 1.0}
     # a system prompt, so that the lame prompt (the last user message alone) differs
     greedy_kw = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "messages": [
@@ -698,15 +638,20 @@ def test_metrics_ours_beside_vllms(tok, lm):
     text = ServerMetrics(engine).render().decode()
     assert f"alignserve_prefill_tokens_total {float(stats.prefill_tokens)}" in text
     assert f'alignserve_model_tokens_total{{kind="decode"}} {float(stats.model_tokens["decode"])}' in text
-    assert "vllm:" not in text  # ours never have colons
     theirs = vllm_metrics_text(registry)
     assert "vllm:prompt_tokens_total 17.0" in theirs and "vllm:num_requests_waiting" in theirs
     assert "something_else" not in theirs
+    # /metrics: ours (never a colon), then vLLM's, whole and unchanged
+    ours, sep, _ = text.partition("# HELP vllm:")
+    names = {line.split("{")[0].split(" ")[0] for line in ours.splitlines()
+             if line and not line.startswith("#")}
+    assert sep and names and not any(":" in n for n in names)
+    assert text.endswith(theirs) and "something_else" not in text
 
 
 # ---- through the HTTP server and the official client --------------------------------------------
 
-def test_server_serves_every_strategy_on_the_vllm_engine(tok, lm, spec_hooks):
+def test_server_serves_every_strategy_on_the_vllm_engine(tok, lm):
     import openai
     from fastapi.testclient import TestClient
 

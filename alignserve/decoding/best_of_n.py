@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from pydantic import Field
 
 from alignserve.decoding.base import (
-    ChoiceDelta,
     DecodeContext,
     DecodeEvent,
     Strategy,
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import final_choice, prefill_branches, score_texts
+from alignserve.decoding.common import best_of, prefill_branches
 
 MAX_CANDIDATES = 64
 
@@ -33,22 +32,8 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     k = max(req.params.candidates, req.n)
     seqs = await prefill_branches(ctx, k)
     try:
-        async for _ in engine.generate(seqs, req.sampling, tally=ctx.tally):
-            pass
-        scores = await score_texts(ctx, [s.text for s in seqs])
-        ctx.candidates_scored = max(ctx.candidates_scored, len(seqs))
-
-        def rank(i: int) -> tuple[float, float]:
-            total = scores[i].total if scores[i] is not None else 0.0
-            return (total, seqs[i].cumulative_logprob)
-
-        best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
-        for out_index, i in enumerate(best):
-            choice = final_choice(ctx, out_index, seqs[i], scores[i], streamed=req.stream)
-            if req.stream:
-                yield ChoiceDelta(out_index, choice.text, choice.token_ids, choice.logprobs)
-            yield choice
-        yield ctx.summary(sum(seqs[i].num_output for i in best))
+        async for event in best_of(ctx, seqs):
+            yield event
     finally:
         await engine.release(seqs)
 

@@ -91,3 +91,27 @@ async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=No
                     yield final_choice(ctx, index[seq.key], seq, score, streamed=True)
     finally:
         await gen.aclose()
+
+
+async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
+                  processor=None) -> AsyncIterator[DecodeEvent]:
+    """Decode every candidate (through `processor`, if any), score them in one batch and return
+    the best n: by total reward, then log-likelihood (by log-likelihood alone without rewards).
+    The winners stream whole, once chosen. Shared by best_of_n and vas with `candidates`."""
+    req = ctx.request
+    async for _ in ctx.engine.generate(seqs, req.sampling, processor=processor, tally=ctx.tally):
+        pass
+    scores = await score_texts(ctx, [s.text for s in seqs])
+    ctx.candidates_scored = max(ctx.candidates_scored, len(seqs))  # ranked, rewards or not
+
+    def rank(i: int) -> tuple[float, float]:
+        total = scores[i].total if scores[i] is not None else None
+        return (0.0 if total is None else total, seqs[i].cumulative_logprob)
+
+    best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
+    for out_index, i in enumerate(best):
+        choice = final_choice(ctx, out_index, seqs[i], scores[i], streamed=req.stream)
+        if req.stream:
+            yield ChoiceDelta(out_index, choice.text, choice.token_ids, choice.logprobs)
+        yield choice
+    yield ctx.summary(sum(seqs[i].num_output for i in best))

@@ -23,6 +23,12 @@ The amateur is one of
   sample, extend both).
 With no `amateur`, the server's default (`DecodingResources.default_amateur`) or `self:L` with L
 about a quarter of the expert's layers (8 of SmolLM2-135M's 30) is used.
+
+On the vLLM engine the combination runs in vLLM's engine core, where a Python processor cannot
+be called: each processor here also carries its declarative form, `alignserve_spec`
+(alignserve.engine.vllm.spec), and the engine fills in the amateur it knows (`self:L` from
+prefill's early_layer, the lame prompt from the followers). A served amateur there is a
+description (`in_engine_core`) whose model runs beside vLLM's, not a second engine.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from alignserve.decoding.base import (
 )
 from alignserve.decoding.common import format_logprobs, score_texts, stream_choices
 from alignserve.decoding.resources import resources_of
-from alignserve.engine.protocol import Engine, SeqHandle
+from alignserve.engine.protocol import Engine, EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.kernels import dispatch
 from alignserve.kernels.logits_ops import Contrastive, Penalties, contrastive_reference
@@ -220,7 +226,20 @@ def make_processor(source: str, alpha: float, beta: float):
             raise RuntimeError(f"contrastive: the engine gave no {source}")
         return contrast_scores(logits, amateur, alpha, beta)
 
+    # vLLM's form: the engine supplies the amateur (early_layer or the followers)
+    processor.alignserve_spec = {"contrastive": {"alpha": alpha, "beta": beta}}
     return processor
+
+
+class CoreAmateurProcessor:
+    """A served amateur that runs inside the engine (vLLM's core): only the declarative form."""
+
+    def __init__(self, name: str, alpha: float, beta: float) -> None:
+        self.alignserve_spec = {"contrastive": {"alpha": alpha, "beta": beta, "amateur": name}}
+
+    def __call__(self, seqs: list[SeqHandle], logits: torch.Tensor, inputs) -> torch.Tensor:
+        raise EngineError("this amateur runs inside the engine; the engine must read "
+                          "alignserve_spec")
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -239,7 +258,8 @@ async def _prefill(engine: Engine, ids: Sequence[int], ctx: DecodeContext, n: in
 async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     req, engine = ctx.request, ctx.engine
     amateur = resolve_amateur(req, engine, ctx.resources)
-    if amateur.kind == "model":
+    in_core = getattr(amateur.engine, "in_engine_core", False)
+    if amateur.kind == "model" and not in_core:
         async for event in _lockstep(ctx, amateur.engine):
             yield event
         return
@@ -247,7 +267,10 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     seqs: list[SeqHandle] = []
     followers: list[SeqHandle] = []
     try:
-        if amateur.kind == "self":
+        if amateur.kind == "model":
+            seqs = await _prefill(engine, req.prompt_ids, ctx, req.n)
+            processor = CoreAmateurProcessor(amateur.spec, p.alpha, p.beta)
+        elif amateur.kind == "self":
             seqs = await _prefill(engine, req.prompt_ids, ctx, req.n, early_layer=amateur.layer)
             processor = make_processor("early_logits", p.alpha, p.beta)
         else:

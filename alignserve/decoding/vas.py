@@ -21,7 +21,15 @@ request's own `top_k` is a sampling field; `alignment.top_k` is VAS's candidate 
 Value models come from the server's resources (`DecodingResources.value_models`, name ->
 ValueModel, a directory, or a ValueModelRegistry) and otherwise from the shipped ones; with no
 `value_models` the request uses the server's default (shipped: `sentiment-positive`, trained
-on the embedded SmolLM2 for positive VADER sentiment). Rewards given with `vas` report only.
+on the embedded SmolLM2 for positive VADER sentiment). Rewards given with `vas` report only,
+unless `candidates` asks for more sequences than `n`:
+
+`candidates` composes VAS with best-of-N: that many VAS-guided sequences branch from one
+prefill (they share the prompt's KV, so the prompt is computed once), are decoded together,
+and the best `n` by the request's composed reward are returned (ties by log-likelihood; with
+no rewards, the `n` most likely), as best_of_n chooses (decoding.common.best_of). They stream as best_of_n's do: each winner whole, once chosen.
+Default: `n` (plain VAS, every sequence returned, streamed token by token); n > candidates is
+a 400 naming alignment.candidates.
 """
 
 from __future__ import annotations
@@ -42,14 +50,15 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import prefill_branches, stream_choices
+from alignserve.decoding.common import best_of, prefill_branches, stream_choices
 from alignserve.decoding.resources import resources_of
 from alignserve.engine.protocol import EngineError, SeqHandle, StepInputs
 from alignserve.kernels.logits_ops import vas_reference
 
-DEFAULT_BETA = 32.0
+DEFAULT_BETA = 50.0
 DEFAULT_TOP_K = 10
 MAX_VALUE_MODELS = 8
+MAX_CANDIDATES = 64
 
 
 class ValueModelRef(BaseModel):
@@ -76,6 +85,11 @@ class VasParams(StrategyParams):
     keep_non_candidates: bool = Field(
         False, description="Keep the tokens outside the top_k at their base logits (as the "
         "paper's code does) instead of masking them.")
+    candidates: int | None = Field(
+        None, ge=1, le=MAX_CANDIDATES,
+        description="VAS with best-of-N: decode this many VAS-guided sequences sharing the "
+        "prompt's KV and return the best n by the request's rewards (the n most likely "
+        "with no rewards); default: n (plain VAS).")
 
 
 # ------------------------------------------------------------------------------ the formula
@@ -120,6 +134,18 @@ class VasProcessor:
                  keep_non_candidates: bool) -> None:
         self.models, self.beta, self.top_k = models, beta, top_k
         self.keep = keep_non_candidates
+
+    @property
+    def alignserve_spec(self) -> dict:
+        """This processor as the vLLM engine carries it to its engine core, where value models
+        load from their directories (alignserve.engine.vllm.spec)."""
+        unsaved = [vm.name for vm, _ in self.models if getattr(vm, "path", None) is None]
+        if unsaved:
+            raise EngineError(f"value models {unsaved} have no directory; on vLLM value models "
+                              "are loaded from disk")
+        return {"vas": {"beta": self.beta, "top_k": self.top_k, "keep_others": self.keep,
+                        "value_models": [{"path": str(vm.path), "weight": w}
+                                         for vm, w in self.models]}}
 
     def __call__(self, seqs: list[SeqHandle], logits: torch.Tensor,
                  inputs: StepInputs) -> torch.Tensor:
@@ -227,8 +253,13 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     params: VasParams = req.params
     models = resolve_value_models(params, engine, ctx.resources)
     processor = VasProcessor(models, params.beta, params.top_k, params.keep_non_candidates)
-    seqs = await prefill_branches(ctx, req.n)
+    k = max(params.candidates or req.n, req.n)
+    seqs = await prefill_branches(ctx, k)
     try:
+        if k > req.n:
+            async for event in best_of(ctx, seqs, processor):
+                yield event
+            return
         async for event in stream_choices(ctx, seqs, processor=processor):
             yield event
         yield ctx.summary(sum(s.num_output for s in seqs))
@@ -241,7 +272,8 @@ STRATEGY = register(Strategy(
     description="Value-augmented sampling: each step the base model's top_k candidates get "
     "beta * sum_i w_i (Q_i - mean Q_i) added to their logits, Q_i from value heads on the "
     "model's hidden state; the rest are masked unless keep_non_candidates. Rewards, if given, "
-    "are reported.",
+    "are reported; with `candidates` > n, that many VAS sequences share one prefill and the "
+    "best n by reward are returned (streamed whole, once chosen).",
     params=VasParams,
     run=run,
     streams="tokens",

@@ -4,9 +4,10 @@ Each is an `alignment` object (strategy plus its own keys; the task adds `reward
 decoding mode: "sampled" requests use the run's temperature and a per-item seed, "greedy" ones
 temperature 0 (deal is deterministic whatever the temperature). `tasks` is where a configuration
 is meaningful: vas steers with the server's default value model (positive sentiment), so it runs
-on the sentiment task; contrastive and greedy are the continuation task's pair; the reward-driven
-searches run on the tasks that have a reward (best_of_64 and the tuned DeAL only on keywords,
-where the issue's DeAL goal is measured). `--all-pairs` runs every configuration on every task.
+on the sentiment task, as do vas_c2 / vas_c3 (VAS with best-of-2 / 3 by the task's reward);
+contrastive and greedy are the continuation task's pair; the reward-driven searches run on the
+tasks that have a reward (best_of_2 / best_of_8 and the cheaper DeAL only on keywords, where the
+issue's DeAL goal is measured at equal model tokens). `--all-pairs` runs every configuration on every task.
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ CONFIGS: dict[str, StrategyConfig] = {c.label: c for c in (
                    REWARD_TASKS, "best of 4 sampled candidates by reward"),
     StrategyConfig("best_of_16", {"strategy": "best_of_n", "candidates": 16}, "sampled",
                    REWARD_TASKS, "best of 16 sampled candidates by reward"),
-    StrategyConfig("best_of_64", {"strategy": "best_of_n", "candidates": 64}, "sampled",
-                   ("keywords",), "best of 64: extends the best_of_n curve to DeAL's token "
-                   "spend, so the two compare at equal model tokens"),
+    StrategyConfig("best_of_2", {"strategy": "best_of_n", "candidates": 2}, "sampled",
+                   ("keywords",), "best of 2: the low end of best_of_n's tokens-coverage curve"),
+    StrategyConfig("best_of_8", {"strategy": "best_of_n", "candidates": 8}, "sampled",
+                   ("keywords",), "best of 8: fills best_of_n's curve where DeAL's spend lies, "
+                   "so the two compare at equal model tokens"),
     StrategyConfig("deal", {"strategy": "deal"}, "greedy", REWARD_TASKS,
                    "DeAL lookahead search with the server's defaults"),
-    StrategyConfig("deal_k8", {"strategy": "deal", "top_k": 8, "lambda": 4.0}, "greedy",
-                   ("keywords",), "DeAL with twice the actions per step and the reward "
-                   "weighted 4x against the log-likelihood"),
+    StrategyConfig("deal_k2", {"strategy": "deal", "top_k": 2}, "greedy", ("keywords",),
+                   "DeAL with 2 actions per beam and step: a cheaper point on its curve"),
     StrategyConfig("vas", {"strategy": "vas"}, "sampled", ("sentiment",),
                    "value-augmented sampling with the server's default value model"),
+    StrategyConfig("vas_c2", {"strategy": "vas", "candidates": 2}, "sampled", ("sentiment",),
+                   "VAS composed with best-of-2: two VAS-guided candidates share one prefill, "
+                   "the better by reward is returned"),
+    StrategyConfig("vas_c3", {"strategy": "vas", "candidates": 3}, "sampled", ("sentiment",),
+                   "VAS composed with best-of-3 (about a quarter of best_of_16's tokens)"),
     StrategyConfig("contrastive", {"strategy": "contrastive"}, "greedy", ("continuation",),
                    "contrastive decoding with the server's default amateur, greedy"),
 )}

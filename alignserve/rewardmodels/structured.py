@@ -9,6 +9,7 @@ with the unbounded stdlib engine in several places) is rejected.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ from alignserve.rewardmodels.protocol import RewardSpecError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 PATTERN_TIMEOUT_S = 0.05
+# the running validation's pattern time bound (the reward's timeout_s: --regex-timeout)
+_PATTERN_TIMEOUT = contextvars.ContextVar("json_schema_pattern_timeout",
+                                          default=PATTERN_TIMEOUT_S)
 MAX_SCAN_STARTS = 64  # '{' / '[' positions tried when looking for JSON inside prose
 
 SCORE_VALID, SCORE_INVALID, SCORE_NO_JSON = 1.0, 0.5, 0.0
@@ -33,7 +37,7 @@ def _safe_pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Ite
     if not validator.is_type(instance, "string"):
         return
     try:
-        ok = regex.search(patrn, instance, timeout=PATTERN_TIMEOUT_S) is not None
+        ok = regex.search(patrn, instance, timeout=_PATTERN_TIMEOUT.get()) is not None
     except (TimeoutError, regex.error):
         ok = False
     if not ok:
@@ -142,17 +146,21 @@ class JsonSchemaReward:
 
     name = "json_schema"
 
-    def __init__(self, validator: Any) -> None:
+    def __init__(self, validator: Any, timeout_s: float = PATTERN_TIMEOUT_S) -> None:
         self.validator = validator
+        self.timeout_s = timeout_s  # per `pattern` match (the server sets --regex-timeout)
 
     def _score_one(self, text: str) -> float:
         value = extract_json(text)
         if value is _MISSING:
             return SCORE_NO_JSON
+        bound = _PATTERN_TIMEOUT.set(self.timeout_s)
         try:
             return SCORE_VALID if self.validator.is_valid(value) else SCORE_INVALID
         except Exception:  # noqa: BLE001 - an unresolvable local $ref, deep recursion...
             return SCORE_INVALID  # it parsed; it could not be shown valid
+        finally:
+            _PATTERN_TIMEOUT.reset(bound)
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         return [self._score_one(t) for t in texts]

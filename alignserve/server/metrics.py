@@ -3,7 +3,9 @@
 A registry per app (not prometheus_client's global one) lets several apps live in one process,
 as tests do. Engine quantities (tokens computed, running/waiting, KV use) are read from
 `engine.stats()` when scraped, by a collector; request quantities are recorded as requests end.
-No metric name has a colon: Prometheus reserves those for recording rules.
+No metric name of ours has a colon: Prometheus reserves those for recording rules. An engine
+with metrics of its own (`metrics_text()`: vLLM's `vllm:*`) has them appended after ours,
+unchanged, so dashboards built for vLLM keep working beside ours.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class EngineCollector(Collector):
 
 class ServerMetrics:
     def __init__(self, engine: Engine, admission: Any = None) -> None:
+        self.engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
         self.e2e = Histogram(P + "e2e_request_latency_seconds",
@@ -120,7 +123,21 @@ class ServerMetrics:
         r.register(EngineCollector(engine, admission))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """Ours, then the engine's own metrics, if it has any."""
+        return generate_latest(self.registry) + self._engine_text()
+
+    def _engine_text(self) -> bytes:
+        source = getattr(self.engine, "metrics_text", None)
+        if source is None:
+            return b""
+        try:
+            text = source()
+        except Exception:  # a scrape must not fail because of the engine's metrics
+            log.exception("engine.metrics_text() failed during a scrape")
+            return b""
+        if not text:
+            return b""
+        return (text if text.endswith("\n") else text + "\n").encode("utf-8")
 
     def tracker(self, strategy: str) -> RequestTracker:
         self.strategy_requests.labels(strategy).inc()

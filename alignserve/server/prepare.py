@@ -191,7 +191,7 @@ class Preparer:
         except RewardSpecError as e:
             raise APIError(str(e), param=getattr(e, "param", None) or "alignment.rewards") from None
         for item in getattr(reward, "items", []):
-            if hasattr(item.reward, "timeout_s") and item.reward.name == "regex":
+            if hasattr(item.reward, "timeout_s") and item.reward.name in ("regex", "json_schema"):
                 item.reward.timeout_s = self.settings.regex_timeout  # --regex-timeout
         return reward
 

@@ -23,16 +23,32 @@ class ServerSettings:
     model: str | None = field(
         default=None, metadata={"help": "model path (default: the embedded SmolLM2-135M-Instruct)"}
     )
-    engine: str = field(default="native",
-                        metadata={"help": "engine: native", "choices": ["native"]})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda", "choices": ["cpu", "cuda"]})
+    engine: str = field(default="native", metadata={
+        "help": "engine: native (embedded, CPU or CUDA) or vllm (needs alignserve[vllm] and a "
+        "CUDA GPU)", "choices": ["native", "vllm"]})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (native engine; vllm "
+                                                 "always runs on CUDA)", "choices": ["cpu", "cuda"]})
     served_model_name: str | None = field(
         default=None, metadata={"help": "name clients use in `model` (default: the engine's name)"}
     )
     max_model_len: int | None = field(
         default=None, metadata={"help": "context length (default: the model's)"}
     )
-    kv_cache_gib: float | None = field(default=None, metadata={"help": "KV cache budget in GiB"})
+    kv_cache_gib: float | None = field(
+        default=None, metadata={"help": "KV cache budget in GiB (native engine; on vllm use "
+                                "--gpu-memory-utilization)"})
+    load_format: str = field(default="auto", metadata={
+        "help": "auto: the checkpoint's weights; dummy: seeded random weights of the model's "
+        "shape (benchmarks, plumbing checks)", "choices": ["auto", "dummy"]})
+    cuda_graphs: bool | None = field(default=None, metadata={
+        "help": "replay the native engine's decode step from CUDA graphs (default: on with "
+        "--device cuda; the graphs need CUDA)"})
+    # -- vllm engine only
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs the model is split over (vllm engine)"})
+    gpu_memory_utilization: float | None = field(
+        default=None, metadata={"help": "fraction of GPU memory vLLM may use, weights and KV "
+                                "cache (vllm engine; default: vLLM's)"})
     reward_models: list[str] = field(
         default_factory=list,
         metadata={"help": "extra reward model NAME=PATH (repeatable)", "flag": "--reward-model",
@@ -87,8 +103,9 @@ class ServerSettings:
         default=1000, metadata={"help": "longest `regex` reward pattern (at most 1000)"}
     )
     regex_timeout: float = field(
-        default=0.05, metadata={"help": "seconds a `regex` reward may spend matching one text "
-                                "(a match that runs out scores 0)"}
+        default=0.05, metadata={"help": "seconds a `regex` reward, or one `pattern` of a "
+                                "`json_schema` reward, may spend matching one text (a match "
+                                "that runs out scores 0, or fails validation)"}
     )
     max_schema_bytes: int = field(
         default=64 * 1024,
@@ -167,6 +184,27 @@ class ServerSettings:
             raise ValueError(f"--max-schema-bytes is at most {MAX_SCHEMA_BYTES}")
         if any("," in k or not k.strip() for k in self.api_keys()):
             raise ValueError("--api-key values must be non-empty and contain no comma")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """A flag the chosen engine would ignore is an error, not a silent no-op."""
+        self.amateur_pairs()
+        if self.tensor_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size must be at least 1")
+        g = self.gpu_memory_utilization
+        if g is not None and not 0.0 < g <= 1.0:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if self.cuda_graphs and (self.engine == "vllm" or self.device != "cuda"):
+            raise ValueError("--cuda-graphs applies to the native engine with --device cuda "
+                             "(vLLM captures its own)")
+        if self.engine == "vllm":
+            if self.kv_cache_gib is not None:
+                raise ValueError("--kv-cache-gib applies to the native engine; on vllm size "
+                                 "the KV cache with --gpu-memory-utilization")
+        elif self.tensor_parallel_size != 1 or g is not None:
+            flag = ("--tensor-parallel-size" if self.tensor_parallel_size != 1
+                    else "--gpu-memory-utilization")
+            raise ValueError(f"{flag} applies to --engine vllm only")
 
 
 def _env_name(name: str) -> str:

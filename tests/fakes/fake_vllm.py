@@ -14,21 +14,33 @@ What it keeps of the real thing (the parts the adapter relies on):
   (`core`, e.g. AlignProcessorCore) sees those BatchUpdates, the live output token lists, and
   the raw logits, between vLLM's min_tokens masking and sampling; logprobs are the raw ones.
 - a prefix cache of 16-token blocks: a prompt's full blocks computed by an earlier row hit.
+- with a `metrics_registry`, a few of vLLM's `vllm:*` metrics (scheduler gauges, token
+  counters) registered there as the real one registers them in prometheus_client's global
+  registry, and unregistered at shutdown.
 The model is a tiny random Llama in the native engine's model code, run without a KV cache
 (every step recomputes the context), so tests can recompute any step independently.
+
+`install_fake_vllm` puts a fake `vllm` package in sys.modules (the names VllmEngine.load and
+start import), so `alignserve serve --engine vllm`'s construction path runs on CPU too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import sys
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from alignserve.engine.native.model import CausalLM, ModelConfig, rope_frequencies
 from alignserve.engine.vllm.engine import VllmApi
+from alignserve.engine.vllm.logits_processor import SideResources
 from alignserve.kernels.attention import attention_lse_reference
 
 DELTA = "DELTA"
@@ -191,7 +203,8 @@ class SeenRequest:
 class FakeAsyncLLM:
     def __init__(self, lm: TinyLM, tokenizer: Any, *, max_model_len: int = 512,
                  block_size: int = 16, core: Any = None, step_delay: float = 0.0,
-                 fail_after_steps: int | None = None, eos_token_id: int | None = None):
+                 fail_after_steps: int | None = None, eos_token_id: int | None = None,
+                 metrics_registry: Any = None):
         self.lm, self.tok = lm, tokenizer
         self.max_model_len, self.block_size = max_model_len, block_size
         self.core = core
@@ -214,6 +227,7 @@ class FakeAsyncLLM:
         self._cache: set[tuple[int, ...]] = set()
         self._task: asyncio.Task | None = None
         self._seeds = itertools.count(1000)
+        self.metrics = _FakeMetrics(metrics_registry) if metrics_registry is not None else None
 
     # the AsyncLLM surface ---------------------------------------------------------------------
     async def generate(self, prompt: dict, sampling_params: FakeSamplingParams, request_id: str):
@@ -279,6 +293,8 @@ class FakeAsyncLLM:
 
     def shutdown(self) -> None:
         self.shut_down = True
+        if self.metrics is not None:
+            self.metrics.unregister()
         if self._task is not None:
             self._task.cancel()
 
@@ -327,6 +343,8 @@ class FakeAsyncLLM:
             hit += b
         c.cached = hit
         self.cached[(c.request_id, c.index)] = hit
+        if self.metrics is not None:
+            self.metrics.prompt.inc(len(c.prompt) - hit)
         for end in range(b, len(c.prompt) + 1, b):
             self._cache.add(tuple(c.prompt[:end]))
 
@@ -345,6 +363,8 @@ class FakeAsyncLLM:
                 continue
             self.steps += 1
             self.max_batch = max(self.max_batch, len(rows))
+            if self.metrics is not None:
+                self.metrics.step(len(rows), len(self._new), len(rows) / max(8, self.max_batch))
             if self.core is not None:
                 self.core.update_state(bu)
             raw = torch.stack([self.lm.logits(c.prompt + c.output) for c in self._rows])
@@ -416,3 +436,166 @@ class FakeAsyncLLM:
             if finished:
                 self._children.pop(c.request_id, None)
             c.queue.put_nowait(RequestOutput(c.request_id, c.prompt, [out], finished, cached))
+
+
+# vLLM's own metrics ------------------------------------------------------------------------------
+class _FakeMetrics:
+    """A few of the families vLLM 0.25 registers (names and labels as vLLM writes them)."""
+
+    LABELS = ("model_name", "engine")
+
+    def __init__(self, registry: Any, model_name: str = "tiny"):
+        from prometheus_client import Counter, Gauge
+
+        self.registry = registry
+
+        def make(kind: Any, name: str, doc: str) -> Any:
+            metric = kind(name, doc, self.LABELS, registry=registry)
+            self.collectors.append(metric)
+            return metric.labels(model_name, "0")
+
+        self.collectors: list[Any] = []
+        self.running = make(Gauge, "vllm:num_requests_running", "Requests in the model's batch.")
+        self.waiting = make(Gauge, "vllm:num_requests_waiting", "Requests waiting to be processed.")
+        self.kv = make(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prompt = make(Counter, "vllm:prompt_tokens", "Prefill tokens processed.")
+        self.generation = make(Counter, "vllm:generation_tokens", "Generation tokens processed.")
+
+    def step(self, running: int, waiting: int, kv: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv.set(min(1.0, kv))
+        self.generation.inc(running)
+
+    def unregister(self) -> None:
+        for metric in self.collectors:
+            self.registry.unregister(metric)
+        self.collectors = []
+
+
+# the engine core's side models, tiny ------------------------------------------------------------
+EXPERT = "/models/tiny-expert"  # the served model's path as the engine core sees it
+
+
+class TinyResources(SideResources):
+    """Engine-core resources whose models are the test's tiny ones: EXPERT (or `expert_path`)
+    is `lm`, any other path one of `models`."""
+
+    def __init__(self, lm: TinyLM, models: dict[str, Any] | None = None,
+                 expert_path: str = EXPERT):
+        super().__init__(expert_path, "cpu", torch.float32, kv_gib=0.01)
+        self.lm, self.models = lm, models or {}
+        self.loaded: list[str] = []
+
+    def load_model(self, path):
+        self.loaded.append(path)
+        return self.lm.model if path == self.model_path else self.models[path]
+
+    def load_value(self, path):
+        self.loaded.append(str(path))
+        return super().load_value(path)
+
+    def token_matrix(self):
+        return self.lm.model.lm_head.weight.detach().float()
+
+
+def tiny_value_model(directory: Path, lm: TinyLM, seed: int):
+    """A random value head for `lm`, saved in `directory` and loaded back (it has its path)."""
+    from alignserve.rewardmodels.value.model import (
+        ValueHead,
+        ValueModel,
+        ValueModelConfig,
+        load_value_model,
+    )
+
+    torch.manual_seed(seed)
+    head = ValueHead(lm.cfg.hidden_size, rank=0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.5)
+    cfg = ValueModelConfig(base_model="tiny", hidden_size=lm.cfg.hidden_size,
+                           vocab_size=lm.cfg.vocab_size)
+    path = ValueModel(head, cfg, name=f"v{seed}").save(Path(directory) / f"v{seed}")
+    return load_value_model(path, f"v{seed}")
+
+
+def write_model_dir(directory: Path, lm: TinyLM, tokenizer: Any) -> Path:
+    """A model folder vLLM (and transformers' AutoConfig) would accept for `lm`: its config and
+    the tokenizer, no weights (the fake's model is `lm` itself)."""
+    from transformers import LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    c = lm.cfg
+    LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                max_position_embeddings=512, rms_norm_eps=c.rms_norm_eps,
+                rope_theta=c.rope_theta, tie_word_embeddings=False,
+                eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"],
+                ).save_pretrained(directory)
+    return directory
+
+
+# a fake `vllm` package: what VllmEngine.load and start import ------------------------------------
+@dataclass
+class FakeModelConfig:
+    model: str
+    max_model_len: int
+    hf_config: Any
+    dtype: Any = torch.float32
+
+    def get_vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass
+class FakeVllmConfig:
+    model_config: FakeModelConfig
+    additional_config: dict
+    args: dict  # every AsyncEngineArgs keyword, for tests to check
+
+
+class FakeAsyncEngineArgs:
+    seen: list[dict] = []  # noqa: RUF012  (a record across instances, on purpose)
+
+    def __init__(self, **kw: Any):
+        self.kw = kw
+        FakeAsyncEngineArgs.seen.append(kw)
+
+    def create_engine_config(self) -> FakeVllmConfig:
+        kw = self.kw
+        if kw.get("load_format", "auto") not in ("auto", "dummy", "safetensors"):
+            raise ValueError(f"unknown load_format {kw['load_format']!r}")
+        cfg = json.loads((Path(kw["model"]) / "config.json").read_text())
+        hf = types.SimpleNamespace(**cfg)
+        mml = kw.get("max_model_len") or cfg["max_position_embeddings"]
+        return FakeVllmConfig(FakeModelConfig(kw["model"], mml, hf),
+                              dict(kw.get("additional_config") or {}), dict(kw))
+
+
+def install_fake_vllm(monkeypatch: Any, make_llm: Callable[[FakeVllmConfig], Any]) -> None:
+    """sys.modules gets a `vllm` whose AsyncLLM.from_vllm_config(config) is `make_llm(config)`."""
+    FakeAsyncEngineArgs.seen = []
+
+    class FakeAsyncLLMFactory:
+        @staticmethod
+        def from_vllm_config(vllm_config: Any, disable_log_stats: bool = True) -> Any:
+            if disable_log_stats:
+                raise AssertionError("the served AsyncLLM must keep its stats (vllm:* metrics)")
+            return make_llm(vllm_config)
+
+    mods = {
+        "vllm": {"SamplingParams": FakeSamplingParams, "__version__": "0.25.0+fake"},
+        "vllm.inputs": {"TokensPrompt": fake_tokens_prompt},
+        "vllm.sampling_params": {"RequestOutputKind": types.SimpleNamespace(DELTA=DELTA)},
+        "vllm.engine": {},
+        "vllm.engine.arg_utils": {"AsyncEngineArgs": FakeAsyncEngineArgs},
+        "vllm.v1": {},
+        "vllm.v1.engine": {},
+        "vllm.v1.engine.async_llm": {"AsyncLLM": FakeAsyncLLMFactory},
+    }
+    for name, attrs in mods.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)

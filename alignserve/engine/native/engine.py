@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native.cuda_graphs import PiecewiseDecodeRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
@@ -67,7 +68,10 @@ class _StepResult:
 class NativeEngine(TextCodec):
     def __init__(self, model: CausalLM, tokenizer, name: str, device: torch.device,
                  kv_cache_gib: float | None = None, max_model_len: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: run decode steps through piecewise CUDA graphs (`cuda_graphs.py`).
+        None means on for CUDA, off elsewhere; True on a CPU runs the same split and padded
+        path without capture (for tests)."""
         cfg = model.cfg
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.device = device
@@ -96,15 +100,21 @@ class NativeEngine(TextCodec):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
         self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        self.decode_runner = (PiecewiseDecodeRunner(model, capture=device.type == "cuda")
+                              if cuda_graphs else None)
 
     # construction -----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
-             max_model_len: int | None = None, random_weights: bool = False) -> NativeEngine:
+             max_model_len: int | None = None, random_weights: bool = False,
+             cuda_graphs: bool | None = None) -> NativeEngine:
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
-        return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+        return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+                   cuda_graphs=cuda_graphs)
 
     async def start(self) -> None:
         if self._task is None:
@@ -499,7 +509,7 @@ class NativeEngine(TextCodec):
             return
         positions = [st.length - 1 for st in states]
         plan = DecodePlan(self.kv, chains, slots, self.scale)
-        self._forward(tokens, positions, plan, states, list(range(len(states))))
+        self._forward(tokens, positions, plan, states, list(range(len(states))), decode=True)
         counts: dict[int, tuple[GenGroup, int]] = {}
         for st in states:
             g = st.group or st.extra.get("counts_for")
@@ -509,15 +519,21 @@ class NativeEngine(TextCodec):
             self._count(g.tally, g.kind, n)
 
     def _forward(self, tokens: list[int], positions: list[int], plan, states: list[SeqState],
-                 rows: list[int]) -> None:
-        """One forward pass; states[i] gets the logits (and hidden state) of token rows[i]."""
+                 rows: list[int], decode: bool = False) -> None:
+        """One forward pass; states[i] gets the logits (and hidden state) of token rows[i].
+        A decode step (one token per state, rows in order) goes through the piecewise CUDA
+        graph runner when there is one and the batch fits a bucket; early-layer captures come
+        from it too (the hidden state between two pieces), so no step needs to fall back."""
         capture = {st.early_layer: None for st in states if st.early_layer is not None}
-        hidden = self.model.hidden_states(
-            torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
-            plan, capture or None,
-        )
+        tok = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
         index = torch.tensor(rows, device=self.device)
-        normed, logits = self.model.head(hidden.index_select(0, index))
+        runner = self.decode_runner if decode else None
+        if runner is not None and runner.prepare(len(tokens)):
+            normed, logits = runner.run(tok, pos, plan, capture or None)  # rows == all, in order
+        else:
+            hidden = self.model.hidden_states(tok, pos, plan, capture or None)
+            normed, logits = self.model.head(hidden.index_select(0, index))
         for i, st in enumerate(states):
             st.logits, st.hidden = logits[i], normed[i]
         for layer, h in capture.items():

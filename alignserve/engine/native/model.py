@@ -108,7 +108,11 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, plan: AttentionPlan, index: int) -> torch.Tensor:
+    # The layer is two pieces around attention, so that a decode step can run the dense pieces
+    # from CUDA graphs and attention eagerly between them (`cuda_graphs.py`).
+    def pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, H, D], k and v [T, KVH, D] (rotated, contiguous)."""
         cfg = self.cfg
         t = x.shape[0]
         qkv = self.qkv(self.input_norm(x))
@@ -116,11 +120,18 @@ class DecoderLayer(nn.Module):
         q = qkv[:, :q_out].view(t, cfg.num_heads, cfg.head_dim)
         k = qkv[:, q_out : q_out + kv_out].view(t, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, q_out + kv_out :].view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = plan.attend(index, q, k, v.contiguous()).to(x.dtype)
-        x = x + self.o_proj(attn.reshape(t, q_out))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream x [T, hidden] and attention output [T, H, D] (x's dtype) -> the
+        layer's output."""
+        x = x + self.o_proj(attn.reshape(x.shape[0], -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def forward(self, x, cos, sin, plan: AttentionPlan, index: int) -> torch.Tensor:
+        q, k, v = self.pre_attention(x, cos, sin)
+        return self.post_attention(x, plan.attend(index, q, k, v).to(x.dtype))
 
 
 class CausalLM(nn.Module):
@@ -135,14 +146,18 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, D/2] for token positions [T]."""
+        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        return torch.cos(angles), torch.sin(angles)
+
     def hidden_states(
         self, tokens: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
         capture: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states after the last layer, before the final norm. Layers named in
         `capture` (a dict of layer count -> None) get their output stored there."""
-        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        cos, sin = torch.cos(angles), torch.sin(angles)
+        cos, sin = self.rope(positions)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, plan, i)

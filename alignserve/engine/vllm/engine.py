@@ -145,7 +145,8 @@ class VllmEngine(TextCodec):
                  logits_top_k: int = 32, track_logprobs: bool = True,
                  amateur_paths: dict[str, str] | None = None,
                  value_model_paths: dict[str, str] | None = None, processors: bool = True,
-                 model_path: str | None = None, token_matrix: torch.Tensor | None = None):
+                 model_path: str | None = None, token_matrix: torch.Tensor | None = None,
+                 metrics_registry: Any = None):
         self.llm = llm
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -168,7 +169,7 @@ class VllmEngine(TextCodec):
         self._states: dict[int, _Seq] = {}
         self._inflight: dict[str, _Request] = {}
         self._stats = EngineStats()
-        self._gauges = VllmGauges()
+        self._gauges = VllmGauges(metrics_registry)  # None: prometheus_client's global one
         self._closed = False
         self._vllm_config: Any = None  # set by `load`; the AsyncLLM starts in `start`
 
@@ -184,7 +185,11 @@ class VllmEngine(TextCodec):
         the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
         (gpu_memory_utilization, max_model_len, dtype, load_format, seed, enforce_eager, ...),
         after those in the JSON object ALIGNSERVE_VLLM_ENGINE_ARGS, if set. The AsyncLLM itself
-        starts in `start()`, inside the serving event loop (vLLM binds its sockets to it)."""
+        starts in `start()`, inside the serving event loop (vLLM binds its sockets to it).
+
+        With load_format "dummy" vLLM draws random weights, which no other process can read:
+        the side models of AlignLogitsProcessor then draw seeded random weights of their own
+        (a plumbing and timing check, not a faithful one)."""
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not shipped
         api = VllmApi.load()
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -209,15 +214,21 @@ class VllmEngine(TextCodec):
         if env:
             args.update(json.loads(env))
         args.update(engine_kwargs)
+        if args.get("load_format") == "dummy":
+            extra = args.setdefault("additional_config", {}).setdefault("alignserve", {})
+            extra["random_weights"] = True
         processors = PROCESSOR in (args.get("logits_processors") or [])
         vllm_config = AsyncEngineArgs(**args).create_engine_config()
         mc = vllm_config.model_config
         tokenizer = load_tokenizer(directory, gguf)
+        vocab = mc.get_vocab_size()
+        hidden = getattr(mc.hf_config, "hidden_size", None)
         engine = cls(None, tokenizer, served_model_name or name, max_model_len=mc.max_model_len,
-                     vocab_size=mc.get_vocab_size(),
+                     vocab_size=vocab,
                      num_layers=getattr(mc.hf_config, "num_hidden_layers", None), api=api,
                      logits_top_k=logits_top_k, amateur_paths=amateur_paths,
-                     value_model_paths=value_model_paths, processors=processors, model_path=path)
+                     value_model_paths=value_model_paths, processors=processors, model_path=path,
+                     token_matrix=shape_only(vocab, hidden) if hidden else None)
         engine._vllm_config = vllm_config
         return engine
 
@@ -253,9 +264,11 @@ class VllmEngine(TextCodec):
 
     @property
     def lm_head(self) -> Any:
-        """The served model's output token matrix E [V, H] as `.weight` (read from the checkpoint
-        on first use, on CPU): value models check their shape against it and bind to it
-        (`alignserve.rewardmodels.value.model.token_matrix`). vLLM's own copy stays on the GPU."""
+        """The served model's output token matrix E [V, H] as `.weight`: value models check their
+        shape against it and bind to it (`alignserve.rewardmodels.value.model.token_matrix`).
+        Value models are evaluated in vLLM's engine core, never here, so `load` gives a
+        shape-only stand-in (no memory, no checkpoint read); an engine built without one reads
+        E from its checkpoint on first use, on CPU."""
         if self._token_matrix is None:
             if self.model_path is None:
                 raise AttributeError("lm_head: this engine does not know its checkpoint")
@@ -278,7 +291,7 @@ class VllmEngine(TextCodec):
 
     def metrics_text(self) -> str:
         """vLLM's own `vllm:*` metrics in Prometheus text format, to serve beside ours."""
-        return vllm_metrics_text()
+        return vllm_metrics_text(self._gauges.registry)
 
     # counting -------------------------------------------------------------------------------
     def _count(self, tally: TokenTally | None, kind: str, n: int) -> None:
@@ -800,6 +813,11 @@ class VllmEngine(TextCodec):
             req.done.add(index)
             events.append(TokenEvent(h, -1, 0.0, delta, True, h.finish_reason))
         return events
+
+
+def shape_only(rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] float32 tensor of zeros that holds one element (a zero-stride view)."""
+    return torch.zeros((), dtype=torch.float32).expand(rows, cols)
 
 
 def _finish_reason(reason: Any) -> str:

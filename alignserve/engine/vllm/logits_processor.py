@@ -73,8 +73,9 @@ class SideResources:
     models come from (the tests use tiny models)."""
 
     def __init__(self, model_path: str | None, device: torch.device | str, dtype: torch.dtype,
-                 kv_gib: float = 1.0, max_side_models: int = 4):
+                 kv_gib: float = 1.0, max_side_models: int = 4, random_weights: bool = False):
         self.model_path = model_path
+        self.random_weights = random_weights  # vLLM runs load_format "dummy": no weights on disk
         self.device = torch.device(device)
         self.dtype = dtype
         self.kv_gib = kv_gib
@@ -91,13 +92,14 @@ class SideResources:
         extra = (getattr(vllm_config, "additional_config", None) or {}).get("alignserve", {})
         dtype = mc.dtype if isinstance(mc.dtype, torch.dtype) else torch.bfloat16
         return cls(mc.model, device, dtype, kv_gib=float(extra.get("side_kv_gib", 1.0)),
-                   max_side_models=int(extra.get("max_side_models", 4)))
+                   max_side_models=int(extra.get("max_side_models", 4)),
+                   random_weights=bool(extra.get("random_weights", False)))
 
     # loaders (override in tests) ------------------------------------------------------------
     def load_model(self, path: str):
         from alignserve.engine.native.loader import load_model
 
-        model, _, _ = load_model(path, self.device, self.dtype)
+        model, _, _ = load_model(path, self.device, self.dtype, random_weights=self.random_weights)
         return model
 
     def load_value(self, path: str):
@@ -107,8 +109,8 @@ class SideResources:
 
     def token_matrix(self) -> torch.Tensor:
         if self._token_matrix is None:
-            if self._expert is not None:
-                self._token_matrix = self._expert.lm_head.weight.detach().float()
+            if self._expert is not None or self.random_weights:
+                self._token_matrix = self.expert().lm_head.weight.detach().float()
             else:
                 self._token_matrix = load_token_matrix(self.model_path, self.device)
         return self._token_matrix

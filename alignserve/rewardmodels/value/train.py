@@ -255,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model (local directory or .gguf; default: the embedded SmolLM2)")
     parser.add_argument("--prompts", default=None,
                         help="prompt file: JSON list, {\"prompts\": [...]}, or one per line "
-                        "(default: the built-in set of 220 prompts)")
+                        "(default: the built-in set, prompts.json: 305 prompts)")
     parser.add_argument("--samples", type=int, default=480, help="completions to sample")
     parser.add_argument("--per-prompt", type=int, default=2, help="completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per completion")

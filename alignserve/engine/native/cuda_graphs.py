@@ -1,0 +1,210 @@
+"""Piecewise CUDA graphs for the native engine's decode step.
+
+A decode step of a small model is bound by kernel launches: SmolLM2-135M issues a few hundred
+small kernels per step whatever the batch. The dense parts of the step are graph-friendly (fixed
+shapes for a fixed batch), but attention is not: its launch structure follows the step's tree of
+shared KV segments (`DecodePlan`: one product per shared segment, one per leaf table, merges),
+which changes from step to step. So, as vLLM does, the step is cut at attention into pieces:
+
+    piece 0      embed, rope (cos, sin), layer 0 up to attention (norm, qkv, rope)
+    piece i      layer i-1 after attention (o_proj, residual, norm, MLP, residual),
+                 layer i up to attention                                    (0 < i < L)
+    piece L      layer L-1 after attention, final norm, lm_head
+
+Each piece is recorded once per padded batch size ("bucket") as a `torch.cuda.CUDAGraph`; all
+graphs share one memory pool. A step copies its tokens and positions into the bucket's static
+inputs, replays piece 0, runs layer 0's attention eagerly on the real rows (it also writes their
+KV), copies the result into the static attention buffer, replays piece 1, and so on. Padded rows
+carry stale tokens and stale attention outputs; every op in a piece works row by row (norms,
+linears, rope, embedding), so they never reach a real row, and attention only ever sees the real
+rows. Buckets are captured lazily on first use, with a log line; a failed capture turns graphs
+off with one warning and the caller runs the plain eager path. Batches larger than the biggest
+bucket run eagerly too.
+
+With `capture=False` the runner takes exactly the same split and padded path, calling the piece
+functions instead of replaying them: that is how CPU tests prove the split equals the model's
+plain path, and the engine can run it on CPU for testing. The layer math itself lives only in
+`model.py` (`DecoderLayer.pre_attention` / `post_attention`, `CausalLM.rope` / `head`).
+
+Early-layer hidden states (contrastive `self:L` amateurs) come for free: piece e's residual
+output is the hidden state after e layers. Returned tensors are copies, never views of the
+static buffers, which the next replay overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from alignserve.engine.native.model import AttentionPlan, CausalLM
+
+log = logging.getLogger(__name__)
+
+# Padded batch sizes: fine steps for small batches, multiples of 8 up to 256.
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, *range(8, 257, 8))
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Static inputs and per-piece outputs for one padded batch size."""
+
+    size: int
+    tokens: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    attn: torch.Tensor  # [B, H, D] in the model's dtype: the current layer's attention output
+    # outs[0] = (x, cos, sin, q, k, v); outs[i] = (x, q, k, v) for 0 < i < L; outs[L] = (normed, logits)
+    outs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+
+
+class PiecewiseDecodeRunner:
+    """Runs a decode step's dense parts per padded bucket (from CUDA graphs when `capture`)."""
+
+    def __init__(self, model: CausalLM, *, capture: bool = True,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, warmup_runs: int = 2):
+        params = next(model.parameters())
+        self.model = model
+        self.device, self.dtype = params.device, params.dtype
+        if capture and self.device.type != "cuda":
+            raise ValueError("CUDA graph capture needs the model on a CUDA device")
+        self.capture = capture
+        self.buckets = tuple(sorted(set(buckets)))
+        self.warmup_runs = warmup_runs
+        self.num_layers = model.cfg.num_layers
+        self._buckets: dict[int, _Bucket] = {}
+        self._pool = None
+        self.failed: str | None = None  # why capture was given up, once it was
+        self.steps = 0  # steps run through the pieces
+
+    # sizes --------------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, n: int) -> int | None:
+        """The smallest bucket that holds n rows, or None when n is larger than all of them."""
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(b for b, bk in self._buckets.items() if bk.graphs)
+
+    def prepare(self, n: int) -> bool:
+        """Make the bucket for an n-row step ready (capturing it on first use). False when the
+        step must run the plain eager path: n too large, or capture failed (now or before)."""
+        if self.failed is not None or n < 1:
+            return False
+        b = self.bucket_for(n)
+        if b is None:
+            return False
+        if b not in self._buckets:
+            try:
+                self._buckets[b] = self._build(b)
+            except Exception as exc:  # noqa: BLE001  (any capture error: go on without graphs)
+                self._give_up(exc)
+                return False
+        return True
+
+    def warmup(self, sizes: tuple[int, ...] | None = None) -> list[int]:
+        """Capture buckets ahead of time (e.g. at start-up for the common small batches)."""
+        for n in sizes or self.buckets:
+            if not self.prepare(n):
+                break
+        return self.captured
+
+    # the step -----------------------------------------------------------------------------
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
+            capture: dict[int, torch.Tensor | None] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step over n rows: (normalized final hidden [n, hidden], float32 logits
+        [n, V]), both fresh tensors. Layers named in `capture` (layer count -> None, as in
+        `CausalLM.hidden_states`) get the hidden state after that many layers. Call `prepare(n)`
+        first; `plan.attend` runs eagerly between the pieces on the n real rows."""
+        n = tokens.shape[0]
+        if not self.prepare(n):
+            raise RuntimeError(f"no decode bucket for a batch of {n}: run the eager path")
+        bk = self._buckets[self.bucket_for(n)]
+        bk.tokens[:n].copy_(tokens)
+        bk.positions[:n].copy_(positions)
+        last = self.num_layers
+        for i in range(last + 1):
+            if bk.graphs:
+                bk.graphs[i].replay()
+            else:
+                bk.outs[i] = self._piece(i, bk)
+            if i < last:
+                q, k, v = bk.outs[i][-3:]
+                bk.attn[:n].copy_(plan.attend(i, q[:n], k[:n], v[:n]))
+            if capture is not None and i in capture and 0 < i < last:
+                capture[i] = bk.outs[i][0][:n].clone()
+        normed, logits = bk.outs[last]
+        self.steps += 1
+        return normed[:n].clone(), logits[:n].clone()
+
+    # pieces -------------------------------------------------------------------------------
+    def _piece(self, i: int, bk: _Bucket) -> tuple[torch.Tensor, ...]:
+        """The dense computation between attention i-1 and attention i, on the whole bucket.
+        Reads the bucket's static inputs and the outputs of earlier pieces, never anything else:
+        this is the code a graph records."""
+        m, layers, last = self.model, self.model.layers, self.num_layers
+        if i == 0:
+            x = m.embed(bk.tokens)
+            cos, sin = m.rope(bk.positions)
+            return (x, cos, sin, *layers[0].pre_attention(x, cos, sin))
+        x = layers[i - 1].post_attention(bk.outs[i - 1][0], bk.attn)
+        if i == last:
+            return m.head(x)
+        _, cos, sin = bk.outs[0][:3]
+        return (x, *layers[i].pre_attention(x, cos, sin))
+
+    def _build(self, b: int) -> _Bucket:
+        cfg = self.model.cfg
+        z = torch.zeros
+        bk = _Bucket(
+            size=b,
+            tokens=z(b, dtype=torch.int64, device=self.device),
+            positions=z(b, dtype=torch.int64, device=self.device),
+            attn=z(b, cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device),
+            outs=[()] * (self.num_layers + 1),
+        )
+        if not self.capture:
+            return bk
+        start = time.perf_counter()
+        # Warm-up on a side stream, as the graph docs ask: lazy initialisation (cuBLAS handles
+        # and workspaces) must not happen inside a capture.
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_runs):
+                for i in range(self.num_layers + 1):
+                    bk.outs[i] = self._piece(i, bk)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        # Every piece's outputs stay referenced from bk.outs, so no later capture in the shared
+        # pool reuses their memory; only a piece's temporaries are shared, which is safe because
+        # pieces replay one after another on one stream. "thread_local": the event loop's thread
+        # may touch CUDA (copying logits to the host) while this worker thread captures.
+        for i in range(self.num_layers + 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                bk.outs[i] = self._piece(i, bk)
+            graphs.append(g)
+        torch.cuda.synchronize(self.device)
+        bk.graphs = graphs
+        log.info("captured decode CUDA graphs for batch bucket %d (%d pieces) in %.0f ms",
+                 b, len(graphs), 1000 * (time.perf_counter() - start))
+        return bk
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.failed = f"{type(exc).__name__}: {exc}"
+        self._buckets.clear()
+        log.warning("CUDA graph capture failed, decode runs eagerly from now on: %s", self.failed)

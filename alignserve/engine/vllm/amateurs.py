@@ -1,0 +1,44 @@
+"""Served amateurs (`--amateur NAME=PATH`) on the vLLM engine.
+
+On the native engine a served amateur is a second engine that `contrastive` drives in lockstep
+with the expert. On vLLM the amateur runs in vLLM's engine core, beside the served model, as a
+side model of `AlignLogitsProcessor` (source "model"), and vLLM never hands out exact full
+logits for a lockstep loop anyway. So the API process holds only a description: what
+`contrastive` checks a request against (vocabulary, context) and the name its processor
+arguments carry; `VllmEngine` maps the name to the path (`amateur_paths`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class CoreAmateur:
+    name: str
+    path: str
+    vocab_size: int
+    max_model_len: int
+    # contrastive: steer with the processor's arguments, never drive it in lockstep
+    in_engine_core: ClassVar[bool] = True
+
+    @classmethod
+    def read(cls, name: str, path: str) -> CoreAmateur:
+        """Reads the model's config only (the weights load in the engine core on first use)."""
+        from transformers import AutoConfig
+
+        from alignserve.engine.native.loader import resolve
+
+        directory, gguf, _ = resolve(path)
+        kw = {"gguf_file": gguf} if gguf else {}
+        cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return cls(name, path, int(cfg.vocab_size), int(cfg.max_position_embeddings))
+
+    # the app's lifespan starts and closes served amateurs; nothing runs in this process
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,320 @@
+"""Piecewise decode (CUDA graphs for the dense parts, attention eagerly between them).
+
+On CPU the runner takes the same split and padded path without capturing: these tests prove it
+gives the model's plain decode path (logits, normalized hidden, early-layer hidden, KV writes)
+for batches that need padding and batches that do not, that padded rows never reach real rows,
+and that the engine's fallbacks (batch too large, capture failure) work. The tests marked
+`cuda` capture real graphs and compare them with eager; they run on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+
+import pytest
+import torch
+
+from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native.cuda_graphs import DEFAULT_BUCKETS, PiecewiseDecodeRunner
+from alignserve.engine.native.kv_cache import KVCache, Segment
+from alignserve.engine.native.model import CausalLM, ModelConfig
+from alignserve.engine.protocol import SamplingParams
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_layers": 4,
+            "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+            "attention_bias": True}
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(cfg: ModelConfig | None = None, device="cpu", dtype=torch.float32, seed=0,
+               std=0.15) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(cfg or tiny_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.inv_freq = model.inv_freq.float()  # as the loader keeps it
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# a tree of KV built with the model itself
+# ----------------------------------------------------------------------------------------------
+
+def _extend(model: CausalLM, cache: KVCache, chain: list[Segment], tokens: list[int], start: int):
+    before = Segment()
+    before.slots = list(chain[-1].slots)
+    slots = cache.append_slots(chain, len(tokens))
+    plan = ExtendPlan(cache, [chain[:-1] + [before]], [len(tokens)], slots, model.cfg.head_dim ** -0.5)
+    dev = cache.device
+    positions = torch.arange(start, start + len(tokens), device=dev)
+    model.hidden_states(torch.tensor(tokens, device=dev), positions, plan)
+
+
+def build_tree(model: CausalLM, n: int, seed: int, prompt: int = 21
+               ) -> tuple[KVCache, list[list[Segment]], list[int]]:
+    """n sequences: a shared prompt, two sub-trees sharing a few more tokens each, leaves of
+    different lengths (some empty). Returns (cache, chains, lengths)."""
+    cfg = model.cfg
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(1, cfg.vocab_size, (k,), generator=g).tolist()
+    cache = KVCache(cfg.num_layers, 1024, cfg.num_kv_heads, cfg.head_dim, dtype, dev)
+    root = cache.new_chain(0)
+    _extend(model, cache, root, rand(prompt), 0)
+    half = max(1, n // 2)
+    mids = cache.fork(root, 0, [1, 2])
+    lengths_mid = [prompt + 5, prompt + 3]
+    for chain, extra in zip(mids, (5, 3)):
+        _extend(model, cache, chain, rand(extra), prompt)
+    chains, lengths = [], []
+    kids_a = cache.fork(mids[0], 1, list(range(10, 10 + half)))
+    kids_b = cache.fork(mids[1], 2, list(range(100, 100 + n - half))) if n - half else []
+    for j, chain in enumerate(kids_a + kids_b):
+        base = lengths_mid[0] if j < half else lengths_mid[1]
+        extra = j % 3  # 0, 1 or 2 tokens of its own before the step
+        if extra:
+            _extend(model, cache, chain, rand(extra), base)
+        chains.append(chain)
+        lengths.append(base + extra)
+    return cache, chains, lengths
+
+
+def decode_both(model, runner, n, steps=3, seed=0, early=(1, 2), poison=False, kv_tol=None):
+    """Run `steps` decode steps on two copies of one KV tree: the plain model path and the
+    runner. Returns per step (eager, piecewise) pairs of (normed, logits, early dict)."""
+    cache, chains, lengths = build_tree(model, n, seed)
+    dev = cache.device
+    scale = model.cfg.head_dim ** -0.5
+    cache2, chains2 = copy.deepcopy((cache, chains))
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist()
+    results = []
+    for _ in range(steps):
+        pos = torch.tensor(lengths, device=dev)
+        tok = torch.tensor(tokens, device=dev)
+        plan = DecodePlan(cache, chains, [cache.append_slots(c, 1)[0] for c in chains], scale)
+        plan2 = DecodePlan(cache2, chains2, [cache2.append_slots(c, 1)[0] for c in chains2], scale)
+        cap = {e: None for e in early}
+        normed, logits = model.head(model.hidden_states(tok, pos, plan, cap))
+        cap2 = {e: None for e in early}
+        assert runner.prepare(n)
+        if poison:
+            bk = runner._buckets[runner.bucket_for(n)]
+            bk.attn[n:] = float("nan")
+            bk.tokens[n:] = model.cfg.vocab_size - 1
+            bk.positions[n:] = 999
+        normed2, logits2 = runner.run(tok, pos, plan2, cap2)
+        results.append(((normed, logits, cap), (normed2, logits2, cap2)))
+        # the same KV written by both paths
+        kv_tol = kv_tol or {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(cache.k, cache2.k, **kv_tol)
+        torch.testing.assert_close(cache.v, cache2.v, **kv_tol)
+        tokens = logits.argmax(-1).tolist()
+        lengths = [x + 1 for x in lengths]
+    return results
+
+
+def assert_step_close(pair, rtol, atol):
+    (normed, logits, cap), (normed2, logits2, cap2) = pair
+    assert logits2.shape == logits.shape and normed2.shape == normed.shape
+    torch.testing.assert_close(logits2, logits, rtol=rtol, atol=atol)
+    torch.testing.assert_close(normed2, normed, rtol=rtol, atol=atol)
+    assert cap.keys() == cap2.keys()
+    for e in cap:
+        torch.testing.assert_close(cap2[e], cap[e], rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the split and padded path equals the plain path
+# ----------------------------------------------------------------------------------------------
+
+def test_buckets():
+    r = PiecewiseDecodeRunner(tiny_model(), capture=False)
+    assert DEFAULT_BUCKETS[:5] == (1, 2, 4, 8, 16) and r.max_batch == 256
+    assert [r.bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 17, 250, 256)] == [1, 2, 4, 8, 8, 16, 24, 256, 256]
+    assert r.bucket_for(257) is None and not r.prepare(257) and not r.prepare(0)
+    with pytest.raises(ValueError):
+        PiecewiseDecodeRunner(tiny_model(), capture=True)  # no CUDA here: capture needs it
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 8, 11])
+def test_piecewise_matches_plain_decode(n):
+    model = tiny_model()
+    runner = PiecewiseDecodeRunner(model, capture=False)
+    with torch.inference_mode():
+        for pair in decode_both(model, runner, n, steps=3, seed=n):
+            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+    assert runner.steps == 3 and runner.captured == []  # eager pieces: nothing recorded
+
+
+def test_padded_rows_never_reach_real_rows():
+    model = tiny_model()
+    runner = PiecewiseDecodeRunner(model, capture=False)
+    with torch.inference_mode():
+        decode_both(model, runner, 7, steps=1, seed=5)  # leaves stale rows 5..7 in bucket 8
+        for pair in decode_both(model, runner, 5, steps=2, seed=6, poison=True):
+            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            assert torch.isfinite(pair[1][1]).all()
+        bk = runner._buckets[8]
+        # the poison did flow through the padded rows: had rows mixed, real rows would be NaN
+        assert torch.isnan(bk.outs[-1][1][5:]).all()
+        assert torch.isfinite(bk.outs[-1][1][:5]).all()
+
+
+def test_piecewise_on_the_embedded_model(native_engine):
+    model = native_engine.model
+    runner = PiecewiseDecodeRunner(model, capture=False, buckets=(4, 8))
+    with torch.inference_mode():
+        for pair in decode_both(model, runner, 6, steps=2, seed=3, early=(10,)):
+            assert_step_close(pair, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine: the runner on its decode steps, and the fallbacks
+# ----------------------------------------------------------------------------------------------
+
+def _engine(cuda_graphs, device="cpu", dtype=torch.float32, model=None):
+    from alignserve.engine.native.engine import NativeEngine
+    from tests.fakes.fake_engine import FakeTokenizer
+
+    model = model or tiny_model(device=device, dtype=dtype)
+    tok = FakeTokenizer([f" w{i}" for i in range(model.cfg.vocab_size)], eos=0)
+    return NativeEngine(model, tok, "tiny", torch.device(device), kv_cache_gib=0.01,
+                        cuda_graphs=cuda_graphs)
+
+
+def _generate_run(engine, n=5, max_tokens=6, early_layer=2):
+    """Prefill, fork n, greedy generate with a processor that records what it is given."""
+    seen = []
+
+    def processor(seqs, logits, inputs):
+        seen.append((logits.clone(), inputs.hidden.clone(), inputs.early_logits.clone()))
+        return logits
+
+    async def go():
+        await engine.start()
+        try:
+            root = await engine.prefill(list(range(3, 40)), early_layer=early_layer)
+            seqs = await engine.fork(root, n)
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            async for _ in engine.generate(seqs, params, processor=processor):
+                pass
+            out = [s.output_ids for s in seqs]
+            await engine.release(seqs + [root])
+            return out
+        finally:
+            await engine.close()
+
+    return asyncio.run(go()), seen
+
+
+def _compare_runs(a, b, rtol, atol):
+    (out_a, seen_a), (out_b, seen_b) = a, b
+    assert out_a == out_b
+    assert len(seen_a) == len(seen_b)
+    for x, y in zip(seen_a, seen_b):
+        for u, v in zip(x, y):
+            torch.testing.assert_close(v, u, rtol=rtol, atol=atol)
+
+
+def test_engine_decode_through_the_runner_matches_eager():
+    eager = _engine(cuda_graphs=False)
+    assert eager.decode_runner is None
+    piecewise = _engine(cuda_graphs=True)  # on CPU: the same split and padding, no capture
+    assert piecewise.decode_runner is not None and not piecewise.decode_runner.capture
+    assert _engine(cuda_graphs=None).decode_runner is None  # auto: off without CUDA
+    a, b = _generate_run(eager), _generate_run(piecewise)
+    _compare_runs(a, b, rtol=1e-5, atol=1e-5)
+    # 6 tokens: the first sampled from the prefill's logits, then 5 decode steps of 5 rows
+    assert piecewise.decode_runner.steps == 5 and len(b[1]) == 6
+
+
+def test_engine_falls_back_to_eager(caplog):
+    # a batch larger than every bucket runs eagerly
+    big = _engine(cuda_graphs=True)
+    big.decode_runner.buckets = (1, 2, 4)
+    ref = _generate_run(_engine(cuda_graphs=False), n=5, max_tokens=3)
+    _compare_runs(ref, _generate_run(big, n=5, max_tokens=3), rtol=1e-5, atol=1e-5)
+    assert big.decode_runner.steps == 0
+    # a capture that fails: one warning, then eager for good
+    broken = _engine(cuda_graphs=True)
+    calls = []
+
+    def fail(size):
+        calls.append(size)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    broken.decode_runner._build = fail
+    with caplog.at_level(logging.WARNING, logger="alignserve.engine.native.cuda_graphs"):
+        run = _generate_run(broken, n=5, max_tokens=3)
+    _compare_runs(ref, run, rtol=1e-5, atol=1e-5)
+    assert calls == [8] and broken.decode_runner.steps == 0
+    assert "not permitted" in broken.decode_runner.failed
+    assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: recorded graphs replay the eager pieces
+# ----------------------------------------------------------------------------------------------
+
+def _smollm2_config(layers=30) -> ModelConfig:
+    return ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers,
+                       num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_match_eager_pieces_and_plain_path(dtype):
+    model = tiny_model(_smollm2_config(layers=6), device="cuda", dtype=dtype, std=0.05)
+    graphs = PiecewiseDecodeRunner(model, capture=True)
+    pieces = PiecewiseDecodeRunner(model, capture=False)
+    fp32 = dtype == torch.float32
+    same = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 1e-2, "atol": 1e-2}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 5e-2, "atol": 5e-2}
+    with torch.inference_mode():
+        for n in (1, 3, 16, 33):
+            steps_g = decode_both(model, graphs, n, steps=3, seed=n, kv_tol=tol)
+            steps_p = decode_both(model, pieces, n, steps=3, seed=n, kv_tol=tol)
+            for (plain, g), (_, p) in zip(steps_g, steps_p):
+                assert_step_close((p, g), **same)  # replayed graphs = the same pieces run eagerly
+                assert_step_close((plain, g), **tol)  # = the model's plain path
+    assert graphs.captured == [1, 4, 16, 40] and graphs.failed is None
+    assert pieces.captured == []
+
+
+@cuda
+def test_cuda_graphs_padded_rows_and_reuse_across_buckets():
+    model = tiny_model(_smollm2_config(layers=4), device="cuda", dtype=torch.float32)
+    runner = PiecewiseDecodeRunner(model, capture=True, buckets=(4, 8, 16))
+    with torch.inference_mode():
+        for n in (7, 3, 16, 5, 8, 2):  # buckets replayed out of capture order, stale padding
+            for pair in decode_both(model, runner, n, steps=2, seed=10 + n, poison=n == 5):
+                assert_step_close(pair, rtol=1e-4, atol=1e-4)
+    assert runner.captured == [4, 8, 16]
+    with torch.inference_mode():
+        assert not runner.prepare(17)  # beyond the biggest bucket: the caller runs eagerly
+
+
+@cuda
+def test_cuda_engine_uses_graphs_by_default():
+    model = tiny_model(device="cuda", dtype=torch.float32)
+    eager = _engine(cuda_graphs=False, device="cuda", model=model)
+    auto = _engine(cuda_graphs=None, device="cuda", model=model)
+    assert auto.decode_runner is not None and auto.decode_runner.capture
+    _compare_runs(_generate_run(eager), _generate_run(auto), rtol=1e-4, atol=1e-4)
+    assert auto.decode_runner.steps == 5 and auto.decode_runner.captured == [8]
