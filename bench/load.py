@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import provenance, write_result
 
+from alignserve.server.probe import wait_healthy
+
 PROMPTS = ["Describe the ocean in two sentences.", "Write a short note about whales.",
            "Tell me about a rainy day in the city.", "Explain why the sky is blue.",
            "Give me three tips for a calm morning.", "What makes a good story?"]
@@ -220,16 +222,9 @@ def main() -> int:
         with open(log_path, "w") as log:
             server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         proc = psutil.Process(server.pid)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text()[-2000:], file=sys.stderr)
-                return 1
+        if not wait_healthy(url, lambda: server.poll() is None, timeout=300):
+            print(log_path.read_text()[-2000:], file=sys.stderr)
+            return 1
             time.sleep(0.5)
     try:
         rss_loaded = proc.memory_info().rss if proc else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
+from alignserve.server.probe import wait_healthy
 
 # Limits the live server runs with; tests that probe limits read them from here.
 SERVER_LIMITS = {"max_n": 8, "max_candidates": 16, "max_tokens_limit": 4096, "max_rewards": 8}
@@ -56,16 +57,8 @@ def live_server(native_engine: Any) -> Iterator[LiveServer]:
                               name="alignserve-test-server")
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not become healthy")
-        time.sleep(0.2)
+    if not wait_healthy(base_url, thread.is_alive, timeout=120):
+        raise RuntimeError("the test server did not become healthy")
     yield LiveServer(base_url=base_url, engine=native_engine, settings=settings,
                      model=settings.served_model_name or native_engine.model_name)
     server.should_exit = True

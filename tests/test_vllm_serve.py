@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from fakes.fake_vllm import (
 from alignserve.cli import _resources, build_parser, load_engine, vllm_load_kwargs
 from alignserve.engine.vllm import spec as wire
 from alignserve.engine.vllm.logits_processor import PROCESSOR, AlignProcessorCore
+from alignserve.server.probe import wait_healthy
 from alignserve.server.settings import ServerSettings, from_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,15 +178,7 @@ def uvicorn_on_loopback(app):
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        assert wait_healthy(url, thread.is_alive, timeout=60), "server did not start"
         yield url
     finally:
         server.should_exit = True

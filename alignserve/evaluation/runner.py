@@ -24,6 +24,7 @@ from typing import Any
 
 from alignserve.evaluation.strategies import StrategyConfig
 from alignserve.evaluation.tasks import Task, TaskItem
+from alignserve.server.probe import wait_healthy
 
 
 @dataclass
@@ -168,8 +169,6 @@ def spawned_server(serve_args: Sequence[str] = (), log_path: Path | None = None,
                    startup_timeout: float = 600.0) -> Iterator[str]:
     """Start `alignserve serve` on a free loopback port, yield its base URL once /health
     answers 200, and stop it (SIGTERM, then kill) afterwards."""
-    import httpx
-
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "alignserve.cli", "serve", "--host", "127.0.0.1",
@@ -180,18 +179,12 @@ def spawned_server(serve_args: Sequence[str] = (), log_path: Path | None = None,
                else subprocess.DEVNULL)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
+            if not wait_healthy(base_url, lambda: proc.poll() is None, startup_timeout, 0.5):
                 if proc.poll() is not None:
                     raise RuntimeError(f"alignserve serve exited with status {proc.returncode} "
                                        f"before it was healthy{where}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"alignserve serve was not healthy after "
-                                       f"{startup_timeout:g} s{where}")
-                time.sleep(0.5)
+                raise RuntimeError(f"alignserve serve was not healthy after "
+                                   f"{startup_timeout:g} s{where}")
             yield base_url
         finally:
             if proc.poll() is None:
