@@ -213,6 +213,7 @@ def test_alignment_listing(http, live_server):
     r = http.get("/v1/alignment")
     assert r.status_code == 200
     info = r.json()
+    assert info["engine"] == "native"
     strategies = {s["name"]: s for s in info["strategies"]}
     assert {"sample", "best_of_n"} <= set(strategies)
     bon = strategies["best_of_n"]

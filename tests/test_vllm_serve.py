@@ -287,6 +287,7 @@ def test_serve_vllm_end_to_end(tok, tmp_path, monkeypatch):
         assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
         info = httpx.get(url + "/v1/alignment").json()
+        assert info["engine"] == "vllm"
         assert info["amateurs"] == [{"name": "small"}]
         assert "tiny" in {v["name"] for v in info["value_models"]}
         metrics = httpx.get(url + "/metrics").text

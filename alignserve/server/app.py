@@ -270,7 +270,8 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                                    params=_limited_schema(s.params.model_json_schema(),
                                                           settings))
                       for s in sorted(STRATEGIES.values(), key=lambda s: s.name)]
-        return AlignmentInfo(strategies=strategies, rewards=rewards.describe(),
+        return AlignmentInfo(engine=getattr(engine, "kind", None),
+                             strategies=strategies, rewards=rewards.describe(),
                              value_models=_named(resources, "value_models"),
                              amateurs=_named(resources, "amateurs"), limits=limits())
 

@@ -415,6 +415,7 @@ class StrategyInfo(ResponseModel):
 
 
 class AlignmentInfo(ResponseModel):
+    engine: str | None = Field(None, description="the engine serving: native or vllm")
     strategies: list[StrategyInfo]
     rewards: list[dict[str, Any]]
     value_models: list[dict[str, Any]] = Field(default_factory=list)

@@ -66,6 +66,8 @@ class _StepResult:
 
 
 class NativeEngine(TextCodec):
+    kind = "native"  # what GET /v1/alignment reports as the serving engine
+
     def __init__(self, model: CausalLM, tokenizer, name: str, device: torch.device,
                  kv_cache_gib: float | None = None, max_model_len: int | None = None,
                  prefill_chunk: int | None = None, cuda_graphs: bool | None = None):

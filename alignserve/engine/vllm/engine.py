@@ -140,6 +140,8 @@ class _Weight:
 class VllmEngine(TextCodec):
     """alignserve.engine.protocol.Engine on a vLLM AsyncLLM (real, or a fake in tests)."""
 
+    kind = "vllm"  # what GET /v1/alignment reports as the serving engine
+
     def __init__(self, llm: Any, tokenizer: Any, model_name: str, *, max_model_len: int,
                  vocab_size: int, num_layers: int | None = None, api: VllmApi | None = None,
                  logits_top_k: int = 32, track_logprobs: bool = True,
