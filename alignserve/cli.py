@@ -89,8 +89,7 @@ def vllm_load_kwargs(settings: Any) -> dict[str, Any]:
         # deal's actions come from the top-k view of the logits: keep it exact to --max-top-k
         "logits_top_k": max(32, settings.max_top_k),
         "amateur_paths": dict(settings.amateur_pairs()),
-        "value_model_paths": {name.strip(): path.strip() for name, _, path in
-                              (v.partition("=") for v in settings.value_models)},
+        "value_model_paths": dict(settings.value_model_pairs()),
     }
     if settings.load_format != "auto":  # vLLM's default; leaves ALIGNSERVE_VLLM_ENGINE_ARGS' own
         kw["load_format"] = settings.load_format

@@ -81,6 +81,7 @@ def test_serve_parses_the_vllm_flags(monkeypatch):
     (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\]"),
     (["--engine", "vllm", "--tensor-parallel-size", "0"], "at least 1"),
     (["--engine", "vllm", "--amateur", "nopath"], "NAME=PATH"),
+    (["--engine", "vllm", "--value-model", "nodir"], "--value-model expects NAME=PATH"),
     (["--cuda-graphs"], "--cuda-graphs applies to the native engine with --device cuda"),
     (["--engine", "vllm", "--cuda-graphs"], "--cuda-graphs applies"),
 ])

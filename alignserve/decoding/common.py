@@ -106,7 +106,7 @@ async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
 
     def rank(i: int) -> tuple[float, float]:
         total = scores[i].total if scores[i] is not None else None
-        return (0.0 if total is None else total, seqs[i].cumulative_logprob)
+        return (total or 0.0, seqs[i].cumulative_logprob)
 
     best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
     for out_index, i in enumerate(best):

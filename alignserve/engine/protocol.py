@@ -102,6 +102,13 @@ class SeqHandle:
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
+    def branch(self, key: Any) -> SeqHandle:
+        """A fork's child handle: the same tokens, text and log-probs so far, its own lists
+        (and no strategy `user` slot)."""
+        return SeqHandle(key=key, prompt_len=self.prompt_len, token_ids=list(self.token_ids),
+                         cumulative_logprob=self.cumulative_logprob, text=self.text,
+                         logprobs=list(self.logprobs))
+
 
 @dataclass
 class TokenEvent:
@@ -122,6 +129,19 @@ class EngineError(RuntimeError):
 
 class CapacityError(EngineError):
     """The request can never fit in the engine's KV budget."""
+
+
+def check_prefill(prompt_ids: Sequence[int], early_layer: int | None, max_model_len: int,
+                  num_layers: int | None) -> None:
+    """What every engine refuses at prefill: an empty prompt, an early-exit layer outside
+    [1, num_layers) (unchecked when num_layers is unknown), a prompt that fills the context."""
+    if not prompt_ids:
+        raise EngineError("empty prompt")
+    if early_layer is not None and num_layers is not None and not 1 <= early_layer < num_layers:
+        raise EngineError(f"early_layer must be in [1, {num_layers - 1}]")
+    if len(prompt_ids) >= max_model_len:
+        raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of "
+                            f"{max_model_len}")
 
 
 @runtime_checkable

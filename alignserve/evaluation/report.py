@@ -130,10 +130,10 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                 "keyword coverage", "measured": note, "met": met})
     bo16 = _row(rows, "sentiment", "best_of_16")
     vases = [r for r in rows if r["task"] == "sentiment" and r["strategy_name"] == "vas"
-             and r["requests"] > r["errors"]]
-    for vas in vases if bo16 and bo16["reward"] is not None else []:
-        if vas["reward"] is None:
-            continue
+             and r["requests"] > r["errors"] and r["reward"] is not None]
+    if bo16 is None or bo16["reward"] is None:
+        vases = []
+    for vas in vases:
         share = vas["model_tokens"] / bo16["model_tokens"] if bo16["model_tokens"] else math.inf
         out.append({"goal": f"{vas['strategy']} reaches best_of_16's reward with under a "
                             "quarter of its model tokens",

@@ -152,6 +152,12 @@ class ServerSettings:
     def amateur_pairs(self) -> list[tuple[str, str]]:
         return _pairs(self.amateurs, "--amateur")
 
+    def value_model_pairs(self) -> list[tuple[str, str]]:
+        """`--value-model NAME=DIR` items as (name, dir), stripped as the value-model registry
+        strips them; a malformed item is a usage error."""
+        return [(name.strip(), path.strip())
+                for name, path in _pairs(self.value_models, "--value-model")]
+
     def api_keys(self) -> list[str]:
         """The accepted keys (`api_key` may also be set to one string at run time)."""
         keys = self.api_key
@@ -189,6 +195,7 @@ class ServerSettings:
     def _check_engine(self) -> None:
         """A flag the chosen engine would ignore is an error, not a silent no-op."""
         self.amateur_pairs()
+        self.value_model_pairs()
         if self.tensor_parallel_size < 1:
             raise ValueError("--tensor-parallel-size must be at least 1")
         g = self.gpu_memory_utilization

@@ -37,6 +37,7 @@ from alignserve.engine.protocol import (
     SeqHandle,
     TokenEvent,
     TokenTally,
+    check_prefill,
 )
 from alignserve.engine.text import IncrementalText, TextCodec
 
@@ -160,12 +161,7 @@ class NativeEngine(TextCodec):
 
     async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
                       early_layer: int | None = None) -> SeqHandle:
-        if not prompt_ids:
-            raise EngineError("empty prompt")
-        if early_layer is not None and not 1 <= early_layer < self.cfg.num_layers:
-            raise EngineError(f"early_layer must be in [1, {self.cfg.num_layers - 1}]")
-        if len(prompt_ids) >= self.max_model_len:
-            raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of {self.max_model_len}")
+        check_prefill(prompt_ids, early_layer, self.max_model_len, self.cfg.num_layers)
         if len(prompt_ids) + 16 > self.kv.num_slots:
             raise CapacityError("prompt larger than the KV cache")
         st = self._new_state([])
@@ -189,9 +185,7 @@ class NativeEngine(TextCodec):
             ids = [next(self._ids) for _ in range(n)]
             chains = self.kv.fork(parent.chain, parent.id, ids)
             for cid, chain in zip(ids, chains):
-                h = SeqHandle(key=cid, prompt_len=seq.prompt_len, token_ids=list(seq.token_ids),
-                              cumulative_logprob=seq.cumulative_logprob, text=seq.text,
-                              logprobs=list(seq.logprobs))
+                h = seq.branch(cid)
                 st = SeqState(id=cid, handle=h, chain=chain, logits=parent.logits, hidden=parent.hidden,
                               early_layer=parent.early_layer, early_logits=parent.early_logits)
                 self._states[cid], self._chains[cid] = st, chain
@@ -529,7 +523,7 @@ class NativeEngine(TextCodec):
         capture = {st.early_layer: None for st in states if st.early_layer is not None}
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        index = torch.tensor(rows, device=self.device)
+        index = torch.tensor(rows, device=self.device)  # also picks the early-layer rows
         runner = self.decode_runner if decode else None
         if runner is not None and runner.prepare(len(tokens)):
             normed, logits = runner.run(tok, pos, plan, capture or None)  # rows == all, in order

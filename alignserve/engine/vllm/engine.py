@@ -56,6 +56,7 @@ from alignserve.engine.protocol import (
     StepInputs,
     TokenEvent,
     TokenTally,
+    check_prefill,
 )
 from alignserve.engine.text import TextCodec
 from alignserve.engine.vllm import spec as wire
@@ -340,13 +341,7 @@ class VllmEngine(TextCodec):
 
     async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
                       early_layer: int | None = None) -> SeqHandle:
-        if not prompt_ids:
-            raise EngineError("empty prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise CapacityError(f"prompt of {len(prompt_ids)} tokens exceeds the context of "
-                                f"{self.max_model_len}")
-        if early_layer is not None and self.num_layers is not None and not 1 <= early_layer < self.num_layers:
-            raise EngineError(f"early_layer must be in [1, {self.num_layers - 1}]")
+        check_prefill(prompt_ids, early_layer, self.max_model_len, self.num_layers)
         h = SeqHandle(key=next(self._ids), prompt_len=len(prompt_ids), token_ids=list(prompt_ids))
         self._states[h.key] = _Seq(h, early_layer=early_layer, tally=tally)
         return h
@@ -355,9 +350,7 @@ class VllmEngine(TextCodec):
         parent = self._state(seq)
         out = []
         for _ in range(n):
-            h = SeqHandle(key=next(self._ids), prompt_len=seq.prompt_len, token_ids=list(seq.token_ids),
-                          cumulative_logprob=seq.cumulative_logprob, text=seq.text,
-                          logprobs=list(seq.logprobs))
+            h = seq.branch(next(self._ids))
             self._states[h.key] = _Seq(h, early_layer=parent.early_layer, tally=parent.tally,
                                        computed=parent.computed, spans=list(parent.spans),
                                        dists=dict(parent.dists))
