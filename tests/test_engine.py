@@ -120,6 +120,35 @@ def test_seeded_sampling_is_reproducible(engine):
     assert first != other
 
 
+def test_deferred_detokenization_gives_the_same_text(engine):
+    """detokenize=False decodes once at the end: same tokens and text, no per-token deltas,
+    and an aborted sequence's text is still whole."""
+    ids = engine.encode("Tell me about the moon.")
+    base = SamplingParams(temperature=1.0, max_tokens=24, seed=7, ignore_eos=True)
+
+    async def draw(p, abort_after=None):
+        seq = await engine.prefill(ids)
+        deltas, n = [], 0
+        gen = engine.generate([seq], p)
+        async for events in gen:
+            deltas += [ev.text_delta for ev in events]
+            n += 1
+            if n == abort_after:
+                break
+        await gen.aclose()
+        await engine.release([seq])
+        return seq, deltas
+
+    eager, eager_deltas = run(engine, draw(base))
+    lazy, lazy_deltas = run(engine, draw(SamplingParams(**{**base.__dict__, "detokenize": False})))
+    assert lazy.output_ids == eager.output_ids
+    assert lazy.text == eager.text == "".join(eager_deltas) and lazy.text
+    assert all(d == "" for d in lazy_deltas[:-1]) and lazy_deltas[-1] == lazy.text
+    cut, _ = run(engine, draw(SamplingParams(**{**base.__dict__, "detokenize": False}), abort_after=5))
+    assert cut.finish_reason == "abort" and 0 < cut.num_output < 24
+    assert cut.text == engine.decode(cut.output_ids)
+
+
 def test_cancelled_generation_frees_memory(engine):
     ids = engine.encode("Write a long story about the sea.")
 

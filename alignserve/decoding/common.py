@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -99,7 +100,9 @@ async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
     the best n: by total reward, then log-likelihood (by log-likelihood alone without rewards).
     The winners stream whole, once chosen. Shared by best_of_n and vas with `candidates`."""
     req = ctx.request
-    async for _ in ctx.engine.generate(seqs, req.sampling, processor=processor, tally=ctx.tally):
+    # Candidates are read once finished: the engine may decode each once instead of per token.
+    sampling = dataclasses.replace(req.sampling, detokenize=False)
+    async for _ in ctx.engine.generate(seqs, sampling, processor=processor, tally=ctx.tally):
         pass
     scores = await score_texts(ctx, [s.text for s in seqs])
     ctx.candidates_scored = max(ctx.candidates_scored, len(seqs))  # ranked, rewards or not

@@ -360,7 +360,8 @@ class _Search:
                                 seed=None if sp.seed is None else sp.seed + 7919 * self.rollouts,
                                 max_tokens=start + rollout_len,
                                 min_tokens=sp.min_tokens, stop=sp.stop,
-                                stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos)
+                                stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+                                detokenize=False)  # rollouts are scored on deal's own text
         by_key = {c.child.key: c for c in expand}
         gen = engine.generate(children, params, processor=capture if commit > 1 else None,
                               tally=ctx.tally, kind="lookahead")

@@ -36,6 +36,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # False: the caller reads each sequence's text only once it has finished (best_of_n ranks
+    # finished candidates), so an engine may skip per-token detokenization and decode once at
+    # the end; events then carry empty text deltas until the last. Ignored when `stop` is set
+    # (stop strings are matched as the text grows). Either way a finished handle's text is whole.
+    detokenize: bool = True
 
     @property
     def greedy(self) -> bool:

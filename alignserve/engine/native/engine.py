@@ -39,7 +39,7 @@ from alignserve.engine.protocol import (
     TokenTally,
     check_prefill,
 )
-from alignserve.engine.text import IncrementalText, TextCodec
+from alignserve.engine.text import DeferredText, IncrementalText, TextCodec
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,10 @@ class NativeEngine(TextCodec):
                 raise EngineError("no pending logits to sample from")
             st.group, st.rng_seed = group, row_seed(base, i)
             initial = self.decode(st.handle.output_ids) if st.handle.num_output else ""
-            st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
+            if params.detokenize or params.stop:
+                st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
+            else:
+                st.text = DeferredText(self.tokenizer, st.handle.output_ids, initial)
             group.live += 1
         for st, f in zip(states, followers or []):
             follower = self._state(f)
@@ -282,6 +285,9 @@ class NativeEngine(TextCodec):
             for st in states:
                 if self._generating.pop(st.id, None) is not None:
                     st.handle.finished, st.handle.finish_reason = True, "abort"
+                    if isinstance(st.text, DeferredText):  # a finished handle's text is whole
+                        st.text.delta(final=True)
+                        st.handle.text = st.text.text
                 st.group = None
                 if st.follower is not None:
                     st.follower.extra.pop("counts_for", None)

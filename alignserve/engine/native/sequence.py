@@ -9,7 +9,7 @@ import torch
 
 from alignserve.engine.native.kv_cache import Segment
 from alignserve.engine.protocol import LogitsProcessor, SamplingParams, SeqHandle, TokenTally
-from alignserve.engine.text import IncrementalText
+from alignserve.engine.text import DeferredText, IncrementalText
 
 
 @dataclass(eq=False)
@@ -37,7 +37,7 @@ class SeqState:
     follower: SeqState | None = None  # fed every token this sequence samples
     group: GenGroup | None = None
     rng_seed: int = 0
-    text: IncrementalText | None = None
+    text: IncrementalText | DeferredText | None = None
     released: bool = False
     busy: bool = False  # in a queued extend or prefill
     extra: dict = field(default_factory=dict)
