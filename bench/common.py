@@ -28,9 +28,10 @@ def provenance(device: str | None = None) -> dict:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, folder: Path | None = None) -> Path:
+    folder = folder or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{name}-{stamp}.json"
+    path = folder / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from alignserve.kernels import dispatch
+from alignserve.kernels import attention_fused, dispatch
 from alignserve.kernels.attention import attention_lse_reference, merge_attention
 
 CHILD = os.environ.get("ALIGNSERVE_TRITON_CHILD") == "1"
@@ -87,17 +87,59 @@ if not CHILD:
         torch.testing.assert_close(out[rows], ref_o[rows], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[rows], ref_l[rows], atol=1e-5, rtol=1e-5)
 
-    def test_dispatch_uses_the_reference_on_cpu():
+    def test_dispatch_on_cpu_uses_torchs_fused_attention_or_the_forced_reference():
         q = torch.randn(2, 4, 64)
         assert not dispatch.uses_triton(q)
         assert not dispatch.uses_triton(q, force="reference")
         with pytest.raises(ValueError):
             dispatch.uses_triton(q, force="fast")
+        assert attention_fused.available(q)
         k, v, _ = _pool(30, 1, 64, 1)
         slots = torch.tensor([29, 3, 7, 0, 12], dtype=torch.int32)
-        out, lse = dispatch.segment_attention(q, k, v, slots, 0.125)
         ref_o, ref_l = attention_lse_reference(q, k[slots.long()], v[slots.long()], 0.125)
+        out, lse = dispatch.segment_attention(q, k, v, slots, 0.125, force="reference")
         assert torch.equal(out, ref_o) and torch.equal(lse, ref_l)
+        out, lse = dispatch.segment_attention(q, k, v, slots, 0.125)  # the fused path
+        assert not torch.equal(out, ref_o)  # another computation ...
+        torch.testing.assert_close(out, ref_o, atol=1e-5, rtol=1e-5)  # ... the same result
+        torch.testing.assert_close(lse, ref_l, atol=1e-5, rtol=1e-5)
+
+    @pytest.mark.parametrize("h,kvh,m,length", [(9, 3, 7, 130), (4, 4, 1, 5), (8, 2, 33, 33)])
+    def test_fused_attention_matches_the_reference(h, kvh, m, length):
+        g = torch.Generator().manual_seed(m)
+        q = torch.randn(m, h, 64, generator=g)
+        k, v = torch.randn(2, length, kvh, 64, generator=g).unbind(0)
+        ref = attention_lse_reference(q, k, v, 0.125)
+        got = attention_fused.attention_lse(q, k, v, 0.125)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        half = attention_fused.attention_lse(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
+        torch.testing.assert_close(half[0], ref[0], atol=3e-2, rtol=3e-2)
+        if m == length:  # causal: query i sees keys j <= i
+            ref = attention_lse_reference(q, k, v, 0.125, causal_offset=0)
+            got = dispatch.attention(q, k, v, 0.125, causal=True)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert half[0].dtype == half[1].dtype == torch.float32
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_fused_cuda_attention_passes_its_check_and_matches_the_reference():
+        assert attention_fused.cuda_ok(torch.device("cuda"))
+        g = torch.Generator(device="cuda").manual_seed(3)
+        q, k, v = (torch.randn(300, h, 64, generator=g, device="cuda", dtype=torch.bfloat16)
+                   for h in (32, 8, 8))
+        got = dispatch.attention(q, k, v, 0.125, causal=True)
+        ref = attention_lse_reference(q, k, v, 0.125, causal_offset=0)
+        torch.testing.assert_close(got[0], ref[0], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got[1], ref[1], atol=2e-2, rtol=1e-3)
+
+    def test_fused_leaf_attention_handles_ragged_and_empty_rows():
+        q, k, v, _, table, lengths = _shared_prefix_case(5, 9, 3, 64, 10, [0, 1, 7, 3, 12], seed=2)
+        got = dispatch.leaf_attention(q, k, v, table, lengths, 0.125)
+        ref = dispatch.leaf_attention(q, k, v, table, lengths, 0.125, force="reference")
+        assert torch.isneginf(got[1][0]).all() and (got[0][0] == 0).all()
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
     def test_triton_attention_kernels_under_interpreter():
         """Runs this module's `test_triton_*` tests in a child with TRITON_INTERPRET=1."""

@@ -376,6 +376,8 @@ def merge_attention_into_triton(
     if m == 0:
         return
     h, d = out.shape[1], out.shape[2]
-    rows = rows.to(device=out.device, dtype=torch.int64).contiguous()
+    if rows.dtype not in (torch.int32, torch.int64):  # the kernel widens int32 itself
+        rows = rows.long()
+    rows = rows.to(out.device).contiguous()
     _merge_kernel[(m,)](out, lse, rows, part_out, part_lse, out, lse, h, D=d,
                         BLOCK_H=_next_pow2(h), HAS_ROWS=True, num_warps=4)

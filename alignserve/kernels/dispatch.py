@@ -6,7 +6,9 @@ auto), else automatic: Triton when the tensors are on CUDA and triton is install
 Triton on CPU tensors needs `TRITON_INTERPRET=1` in the environment before the first Triton kernel
 module is imported (the tests do this); the Triton modules are imported lazily, on first use.
 
-Attention (the Hydragen decomposition, see `attention.py`):
+Attention (the Hydragen decomposition, see `attention.py`; off the Triton path, torch's fused
+flash attention serves where it can, `attention_fused.py`, and the plain reference elsewhere):
+    attention(q [M,H,D], k, v [L,KVH,D], scale, causal=False) -> (out [M,H,D], lse [M,H])
     segment_attention(q [M,H,D], k_pool, v_pool, slots [L], scale) -> (out [M,H,D], lse [M,H])
     leaf_attention(q [B,H,D], k_pool, v_pool, slot_table [B,Lmax], lengths [B], scale)
         -> (out [B,H,D], lse [B,H])
@@ -29,10 +31,11 @@ from functools import lru_cache
 import torch
 
 from . import attention as _attn
+from . import attention_fused as _fused_attn
 from .logits_ops import Contrastive, Penalties, ValueGuidance, sample_processed_reference
 
 __all__ = [
-    "FORCE", "Contrastive", "Penalties", "ValueGuidance", "leaf_attention", "merge",
+    "FORCE", "Contrastive", "Penalties", "ValueGuidance", "attention", "leaf_attention", "merge",
     "merge_attention", "merge_attention_into",
     "sample", "segment_attention", "triton_available", "uses_triton",
 ]
@@ -74,6 +77,23 @@ def uses_triton(t: torch.Tensor, force: str | None = None) -> bool:
 # attention
 # ----------------------------------------------------------------------------------------------
 
+def _fused(t: torch.Tensor, force: str | None) -> bool:
+    """Whether torch's fused flash attention (attention_fused.py) serves a non-Triton call."""
+    return (force or FORCE) != "reference" and _fused_attn.available(t)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
+    force: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [M, H, D] over contiguous k, v [L, KVH, D] (causal: M == L, query i sees
+    keys j <= i): (out fp32 [M, H, D], lse fp32 [M, H]). torch's fused flash attention where it
+    serves these tensors, the reference otherwise (or when forced)."""
+    if _fused(q, force):
+        return _fused_attn.attention_lse(q, k, v, scale, causal=causal)
+    return _attn.attention_lse_reference(q, k, v, scale, 0 if causal else None)
+
+
 def segment_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
     scale: float, *, force: str | None = None, chunk_size: int | None = None,
@@ -85,7 +105,7 @@ def segment_attention(
 
         return segment_attention_triton(q, k_pool, v_pool, slots, scale, chunk_size=chunk_size)
     idx = slots.to(device=k_pool.device, dtype=torch.long)
-    return _attn.attention_lse_reference(q, k_pool[idx], v_pool[idx], scale)
+    return attention(q, k_pool[idx], v_pool[idx], scale, force=force)
 
 
 def leaf_attention(
@@ -106,6 +126,8 @@ def leaf_attention(
     idx = slot_table[:, :width].to(device=k_pool.device, dtype=torch.long)
     idx = idx.clamp(0, k_pool.shape[0] - 1)  # padding may hold anything; it is masked
     lengths = lengths.to(device=q.device).clamp(max=width)
+    if not q.is_cuda and _fused(q, force):
+        return _fused_attn.padded_attention_lse(q, k_pool[idx], v_pool[idx], lengths, scale)
     return _attn.padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], lengths, scale)
 
 

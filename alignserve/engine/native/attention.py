@@ -13,7 +13,7 @@ import torch
 
 from alignserve.engine.native.kv_cache import KVCache, Segment
 from alignserve.kernels import dispatch
-from alignserve.kernels.attention import attention_lse_reference, merge_attention
+from alignserve.kernels.attention import merge_attention
 
 
 def _segment_kv(cache: KVCache, layer: int, seg: Segment) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -27,28 +27,37 @@ def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, sc
     """(out, lse) of queries q [M, H, D] over one segment."""
     view = _segment_kv(cache, layer, seg)
     if view is not None and not q.is_cuda:
-        return attention_lse_reference(q, view[0], view[1], scale)
-    return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device).int(), scale)
+        return dispatch.attention(q, view[0], view[1], scale)
+    return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device), scale)
 
 
 class DecodePlan:
     def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float):
         device = cache.device
         self.cache, self.scale = cache, scale
-        self.write = torch.tensor(new_slots, dtype=torch.int64, device=device)
         leaves = [c[-1].slots for c in chains]
-        lmax = max(len(s) for s in leaves)
-        table = torch.zeros(len(chains), lmax, dtype=torch.int32)
-        for i, s in enumerate(leaves):
-            table[i, : len(s)] = torch.tensor(s, dtype=torch.int32)
-        self.leaf_table = table.to(device)
-        self.leaf_lengths = torch.tensor([len(s) for s in leaves], dtype=torch.int32, device=device)
+        lengths = [len(s) for s in leaves]
+        lmax = max(lengths)
         groups: dict[int, tuple[Segment, list[int]]] = {}
         for row, chain in enumerate(chains):
             for seg in chain[:-1]:
                 if len(seg):
                     groups.setdefault(seg.id, (seg, []))[1].append(row)
-        self.groups = [(seg, torch.tensor(rows, device=device)) for seg, rows in groups.values()]
+        # Everything the step indexes with goes to the device in one copy (a decode step is
+        # short: on a GPU, per-tensor host-to-device copies would cost as much as the kernels).
+        rows = [r for _, rs in groups.values() for r in rs]
+        flat = [x for s in leaves for x in (*s, *[0] * (lmax - len(s)))]
+        packed = torch.tensor([*new_slots, *lengths, *rows, *flat], dtype=torch.int32)
+        packed = packed.to(device)
+        b = len(chains)
+        self.write = packed[:b].long()
+        self.leaf_lengths = packed[b : 2 * b]
+        at = 2 * b
+        self.groups = []
+        for seg, rs in groups.values():
+            self.groups.append((seg, packed[at : at + len(rs)]))
+            at += len(rs)
+        self.leaf_table = packed[at:].view(b, lmax)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
@@ -78,7 +87,7 @@ class ExtendPlan:
         start = 0
         for segs, n in zip(self.contexts, self.counts):
             qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
-            out, lse = attention_lse_reference(qs, ks, vs, self.scale, causal_offset=0)
+            out, lse = dispatch.attention(qs, ks, vs, self.scale, causal=True)
             for seg in segs:
                 if len(seg):
                     o, l = attend_segment(c, layer, qs, seg, self.scale)

@@ -59,8 +59,9 @@ class Segment:
         self._range = None
 
     def slot_tensor(self, device: torch.device) -> torch.Tensor:
+        """The slots as an int32 tensor (what the kernels index with), built once per device."""
         if self._tensor is None or self._tensor.device != device:
-            self._tensor = torch.tensor(self.slots, dtype=torch.int64, device=device)
+            self._tensor = torch.tensor(self.slots, dtype=torch.int32, device=device)
         return self._tensor
 
     def contiguous_range(self) -> tuple[int, int] | None:
