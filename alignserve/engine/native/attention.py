@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from alignserve.engine.native.kv_cache import KVCache, Segment
+from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment
 from alignserve.kernels import dispatch
 from alignserve.kernels.attention import merge_attention
 
@@ -35,9 +35,12 @@ class DecodePlan:
     def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float):
         device = cache.device
         self.cache, self.scale = cache, scale
-        leaves = [c[-1].slots for c in chains]
+        # A leaf fills its own pages in order (kv_cache: slot j lives in pages[j // PAGE]), so
+        # its slots follow from its page list: the host sends pages, the device expands them.
+        leaves = [c[-1] for c in chains]
         lengths = [len(s) for s in leaves]
         lmax = max(lengths)
+        pmax = max(1, -(-lmax // PAGE))
         groups: dict[int, tuple[Segment, list[int]]] = {}
         for row, chain in enumerate(chains):
             for seg in chain[:-1]:
@@ -46,8 +49,8 @@ class DecodePlan:
         # Everything the step indexes with goes to the device in one copy (a decode step is
         # short: on a GPU, per-tensor host-to-device copies would cost as much as the kernels).
         rows = [r for _, rs in groups.values() for r in rs]
-        flat = [x for s in leaves for x in (*s, *[0] * (lmax - len(s)))]
-        packed = torch.tensor([*new_slots, *lengths, *rows, *flat], dtype=torch.int32)
+        pages = [x for s in leaves for x in (*s.pages[:pmax], *[0] * (pmax - len(s.pages)))]
+        packed = torch.tensor([*new_slots, *lengths, *rows, *pages], dtype=torch.int32)
         packed = packed.to(device)
         b = len(chains)
         self.write = packed[:b].long()
@@ -57,7 +60,8 @@ class DecodePlan:
         for seg, rs in groups.values():
             self.groups.append((seg, packed[at : at + len(rs)]))
             at += len(rs)
-        self.leaf_table = packed[at:].view(b, lmax)
+        cols = torch.arange(lmax, dtype=torch.int32, device=device)
+        self.leaf_table = packed[at:].view(b, pmax)[:, cols // PAGE] * PAGE + cols % PAGE
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
