@@ -196,6 +196,7 @@ def test_best_of_n_returns_the_top_rewards(tok, lm):
     ctx, events = run(drive(engine, req))
     (seen,) = fake.requests
     assert seen.params.n == 6
+    assert seen.params.detokenize is False  # candidates are decoded once, when they finish
     texts = [tok.decode(fake.outputs[(seen.request_id, i)], skip_special_tokens=True)
              for i in range(6)]
     scores = [s.total for s in RewardRegistry.default().build(rewards).score(texts, req.prompt_text)]
@@ -204,6 +205,36 @@ def test_best_of_n_returns_the_top_rewards(tok, lm):
     assert sorted((f.reward for f in got), reverse=True) == sorted(scores, reverse=True)[:2]
     assert all(f.text in texts for f in got)
     assert ctx.candidates_scored == 6
+
+
+def test_deferred_detokenization_on_vllm(tok, lm):
+    """detokenize=False reaches vLLM unless stop strings need its text; the handle's text is
+    whole once finished, aborted ones included, and equals the per-token path's."""
+    engine, fake = make(tok, lm)
+    base = SamplingParams(max_tokens=7, seed=5, ignore_eos=True)
+
+    async def go(params, stop_after=None):
+        seq = await engine.prefill(engine.encode("The river"))
+        deltas = []
+        gen = engine.generate([seq], params)
+        async with contextlib.aclosing(gen):
+            async for events in gen:
+                deltas += [ev.text_delta for ev in events]
+                if stop_after is not None and len(deltas) >= stop_after:
+                    break
+        await engine.release([seq])
+        return seq, deltas, fake.requests[-1].params
+
+    eager, eager_deltas, p1 = run(go(base))
+    lazy, lazy_deltas, p2 = run(go(SamplingParams(**{**base.__dict__, "detokenize": False})))
+    assert p1.detokenize and not p2.detokenize
+    assert lazy.output_ids == eager.output_ids and lazy.text == eager.text == "".join(eager_deltas)
+    assert all(d == "" for d in lazy_deltas[:-1]) and lazy_deltas[-1] == lazy.text != ""
+    _, _, p3 = run(go(SamplingParams(**{**base.__dict__, "detokenize": False, "stop": ["zz"]})))
+    assert p3.detokenize  # stop strings are matched on vLLM's text
+    cut, _, _ = run(go(SamplingParams(**{**base.__dict__, "detokenize": False, "max_tokens": 50}),
+                       stop_after=3))
+    assert cut.finish_reason == "abort" and cut.text == tok.decode(cut.output_ids, skip_special_tokens=True)
 
 
 # ---- deal: the step loop ---------------------------------------------------------------------

@@ -418,6 +418,8 @@ class FakeAsyncLLM:
             if reason is None and (len(c.output) >= (sp.max_tokens or 1 << 30)
                                    or len(c.prompt) + len(c.output) >= self.max_model_len):
                 reason = "length"
+            if not sp.detokenize:  # as vLLM: no text at all (stop strings need detokenize)
+                full = ""
             delta = full.removeprefix(c.text)
             c.text = full
             out = CompletionOutput(c.index, delta, [tok], c.cumulative if sp.logprobs is not None else None,

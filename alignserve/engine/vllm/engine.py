@@ -525,6 +525,10 @@ class VllmEngine(TextCodec):
             "frequency_penalty": params.frequency_penalty,
             "repetition_penalty": params.repetition_penalty,
             "output_kind": self.api.delta_kind,
+            # Without stop strings a caller that reads text only at the end (best_of_n, deal's
+            # rollouts) spares vLLM's output processor its per-token detokenization; the text
+            # is decoded once when the sequence finishes (`_text_delta`).
+            "detokenize": _detokenizes(params),
         }
         if extra_args:
             kw["extra_args"] = extra_args
@@ -676,6 +680,8 @@ class VllmEngine(TextCodec):
                 st.call = None
                 if not st.handle.finished:
                     st.handle.finished, st.handle.finish_reason = True, "abort"
+                    if not _detokenizes(params):  # a finished handle's text is whole
+                        st.handle.text = self.decode(st.handle.output_ids)
             for st, f in zip(states, fstates or []):
                 if not f.released:
                     self._feed_follower(f, st, tally, kind)
@@ -791,9 +797,8 @@ class VllmEngine(TextCodec):
             if j < last_j:
                 events.append(TokenEvent(h, tok, lp, "", False, None, top))
                 continue
-            delta = o.text or ""
-            h.text += delta
             finished = reason is not None
+            delta = self._text_delta(h, o, params, finished)
             if finished:
                 h.finished, h.finish_reason = True, _finish_reason(reason)
                 req.done.add(index)
@@ -802,12 +807,27 @@ class VllmEngine(TextCodec):
         if toks:
             st.computed = max(st.computed, len(h.token_ids) - 1)
         elif reason is not None and index not in req.done:
-            delta = o.text or ""
-            h.text += delta
+            delta = self._text_delta(h, o, params, True)
             h.finished, h.finish_reason = True, _finish_reason(reason)
             req.done.add(index)
             events.append(TokenEvent(h, -1, 0.0, delta, True, h.finish_reason))
         return events
+
+    def _text_delta(self, h: SeqHandle, o: Any, params: SamplingParams, finished: bool) -> str:
+        """The text this output adds to the handle (and adds it): vLLM's own delta, or, where
+        vLLM was asked not to detokenize, the whole text decoded once at the end."""
+        if _detokenizes(params):
+            delta = o.text or ""
+        elif finished:
+            delta = self.decode(h.output_ids)[len(h.text):]
+        else:
+            delta = ""
+        h.text += delta
+        return delta
+
+
+def _detokenizes(params: SamplingParams) -> bool:
+    return params.detokenize or bool(params.stop)
 
 
 def shape_only(rows: int, cols: int) -> torch.Tensor:
