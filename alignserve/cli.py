@@ -77,7 +77,8 @@ def load_engine(settings: Any) -> Any:
                              kv_cache_gib=settings.kv_cache_gib,
                              max_model_len=settings.max_model_len,
                              random_weights=settings.load_format == "dummy",
-                             cuda_graphs=settings.cuda_graphs)
+                             cuda_graphs=settings.cuda_graphs,
+                             cpu_bf16_decode=settings.cpu_bf16_decode)
 
 
 def vllm_load_kwargs(settings: Any) -> dict[str, Any]:
@@ -118,7 +119,8 @@ def _resources(engine: Any, settings: Any) -> Any:
         else:
             from alignserve.engine.native.engine import NativeEngine
 
-            amateur = NativeEngine.load(model=path, device=settings.device)
+            amateur = NativeEngine.load(model=path, device=settings.device,
+                                        cpu_bf16_decode=settings.cpu_bf16_decode)
         if amateur.vocab_size != engine.vocab_size:
             raise ValueError(f"--amateur {name}: vocabulary {amateur.vocab_size} differs from the "
                              f"served model's {engine.vocab_size}")

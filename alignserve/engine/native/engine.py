@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native.cpu_linear import use_bf16_for_few_rows
 from alignserve.engine.native.cuda_graphs import PiecewiseDecodeRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
@@ -112,10 +113,14 @@ class NativeEngine(TextCodec):
     @classmethod
     def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
              max_model_len: int | None = None, random_weights: bool = False,
-             cuda_graphs: bool | None = None) -> NativeEngine:
+             cuda_graphs: bool | None = None, cpu_bf16_decode: bool | None = None) -> NativeEngine:
+        """`cpu_bf16_decode` (None: on for a CPU): few-row steps use bf16 weight copies
+        (`cpu_linear.py`)."""
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
+        if dev.type == "cpu" and cpu_bf16_decode is not False:
+            use_bf16_for_few_rows(m)
         return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs)
 

@@ -1,0 +1,70 @@
+"""Few-row bf16 linears on CPU (cpu_linear.py) against exact fp32, side by side in one run:
+`sample` (n=1, the few-row case it is for) and `best_of_n` with 4 candidates (at the row limit)
+on the embedded model through the strategy code the server uses, the two settings alternating
+for --repeats rounds on one engine. Writes bench/results/cpu_decode-*.json.
+
+    .venv/bin/python bench/cpu_decode.py [--repeats 2] [--new-tokens 48] [--prompt 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bon_cpu import prompt_of, run_strategy
+from common import provenance, write_result
+
+from alignserve.engine.native.cpu_linear import DEFAULT_MAX_ROWS, set_few_rows
+from alignserve.engine.native.engine import NativeEngine
+
+CASES = (("sample", 1), ("best_of_n", 4))
+
+
+async def measure(args) -> dict:
+    engine = NativeEngine.load(device="cpu")  # few-row bf16 on: the CPU default
+    await engine.start()
+    times: dict[str, dict[str, list[float]]] = {f"{s}/{c}": {"fp32": [], "bf16": []} for s, c in CASES}
+    try:
+        prompt = prompt_of(engine, args.prompt)
+        await run_strategy(engine, "sample", prompt[:32], 4, 1)  # warm-up
+        for _ in range(args.repeats):
+            for setting, rows in (("fp32", 0), ("bf16", DEFAULT_MAX_ROWS)):
+                set_few_rows(engine.model, rows)
+                for strategy, candidates in CASES:
+                    seconds, _ = await run_strategy(engine, strategy, prompt, args.new_tokens, candidates)
+                    times[f"{strategy}/{candidates}"][setting].append(seconds)
+                    print(setting, strategy, candidates, round(seconds, 2), "s", flush=True)
+    finally:
+        await engine.close()
+    out = {}
+    for case, t in times.items():
+        med = {k: statistics.median(v) for k, v in t.items()}
+        out[case] = {"seconds": t, "median_s": {k: round(v, 3) for k, v in med.items()},
+                     "speedup": round(med["fp32"] / med["bf16"], 2)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=200)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    args = ap.parse_args()
+    results = asyncio.run(measure(args))
+    for case, r in results.items():
+        print(case, r["median_s"], f"{r['speedup']}x")
+    payload = {**provenance(), "torch": torch.__version__, "args": vars(args),
+               "what": "few-row bf16 linears vs fp32 on CPU, end to end", "results": results}
+    print("wrote", write_result("cpu_decode", payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

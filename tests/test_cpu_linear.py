@@ -1,0 +1,97 @@
+"""Few-row bf16 linears on CPU (alignserve/engine/native/cpu_linear.py): the choice by row
+count, tied weights, and the embedded model's decode staying within bf16 rounding of fp32."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignserve.engine.native.cpu_linear import FewRowBf16Linear, set_few_rows, use_bf16_for_few_rows
+from alignserve.engine.protocol import SamplingParams
+
+
+def test_rows_pick_the_weight_copy():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48, bias=True)
+    few = FewRowBf16Linear(lin, max_rows=4)
+    for shape in [(1, 32), (4, 32), (2, 2, 32)]:
+        x = torch.randn(*shape)
+        bf = F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()).float()
+        assert torch.equal(few(x), bf) and few(x).dtype == torch.float32
+        assert not torch.equal(few(x), lin(x))  # rounded: another result ...
+        torch.testing.assert_close(few(x), lin(x), atol=5e-2, rtol=5e-2)  # ... close to fp32
+    for shape in [(5, 32), (3, 2, 32)]:
+        x = torch.randn(*shape)
+        assert torch.equal(few(x), lin(x))  # more rows: fp32 exactly
+
+
+def test_swap_keeps_tied_weights_and_counts():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    m = Tiny()
+    assert use_bf16_for_few_rows(m) == 3
+    assert isinstance(m.head, FewRowBf16Linear) and m.head.weight is m.embed.weight
+    assert set_few_rows(m, 0) == 4 and all(
+        x.max_rows == 0 for x in m.modules() if isinstance(x, FewRowBf16Linear))
+    assert use_bf16_for_few_rows(m) == 0  # nothing left to swap
+
+
+def test_embedded_model_decodes_within_bf16_rounding_of_fp32(live_server):
+    engine = live_server.engine
+    ids = engine.encode_chat([{"role": "user", "content": "Name three colors."}])[1]
+
+    async def greedy(max_rows):
+        previous = set_few_rows(engine.model, max_rows)
+        try:
+            seq = await engine.prefill(ids)
+            steps = []
+
+            def keep(seqs, logits, inputs):
+                steps.append(logits[0].clone())
+                return logits
+
+            async for _ in engine.generate([seq], SamplingParams(temperature=0, max_tokens=6,
+                                                                 ignore_eos=True), processor=keep):
+                pass
+            await engine.release([seq])
+            return seq.output_ids, steps
+        finally:
+            set_few_rows(engine.model, previous)
+
+    run = lambda c: asyncio.run_coroutine_threadsafe(c, engine.loop).result(300)  # noqa: E731
+    exact_ids, exact = run(greedy(0))
+    fast_ids, fast = run(greedy(4))
+    # every step's logits come from one row (prefill's last token, then decode): bf16 there
+    diff = max(float((a - b).abs().max()) for a, b in zip(exact, fast))
+    assert 0 < diff < 0.5, diff
+    assert fast_ids == exact_ids
+    assert any(isinstance(m, FewRowBf16Linear) for m in engine.model.modules())
+
+
+@pytest.mark.parametrize("flag", ["--cpu-bf16-decode", "--no-cpu-bf16-decode"])
+def test_flag_is_checked_against_the_device(flag):
+    import argparse
+
+    from alignserve.server.settings import add_arguments, from_args
+
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return from_args(parser.parse_args(argv))
+
+    ok = parse(["--device", "cpu", flag])
+    assert ok.cpu_bf16_decode is (flag == "--cpu-bf16-decode")
+    assert parse(["--device", "cpu"]).cpu_bf16_decode is None  # the default: on for a CPU
+    if flag == "--cpu-bf16-decode":
+        with pytest.raises(ValueError, match="--cpu-bf16-decode"):
+            parse(["--device", "cuda", flag]).check()
