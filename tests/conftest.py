@@ -38,6 +38,19 @@ def native_engine() -> Any:
     return NativeEngine.load()
 
 
+@pytest.fixture
+def exact_engine(live_server: LiveServer) -> Iterator[Any]:
+    """The live server's engine in exact fp32, for tests that hold it to transformers' numbers
+    or to itself across batch shapes, which few-row bf16 steps (cpu_linear.py, tested in
+    test_cpu_linear.py) would round."""
+    from alignserve.engine.native.cpu_linear import set_few_rows
+
+    engine = live_server.engine
+    previous = set_few_rows(engine.model, 0)
+    yield engine
+    set_few_rows(engine.model, previous)
+
+
 @pytest.fixture(scope="session")
 def live_server(native_engine: Any) -> Iterator[LiveServer]:
     import uvicorn

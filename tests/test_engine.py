@@ -10,17 +10,9 @@ import torch
 from alignserve.engine.protocol import SamplingParams, TokenTally
 
 
-@pytest.fixture(scope="module")
-def engine(live_server):
-    """The live server's engine in exact fp32: these tests hold it to transformers' numbers and
-    to itself across batch shapes, which few-row bf16 steps (cpu_linear.py, tested in
-    test_cpu_linear.py) would round."""
-    from alignserve.engine.native.cpu_linear import set_few_rows
-
-    engine = live_server.engine
-    previous = set_few_rows(engine.model, 0)
-    yield engine
-    set_few_rows(engine.model, previous)
+@pytest.fixture
+def engine(exact_engine):
+    return exact_engine
 
 
 def run(engine, coro, timeout=300):

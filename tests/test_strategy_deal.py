@@ -381,10 +381,10 @@ def test_live_deal_bad_input_names_the_field(client, model_name, alignment, n, p
     assert e.value.body["param"] == param
 
 
-def test_engine_truncate_after_a_rollout_keeps_the_committed_kv(live_server):
+def test_engine_truncate_after_a_rollout_keeps_the_committed_kv(exact_engine):
     """The native engine: a rollout's last token is sampled but never fed; truncating back to
     the committed length must leave exactly the committed tokens' KV."""
-    engine = live_server.engine
+    engine = exact_engine
     ids = engine.encode("The capital of France is")
 
     async def go():
