@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from alignserve.engine.native import gguf_cache
 from alignserve.engine.native.model import CausalLM, ModelConfig, load_hf_state, rope_frequencies
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,13 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, gguf, name = resolve(model)
     kw = {"gguf_file": gguf} if gguf else {}
-    tokenizer = load_tokenizer(directory, gguf)
-    hf_cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
+    entry = gguf_cache.entry_for(directory, gguf) if gguf else None
+    cached = gguf_cache.read(entry) if entry is not None else None
+    if cached is not None:
+        hf_cfg, tokenizer, state = cached
+    else:
+        tokenizer = load_tokenizer(directory, gguf)
+        hf_cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
     if hf_cfg.model_type not in SUPPORTED:
         raise ValueError(f"unsupported model type {hf_cfg.model_type!r}; supported: {sorted(SUPPORTED)}")
     cfg = ModelConfig.from_hf(hf_cfg)
@@ -77,12 +83,18 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
             layer.input_norm.weight.data.fill_(1.0)
             layer.post_norm.weight.data.fill_(1.0)
         ours.norm.weight.data.fill_(1.0)
+    elif cached is not None:
+        missing, unexpected = ours.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"the model cache at {entry} does not fit the model: delete it")
     else:
         hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32, **kw)
         load_hf_state(ours, hf.state_dict())
         del hf
     if cfg.tie_word_embeddings:
         ours.lm_head.weight = ours.embed.weight
+    if entry is not None and cached is None and not random_weights:
+        gguf_cache.write(entry, hf_cfg, tokenizer, ours)
     ours = ours.to(device=device, dtype=dtype).eval()
     ours.inv_freq = ours.inv_freq.float()
     log.info("loaded %s: %d layers, hidden %d, vocab %d", name, cfg.num_layers, cfg.hidden_size, cfg.vocab_size)
