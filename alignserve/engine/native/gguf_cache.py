@@ -8,7 +8,8 @@ size and modification time, so a changed file is converted again. Later loads re
 in a few seconds. The folder is written to a temporary name and renamed, so a crash never leaves
 a half-written entry; a cache that cannot be written (read-only disk) only costs the speed.
 
-Location: $ALIGNSERVE_CACHE_DIR, else $XDG_CACHE_HOME/alignserve, else ~/.cache/alignserve.
+Location: $ALIGNSERVE_CACHE_DIR, else $XDG_CACHE_HOME/alignserve, else ~/.cache/alignserve
+(the system's temporary folder when there is no home directory).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ WEIGHTS = "model.safetensors"
 def cache_root() -> Path:
     if os.environ.get("ALIGNSERVE_CACHE_DIR"):
         return Path(os.environ["ALIGNSERVE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home directory to be found (some service accounts)
+            base = Path(tempfile.gettempdir())
     return Path(base) / "alignserve"
 
 
