@@ -14,18 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_e2e_gpu_bench_runs_native_and_hf_on_cpu(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "e2e_gpu.py"), "--device", "cpu", "--shapes", "tiny",
            "--ns", "2", "5", "--prompt", "24", "--gen", "6", "--reps", "1",
-           "--engines", "native", "hf", "vllm", "--kv-gib", "0.01", "--out", str(tmp_path)]
+           "--engines", "native", "native-eager", "hf", "vllm", "--kv-gib", "0.01", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (result,) = tmp_path.glob("e2e_gpu-*.json")
     payload = json.loads(result.read_text())
     rows = {(row["engine"], row["n"]): row for row in payload["results"]}
-    assert set(rows) == {("native", 2), ("native", 5), ("hf", 2), ("hf", 5)}
+    assert set(rows) == {(e, n) for e in ("native", "native-eager", "hf") for n in (2, 5)}
     for row in rows.values():
         assert row["seconds"] > 0
         assert abs(row["tok_s"] - row["n"] * 6 / row["seconds"]) <= 0.01 * row["tok_s"] + 1
     assert rows[("native", 5)]["steps_per_request"] >= 6  # a step per new token, at least
-    assert {(x["n"], x["against"]) for x in payload["ratios"]} == {(2, "hf"), (5, "hf")}
+    assert {(x["n"], x["against"]) for x in payload["ratios"]} == {
+        (n, e) for n in (2, 5) for e in ("hf", "native-eager")}
     if "vllm/tiny" in payload["skipped"]:  # no vLLM on a CPU machine: said, not hidden
         assert "not installed" in payload["skipped"]["vllm/tiny"]
     assert payload["device"] and payload["commit"] and payload["date"]
