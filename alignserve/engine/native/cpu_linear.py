@@ -1,10 +1,10 @@
 """Few-row linears in bfloat16 on a CPU: decoding one or a few sequences reads every weight
 once per token, so it is bound by memory bandwidth, and bf16 weights halve the bytes.
 
-Measured on the 2-core CI-like machine (SmolLM2-135M's 121 linears per step, weights out of
-cache): batch 1 takes 22 ms in bf16 against 59 ms in fp32, batch 4 68 ms against 115 ms; from
-batch 8 on bf16 is no faster (CPUs without bf16 units compute it slowly), and prefill chunks of
-hundreds of rows are several times slower in bf16. So each linear keeps its fp32 weight and a
+Measured on the 2-core CI-like machine (bench/cpu_decode.py; SmolLM2-135M's 121 linears of a
+step, weights out of cache): 1 row takes 19 ms in bf16 against 47 ms in fp32, 4 rows 60 against
+89 ms, but 8 rows 115 against 85 ms (CPUs without bf16 units compute it slowly), and prefill
+chunks of hundreds of rows are several times slower in bf16. So each linear keeps its fp32 weight and a
 bf16 copy, and picks by the call's row count: at most `max_rows` rows use the copy (input and
 output rounded to bf16, accumulation in fp32), more use fp32 as before. The cost is the copy's
 memory (half the fp32 model) and logits that differ from fp32 by bf16 rounding in few-row steps;
