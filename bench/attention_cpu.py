@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,23 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bon_cpu import prompt_of, run_strategy
-from common import provenance, write_result
+from common import median_ms, provenance, write_result
 
 from alignserve.engine.native.engine import NativeEngine
 from alignserve.kernels import attention_fused, dispatch
 from alignserve.kernels.attention import attention_lse_reference, padded_attention_lse_reference
 
 H, KVH, D = 9, 3, 64
-
-
-def median_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def kernel_rows(iters: int) -> list[dict]:

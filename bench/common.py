@@ -28,6 +28,20 @@ def provenance(device: str | None = None) -> dict:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
+def median_ms(fn, iters: int) -> float:
+    """Median wall time of fn() in milliseconds, after one untimed call (CPU benches)."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def write_result(name: str, payload: dict, folder: Path | None = None) -> Path:
     folder = folder or RESULTS
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bon_cpu import prompt_of, run_strategy
-from common import provenance, write_result
+from common import median_ms, provenance, write_result
 
 from alignserve.engine.native.cpu_linear import DEFAULT_MAX_ROWS, FewRowBf16Linear, set_few_rows
 from alignserve.engine.native.engine import NativeEngine
@@ -40,18 +39,10 @@ def linear_rows(engine: NativeEngine) -> list[dict]:
         for rows in (1, 2, 4, 8, 16):
             xs = {n: torch.randn(rows, n) for n in {m.weight.shape[1] for m in linears}}
             xb = {n: x.bfloat16() for n, x in xs.items()}
-            ms = {}
-            for name, step in (
+            ms = {name: round(median_ms(step, 5), 1) for name, step in (
                 ("fp32", lambda: [F.linear(xs[m.weight.shape[1]], m.weight) for m in linears]),
                 ("bf16", lambda: [F.linear(xb[m.weight.shape[1]], m.weight_bf16) for m in linears]),
-            ):
-                step()
-                times = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    step()
-                    times.append(1000 * (time.perf_counter() - t0))
-                ms[name] = round(statistics.median(times), 1)
+            )}
             out.append({"rows": rows, "fp32_ms": ms["fp32"], "bf16_ms": ms["bf16"],
                         "speedup": round(ms["fp32"] / ms["bf16"], 2)})
             print(out[-1], flush=True)
