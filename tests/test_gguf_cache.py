@@ -11,21 +11,25 @@ from alignserve.engine.native.loader import load_model, resolve
 
 
 @pytest.fixture(scope="module")
-def loads(tmp_path_factory):
-    """(converted, cached) loads of the embedded model through an empty cache folder."""
+def cache_dir(tmp_path_factory):
+    """An empty cache folder for this module (ALIGNSERVE_CACHE_DIR)."""
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("cache")
     mp.setenv("ALIGNSERVE_CACHE_DIR", str(root))
-    try:
-        directory, gguf, _ = resolve(None)
-        entry = gguf_cache.entry_for(directory, gguf)
-        assert not entry.exists()
-        converted = load_model(None, torch.device("cpu"), torch.float32)
-        assert (entry / gguf_cache.WEIGHTS).is_file()  # the conversion was stored
-        cached = load_model(None, torch.device("cpu"), torch.float32)
-        yield converted, cached, entry
-    finally:
-        mp.undo()
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def loads(cache_dir):
+    """(converted, cached) loads of the embedded model through an empty cache folder."""
+    directory, gguf, _ = resolve(None)
+    entry = gguf_cache.entry_for(directory, gguf)
+    assert not entry.exists()
+    converted = load_model(None, torch.device("cpu"), torch.float32)
+    assert (entry / gguf_cache.WEIGHTS).is_file()  # the conversion was stored
+    cached = load_model(None, torch.device("cpu"), torch.float32)
+    return converted, cached, entry
 
 
 def test_cached_load_is_the_converted_model(loads):
@@ -75,3 +79,18 @@ def test_the_key_follows_the_file(tmp_path):
     first = gguf_cache.entry_for(str(tmp_path), "m.gguf")
     f.write_bytes(b"other")
     assert gguf_cache.entry_for(str(tmp_path), "m.gguf") != first
+
+
+def test_weights_that_do_not_fit_are_converted_again_and_replaced(loads):
+    from safetensors.torch import load_file, save_file
+
+    (converted, _, _), _, entry = loads
+    weights = entry / gguf_cache.WEIGHTS
+    state = load_file(weights)
+    state["norm.weight"] = torch.zeros(3)  # a tensor of another shape: a damaged entry
+    save_file(state, weights)
+    assert not gguf_cache.load_into(converted, state, entry)
+    healed, _, _ = load_model(None, torch.device("cpu"), torch.float32)
+    assert torch.equal(healed.norm.weight, converted.norm.weight)
+    assert load_file(weights)["norm.weight"].shape == converted.norm.weight.shape  # rewritten
+    assert gguf_cache.load_into(healed, load_file(weights), entry)

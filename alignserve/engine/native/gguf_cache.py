@@ -66,8 +66,26 @@ def read(entry: Path) -> tuple[Any, Any, dict[str, torch.Tensor]] | None:
         return None
 
 
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], entry: Path) -> bool:
+    """Load a cached state dict into `model`; False (and a warning) when it does not fit (the
+    caller converts again, and `write` replaces the entry)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        problem = str(exc).splitlines()[-1]
+    else:
+        extra = sorted(set(missing) - {"lm_head.weight"}) + sorted(unexpected)  # lm_head: tied
+        if not extra:
+            return True
+        problem = f"tensors that do not fit: {extra[:5]}"
+    log.warning("the model cache at %s does not fit the model (%s); converting again", entry,
+                problem)
+    return False
+
+
 def write(entry: Path, hf_cfg: Any, tokenizer: Any, model: torch.nn.Module) -> bool:
-    """Store a converted model; False (and a warning) when the cache cannot be written."""
+    """Store a converted model, replacing a damaged entry; False (and a warning) when the cache
+    cannot be written: that costs only the speed of the next load."""
     from safetensors.torch import save_file
 
     tmp = None
@@ -80,10 +98,12 @@ def write(entry: Path, hf_cfg: Any, tokenizer: Any, model: torch.nn.Module) -> b
         if getattr(model.cfg, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the embedding's; safetensors stores a tensor once
         save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / WEIGHTS)
+        if entry.exists():  # an entry that failed to read or fit: its files are replaced
+            shutil.rmtree(entry)
         os.replace(tmp, entry)
         log.info("cached the converted model at %s", entry)
         return True
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001  (disk full, read-only, a racing writer, ...)
         log.warning("could not cache the converted model at %s: %s", entry, exc)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

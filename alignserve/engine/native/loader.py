@@ -54,15 +54,17 @@ def load_tokenizer(directory: str, gguf: str | None) -> Any:
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
-               random_weights: bool = False) -> tuple[CausalLM, Any, str]:
-    """Returns (model, tokenizer, served name). `random_weights` keeps only the shapes."""
+               random_weights: bool = False, *, read_cache: bool = True) -> tuple[CausalLM, Any, str]:
+    """Returns (model, tokenizer, served name). `random_weights` keeps only the shapes. A GGUF
+    model is read from its conversion cache (`gguf_cache`) when there is one that fits, else
+    converted and cached (`read_cache=False`: convert in any case, replacing the entry)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, gguf, name = resolve(model)
     kw = {"gguf_file": gguf} if gguf else {}
     entry = gguf_cache.entry_for(directory, gguf) if gguf else None
-    cached = gguf_cache.read(entry) if entry is not None else None
+    cached = gguf_cache.read(entry) if entry is not None and read_cache else None
     if cached is not None:
         hf_cfg, tokenizer, state = cached
     else:
@@ -84,9 +86,8 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
             layer.post_norm.weight.data.fill_(1.0)
         ours.norm.weight.data.fill_(1.0)
     elif cached is not None:
-        missing, unexpected = ours.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"the model cache at {entry} does not fit the model: delete it")
+        if not gguf_cache.load_into(ours, state, entry):  # damaged: convert the GGUF again
+            return load_model(model, device, dtype, random_weights, read_cache=False)
     else:
         hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32, **kw)
         load_hf_state(ours, hf.state_dict())
