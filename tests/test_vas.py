@@ -21,7 +21,7 @@ from alignserve.decoding.vas import (
     resolve_value_models,
     vas_logits,
 )
-from alignserve.engine.protocol import StepInputs, TokenEvent
+from alignserve.engine.protocol import StepInputs
 from alignserve.rewardmodels.value.model import (
     ValueHead,
     ValueModel,
@@ -302,13 +302,10 @@ class _BranchEngine(FakeEngine):
             events, nxt = [], []
             for s, row in zip(live, logits):
                 tok = int(torch.argmax(row))
-                s.token_ids.append(tok)
-                s.text = self.tokenizer.decode(s.output_ids)
-                s.cumulative_logprob -= 0.1 * branch[s.key]
                 reason = "stop" if tok == 0 else None
-                s.finished, s.finish_reason = reason is not None, reason
-                events.append(TokenEvent(s, tok, 0.0, self.tokenizer.decode([tok]),
-                                         reason is not None, reason))
+                # the event says 0.0; the handle's log-likelihood falls with the branch index
+                events.append(self.commit(s, tok, 0.0, reason))
+                s.cumulative_logprob -= 0.1 * branch[s.key]
                 if reason is None:
                     nxt.append(s)
             if tally:

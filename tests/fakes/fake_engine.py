@@ -102,23 +102,26 @@ class FakeEngine:
             events, nxt = [], []
             for s, row, lrow in zip(live, logits, lp):
                 tok = int(torch.argmax(row))
-                s.token_ids.append(tok)
-                s.text = self.tokenizer.decode(s.output_ids)
-                s.cumulative_logprob += float(lrow[tok])
                 reason = None
-                if tok in stop_ids and s.num_output >= params.min_tokens:
+                if tok in stop_ids and s.num_output + 1 >= params.min_tokens:
                     reason = "stop"
-                elif s.num_output >= params.max_tokens:
+                elif s.num_output + 1 >= params.max_tokens:
                     reason = "length"
-                s.finished, s.finish_reason = reason is not None, reason
-                events.append(TokenEvent(s, tok, float(lrow[tok]), self.tokenizer.decode([tok]),
-                                         reason is not None, reason))
+                events.append(self.commit(s, tok, float(lrow[tok]), reason))
                 if reason is None:
                     nxt.append(s)
             if tally:
                 tally.add(kind, len(nxt))
             live = nxt
             yield events
+
+    def commit(self, s: SeqHandle, tok: int, logprob: float, reason: str | None) -> TokenEvent:
+        """Append a sampled token to `s` (text, log-likelihood, finish) and make its event."""
+        s.token_ids.append(tok)
+        s.text = self.tokenizer.decode(s.output_ids)
+        s.cumulative_logprob += logprob
+        s.finished, s.finish_reason = reason is not None, reason
+        return TokenEvent(s, tok, logprob, self.tokenizer.decode([tok]), reason is not None, reason)
 
     async def truncate(self, seq: SeqHandle, length: int) -> None:
         self._call("truncate")
