@@ -41,11 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from shapes import SHAPES, build_model, hf_config_kwargs  # noqa: E402
-
-
-def random_prompt(rng: random.Random, shape: str, n: int) -> list[int]:
-    return [rng.randrange(100, SHAPES[shape]["vocab_size"] - 100) for _ in range(n)]
+from shapes import SHAPES, build_model, hf_config_kwargs, random_prompt  # noqa: E402
 
 
 def best_time(run, reps: int) -> float:

@@ -3,6 +3,8 @@ on the weights). `tiny` exists so that a benchmark's code path can be smoke-run 
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from alignserve.engine.native.model import CausalLM, ModelConfig, rope_frequencies
@@ -46,3 +48,8 @@ def build_model(shape: str, device: torch.device | str, dtype: torch.dtype) -> C
     model = model.to(dtype).eval()
     model.inv_freq = rope_frequencies(cfg).to(device)
     return model
+
+
+def random_prompt(rng: random.Random, shape: str, n: int) -> list[int]:
+    """n token ids drawn from the shape's vocabulary (away from its ends, where specials live)."""
+    return [rng.randrange(100, SHAPES[shape]["vocab_size"] - 100) for _ in range(n)]

@@ -47,10 +47,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-         "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-         "tie_word_embeddings": True}
+from shapes import hf_config_kwargs, random_prompt  # noqa: E402
+
+MODEL = "smollm2-135m"
+SHAPE = hf_config_kwargs(MODEL)
 ENGINE_ARGS = {"gpu_memory_utilization": 0.55, "max_model_len": 8192, "dtype": "bfloat16",
                "seed": 0, "enable_prefix_caching": True}
 
@@ -103,10 +103,6 @@ def with_weights(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def random_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, SHAPE["vocab_size"] - 100) for _ in range(n)]
-
-
 # ---- 2. the baseline: vLLM alone ----------------------------------------------------------------
 
 def baseline(model: str, engine_args: dict, prompt: int, gen: int, ns: list[int], reps: int) -> list[dict]:
@@ -121,7 +117,7 @@ def baseline(model: str, engine_args: dict, prompt: int, gen: int, ns: list[int]
         sp = SamplingParams(n=n, max_tokens=gen, min_tokens=gen, ignore_eos=True, temperature=1.0)
         times = []
         for _ in range(reps + 1):  # the first is a warm-up
-            ids = random_prompt(rng, prompt)
+            ids = random_prompt(rng, MODEL, prompt)
             t = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
@@ -199,7 +195,7 @@ class Runner:
         return ok
 
     def once(self, prompt: int, gen: int, n: int, alignment: dict, ignore_eos: bool = True):
-        ids = random_prompt(self.rng, prompt)
+        ids = random_prompt(self.rng, MODEL, prompt)
         t = time.perf_counter()
         r = self.client.completions.create(
             model=self.model, prompt=ids, max_tokens=gen, n=n, temperature=1.0,
