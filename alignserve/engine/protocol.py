@@ -43,6 +43,11 @@ class SamplingParams:
     detokenize: bool = True
 
     @property
+    def per_token_text(self) -> bool:
+        """Whether an engine must detokenize as it goes: asked to, or stop strings to match."""
+        return self.detokenize or bool(self.stop)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
 

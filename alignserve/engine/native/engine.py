@@ -266,7 +266,7 @@ class NativeEngine(TextCodec):
                 raise EngineError("no pending logits to sample from")
             st.group, st.rng_seed = group, row_seed(base, i)
             initial = self.decode(st.handle.output_ids) if st.handle.num_output else ""
-            if params.detokenize or params.stop:
+            if params.per_token_text:
                 st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
             else:
                 st.text = DeferredText(self.tokenizer, st.handle.output_ids, initial)

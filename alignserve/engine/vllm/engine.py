@@ -528,7 +528,7 @@ class VllmEngine(TextCodec):
             # Without stop strings a caller that reads text only at the end (best_of_n, deal's
             # rollouts) spares vLLM's output processor its per-token detokenization; the text
             # is decoded once when the sequence finishes (`_text_delta`).
-            "detokenize": _detokenizes(params),
+            "detokenize": params.per_token_text,
         }
         if extra_args:
             kw["extra_args"] = extra_args
@@ -680,7 +680,7 @@ class VllmEngine(TextCodec):
                 st.call = None
                 if not st.handle.finished:
                     st.handle.finished, st.handle.finish_reason = True, "abort"
-                    if not _detokenizes(params):  # a finished handle's text is whole
+                    if not params.per_token_text:  # a finished handle's text is whole
                         st.handle.text = self.decode(st.handle.output_ids)
             for st, f in zip(states, fstates or []):
                 if not f.released:
@@ -816,7 +816,7 @@ class VllmEngine(TextCodec):
     def _text_delta(self, h: SeqHandle, o: Any, params: SamplingParams, finished: bool) -> str:
         """The text this output adds to the handle (and adds it): vLLM's own delta, or, where
         vLLM was asked not to detokenize, the whole text decoded once at the end."""
-        if _detokenizes(params):
+        if params.per_token_text:
             delta = o.text or ""
         elif finished:
             delta = self.decode(h.output_ids)[len(h.text):]
@@ -824,10 +824,6 @@ class VllmEngine(TextCodec):
             delta = ""
         h.text += delta
         return delta
-
-
-def _detokenizes(params: SamplingParams) -> bool:
-    return params.detokenize or bool(params.stop)
 
 
 def shape_only(rows: int, cols: int) -> torch.Tensor:
