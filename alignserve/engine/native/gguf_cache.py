@@ -1,11 +1,10 @@
 """A GGUF model converted once, loaded fast after that.
 
 transformers parses a GGUF file and dequantizes its weights on every load: ~40 s for the
-embedded 93 MB SmolLM2 on the 2-core machine (tokenizer, config and weights each parse the
-file). The result of that work (config.json, the tokenizer files, our model's fp32 weights as
+embedded 93 MB SmolLM2 on the 2-core machine against ~6 s from the cache (bench/load_time.py;
+tokenizer, config and weights each parse the file). The result of that work (config.json, the tokenizer files, our model's fp32 weights as
 safetensors, ~540 MB for SmolLM2-135M) is kept in a cache folder named after the file's path,
-size and modification time, so a changed file is converted again. Later loads read the folder
-in a few seconds. The folder is written to a temporary name and renamed, so a crash never leaves
+size and modification time, so a changed file is converted again. The folder is written to a temporary name and renamed, so a crash never leaves
 a half-written entry; a cache that cannot be written (read-only disk) only costs the speed.
 
 Location: $ALIGNSERVE_CACHE_DIR, else $XDG_CACHE_HOME/alignserve, else ~/.cache/alignserve
