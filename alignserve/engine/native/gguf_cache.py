@@ -1,11 +1,13 @@
 """A GGUF model converted once, loaded fast after that.
 
-transformers parses a GGUF file and dequantizes its weights on every load: ~40 s for the
-embedded 93 MB SmolLM2 on the 2-core machine against ~6 s from the cache (bench/load_time.py;
-tokenizer, config and weights each parse the file). The result of that work (config.json, the tokenizer files, our model's fp32 weights as
-safetensors, ~540 MB for SmolLM2-135M) is kept in a cache folder named after the file's path,
-size and modification time, so a changed file is converted again. The folder is written to a temporary name and renamed, so a crash never leaves
-a half-written entry; a cache that cannot be written (read-only disk) only costs the speed.
+transformers parses a GGUF file and dequantizes its weights on every load (tokenizer, config
+and weights each parse the file): ~40 s for the embedded 93 MB SmolLM2 on the 2-core machine,
+against ~6 s from the cache (bench/load_time.py). The result of that work (config.json, the
+tokenizer files, our model's fp32 weights as safetensors, ~520 MB for SmolLM2-135M) is kept in
+a cache folder named after the file's path, size and modification time, so a changed file is
+converted again. The folder is written under a temporary name and renamed, so a crash never
+leaves a half-written entry; an entry that fails to read or fit is converted again and
+replaced; a cache that cannot be written (read-only disk) only costs the speed.
 
 Location: $ALIGNSERVE_CACHE_DIR, else $XDG_CACHE_HOME/alignserve, else ~/.cache/alignserve
 (the system's temporary folder when there is no home directory).
