@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import os
@@ -109,9 +110,6 @@ def bench_native(shape: str, args, dtype: torch.dtype, eager: bool = False) -> l
     finally:
         loop.run_until_complete(engine.close())
         loop.close()
-    del engine, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -136,8 +134,15 @@ def bench_hf(shape: str, args, dtype: torch.dtype) -> list[dict]:
             assert out.shape == (n, args.prompt + args.gen)
 
         rows.append(row("hf", shape, n, args, best_time(run, args.reps)))
-    del model
-    if args.device == "cuda":
+    return rows
+
+
+def in_process(bench, *args) -> list[dict]:
+    """One in-process bench's rows; its model and engine (and their GPU memory) are gone after,
+    so the next one has the GPU to itself."""
+    rows = bench(*args)
+    gc.collect()  # the engine's loop and closures hold cycles
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
 
@@ -238,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows += got
         if "native" in args.engines:
-            rows += bench_native(shape, args, dtype)
+            rows += in_process(bench_native, shape, args, dtype)
         if "native-eager" in args.engines:
-            rows += bench_native(shape, args, dtype, eager=True)
+            rows += in_process(bench_native, shape, args, dtype, True)
         if "hf" in args.engines:
-            rows += bench_hf(shape, args, dtype)
+            rows += in_process(bench_hf, shape, args, dtype)
     payload = {**provenance(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
                "what": "best-of-N sampling end to end: native engine vs vLLM n=N vs HF generate",
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
