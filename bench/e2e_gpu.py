@@ -12,8 +12,9 @@ them; fp32 on a CPU).
 - native: engine.prefill -> fork(N) -> generate -> release, the engine calls best_of_n makes
   before it scores (with detokenize=False, as best_of_n asks; the bench has no tokenizer for
   random weights, so the one decode per candidate at the end is a join of ids). CUDA graphs on
-  (the engine's default on CUDA); "native-eager" is the same with CUDA graphs off, to show
-  what the graphs buy.
+  (the engine's default on CUDA: piecewise, and whole steps once a layout repeats);
+  "native-piecewise" keeps to piecewise graphs and "native-eager" turns graphs off, to show
+  what each buys. On a CPU (the smoke run) "native" takes the same graph paths uncaptured.
 - vllm: vllm.LLM.generate with n=N (dummy weights, prefix caching on, detokenize off), in a child
   process so that its GPU memory is gone before the native engine starts.
   VLLM_USE_FLASHINFER_SAMPLER=0, as ../shared/FACTS.md advises.
@@ -73,15 +74,19 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-def bench_native(shape: str, args, dtype: torch.dtype, eager: bool = False) -> list[dict]:
-    """The native engine's rows; `eager` turns CUDA graphs off (engine "native-eager")."""
+def bench_native(shape: str, args, dtype: torch.dtype, variant: str = "native") -> list[dict]:
+    """The native engine's rows; `variant`: "native" (the engine's defaults, graphs forced on a
+    CPU so the smoke run takes their paths), "native-piecewise" (no whole-step graphs) or
+    "native-eager" (no CUDA graphs)."""
     from alignserve.engine.native.engine import NativeEngine
     from alignserve.engine.protocol import SamplingParams
 
     device = torch.device(args.device)
     model = build_model(shape, device, dtype)
     engine = NativeEngine(model, IdsTokenizer(), shape, device, kv_cache_gib=args.kv_gib,
-                          cuda_graphs=False if eager else None)
+                          cuda_graphs=variant != "native-eager")
+    if variant == "native-piecewise":
+        engine.decode_runner.whole = False
     params = SamplingParams(temperature=1.0, max_tokens=args.gen, ignore_eos=True, detokenize=False)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
@@ -104,9 +109,13 @@ def bench_native(shape: str, args, dtype: torch.dtype, eager: bool = False) -> l
             steps0 = engine.stats().steps
             seconds = best_time(lambda i, n=n: loop.run_until_complete(request(n)), args.reps)
             runner = engine.decode_runner
-            rows.append(row("native-eager" if eager else "native", shape, n, args, seconds,
+            graphs = None if runner is None else {
+                "captured": runner.capture, "buckets": runner.captured, "failed": runner.failed,
+                "whole_steps": runner.whole_steps, "steps": runner.steps,
+                "whole_layouts": runner.whole_built, "whole_failed": runner.whole_failed}
+            rows.append(row(variant, shape, n, args, seconds,
                             steps_per_request=(engine.stats().steps - steps0) // (args.reps + 1),
-                            cuda_graphs=None if runner is None else (runner.failed or runner.captured())))
+                            cuda_graphs=graphs))
     finally:
         loop.run_until_complete(engine.close())
         loop.close()
@@ -199,7 +208,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     out = []
     by = {(r["engine"], r["model"], r["n"]): r for r in rows}
     for (engine, shape, n), r in by.items():
-        if engine == "native":  # against native-eager too: what CUDA graphs buy
+        if engine == "native":  # against native-piecewise/-eager too: what the graphs buy
             continue
         ours = by.get(("native", shape, n))
         if ours is not None:
@@ -215,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--engines", nargs="+", default=["vllm", "native", "native-eager", "hf"],
-                    choices=["vllm", "native", "native-eager", "hf"])
+    engines = ["vllm", "native", "native-piecewise", "native-eager", "hf"]
+    ap.add_argument("--engines", nargs="+", default=engines, choices=engines)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--kv-gib", type=float, default=None, help="the native engine's KV cache")
     ap.add_argument("--vllm-memory", type=float, default=0.6, help="vLLM's gpu_memory_utilization")
@@ -242,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("vllm skipped:", got[:300], flush=True)
             else:
                 rows += got
-        if "native" in args.engines:
-            rows += in_process(bench_native, shape, args, dtype)
-        if "native-eager" in args.engines:
-            rows += in_process(bench_native, shape, args, dtype, True)
+        for variant in ("native", "native-piecewise", "native-eager"):
+            if variant in args.engines:
+                rows += in_process(bench_native, shape, args, dtype, variant)
         if "hf" in args.engines:
             rows += in_process(bench_hf, shape, args, dtype)
     payload = {**provenance(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),

@@ -14,19 +14,42 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_e2e_gpu_bench_runs_native_and_hf_on_cpu(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "e2e_gpu.py"), "--device", "cpu", "--shapes", "tiny",
            "--ns", "2", "5", "--prompt", "24", "--gen", "6", "--reps", "1",
-           "--engines", "native", "native-eager", "hf", "vllm", "--kv-gib", "0.01", "--out", str(tmp_path)]
+           "--engines", "native", "native-piecewise", "native-eager", "hf", "vllm", "--kv-gib", "0.01",
+           "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (result,) = tmp_path.glob("e2e_gpu-*.json")
     payload = json.loads(result.read_text())
     rows = {(row["engine"], row["n"]): row for row in payload["results"]}
-    assert set(rows) == {(e, n) for e in ("native", "native-eager", "hf") for n in (2, 5)}
+    engines = ("native", "native-piecewise", "native-eager", "hf")
+    assert set(rows) == {(e, n) for e in engines for n in (2, 5)}
     for row in rows.values():
         assert row["seconds"] > 0
         assert abs(row["tok_s"] - row["n"] * 6 / row["seconds"]) <= 0.01 * row["tok_s"] + 1
     assert rows[("native", 5)]["steps_per_request"] >= 6  # a step per new token, at least
+    # the graph paths ran (uncaptured on a CPU): whole steps only where they are allowed
+    graphs = rows[("native", 5)]["cuda_graphs"]
+    assert graphs["whole_steps"] > 0 and graphs["whole_failed"] is None and not graphs["captured"]
+    assert rows[("native-piecewise", 5)]["cuda_graphs"]["whole_steps"] == 0
+    assert rows[("native-piecewise", 5)]["cuda_graphs"]["steps"] > 0
+    assert rows[("native-eager", 5)]["cuda_graphs"] is None
     assert {(x["n"], x["against"]) for x in payload["ratios"]} == {
-        (n, e) for n in (2, 5) for e in ("hf", "native-eager")}
+        (n, e) for n in (2, 5) for e in ("hf", "native-eager", "native-piecewise")}
     if "vllm/tiny" in payload["skipped"]:  # no vLLM on a CPU machine: said, not hidden
         assert "not installed" in payload["skipped"]["vllm/tiny"]
     assert payload["device"] and payload["commit"] and payload["date"]
+
+
+def test_decode_gpu_bench_runs_every_path_on_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "decode_gpu.py"), "--device", "cpu", "--models", "tiny",
+           "--batches", "1", "3", "--prompt", "40", "--leaf", "5", "--iters", "2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (result,) = tmp_path.glob("decode_gpu-*.json")
+    payload = json.loads(result.read_text())
+    assert [row["batch"] for row in payload["results"]] == [1, 3]
+    for row in payload["results"]:
+        assert row["eager_ms"] > 0 and row["graphs_ms"] > 0 and row["whole_ms"] > 0
+        # the three paths compute the same step
+        assert row["max_abs_logit_diff"] < 1e-4 and row["whole_max_abs_logit_diff"] < 1e-4
+    assert payload["dtype"] == "float32" and payload["device"] and payload["commit"]

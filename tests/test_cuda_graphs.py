@@ -93,9 +93,11 @@ def build_tree(model: CausalLM, n: int, seed: int, prompt: int = 21
     return cache, chains, lengths
 
 
-def decode_both(model, runner, n, steps=3, seed=0, early=(1, 2), poison=False, kv_tol=None):
+def decode_both(model, runner, n, steps=3, seed=0, early=(1, 2), poison=False, kv_tol=None,
+                for_graphs=False):
     """Run `steps` decode steps on two copies of one KV tree: the plain model path and the
-    runner. Returns per step (eager, piecewise) pairs of (normed, logits, early dict)."""
+    runner (given plans laid out `for_graphs`, which lets it run steps whole). Returns per step
+    (eager, runner) pairs of (normed, logits, early dict)."""
     cache, chains, lengths = build_tree(model, n, seed)
     dev = cache.device
     scale = model.cfg.head_dim ** -0.5
@@ -107,7 +109,8 @@ def decode_both(model, runner, n, steps=3, seed=0, early=(1, 2), poison=False, k
         pos = torch.tensor(lengths, device=dev)
         tok = torch.tensor(tokens, device=dev)
         plan = DecodePlan(cache, chains, [cache.append_slots(c, 1)[0] for c in chains], scale)
-        plan2 = DecodePlan(cache2, chains2, [cache2.append_slots(c, 1)[0] for c in chains2], scale)
+        plan2 = DecodePlan(cache2, chains2, [cache2.append_slots(c, 1)[0] for c in chains2], scale,
+                           for_graphs=for_graphs)
         cap = {e: None for e in early}
         normed, logits = model.head(model.hidden_states(tok, pos, plan, cap))
         cap2 = {e: None for e in early}
@@ -184,6 +187,76 @@ def test_piecewise_on_the_embedded_model(native_engine):
 
 
 # ----------------------------------------------------------------------------------------------
+# CPU: whole steps (static buffers, the plan bound to them) equal the plain path
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_whole_steps_match_plain_decode(n):
+    model = tiny_model()
+    runner = PiecewiseDecodeRunner(model, capture=False, whole_after=1)
+    with torch.inference_mode():
+        # 20 steps: leaves cross page boundaries (new pages arrive as data, not as a new layout)
+        for pair in decode_both(model, runner, n, steps=20, seed=n, for_graphs=True):
+            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+    assert runner.steps == 20 and runner.whole_steps == 20 and runner.whole_built == 1
+
+
+def test_whole_steps_wait_for_a_repeated_layout():
+    model = tiny_model()
+    runner = PiecewiseDecodeRunner(model, capture=False)  # whole_after=2
+    with torch.inference_mode():
+        for pair in decode_both(model, runner, 5, steps=4, seed=2, for_graphs=True):
+            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+        assert (runner.steps, runner.whole_steps, runner.whole_built) == (4, 3, 1)
+        # plans without a layout key (for_graphs off) always run piecewise
+        decode_both(model, runner, 5, steps=3, seed=2)
+    assert (runner.steps, runner.whole_steps, runner.whole_built) == (7, 3, 1)
+
+
+def _chains_with_leaves(leaf_lengths: list[int], prompt: int = 40):
+    cache = KVCache(2, 4096, 2, 16, torch.float32, torch.device("cpu"))
+    root = cache.new_chain(0)
+    cache.append_slots(root, prompt)
+    chains = cache.fork(root, 0, list(range(1, len(leaf_lengths) + 1)))
+    for c, k in zip(chains, leaf_lengths):
+        cache.append_slots(c, k)
+    return cache, chains
+
+
+def _plan(cache, chains, for_graphs=True):
+    return DecodePlan(cache, chains, [cache.append_slots(c, 1)[0] for c in chains], 0.25,
+                      for_graphs=for_graphs)
+
+
+def test_canonical_device():
+    from alignserve.engine.native.kv_cache import canonical_device
+
+    assert canonical_device("cpu") == torch.device("cpu") == canonical_device(torch.device("cpu"))
+    assert KVCache(2, 64, 2, 16, torch.float32, "cpu").device == torch.device("cpu")
+
+
+def test_decode_plan_layout_key():
+    cache, chains = _chains_with_leaves([3, 30, 0])
+    first = _plan(cache, chains)
+    assert first.width == 256 and first.key is not None
+    assert _plan(cache, chains, for_graphs=False).key is None
+    # the leaves grew (one crossed into a new page): the same layout, other data
+    second = _plan(cache, chains)
+    assert second.key == first.key and not torch.equal(second.host, first.host)
+    # a row gone, a leaf past the width, a shared segment changed: each a new layout
+    assert _plan(cache, chains[1:]).key != first.key
+    cache.append_slots(chains[0], 260)
+    wide = _plan(cache, chains)
+    assert wide.width == 512 and wide.key != first.key
+    cache2, chains2 = _chains_with_leaves([3, 30, 0])
+    a = _plan(cache2, chains2)
+    shared = chains2[0][0]
+    shared.changed()  # its slot tensor is built anew: a graph must not read the old address
+    b = _plan(cache2, chains2)
+    assert a.key[:2] == b.key[:2] and a.key != b.key
+
+
+# ----------------------------------------------------------------------------------------------
 # the engine: the runner on its decode steps, and the fallbacks
 # ----------------------------------------------------------------------------------------------
 
@@ -239,8 +312,11 @@ def test_engine_decode_through_the_runner_matches_eager():
     assert _engine(cuda_graphs=None).decode_runner is None  # auto: off without CUDA
     a, b = _generate_run(eager), _generate_run(piecewise)
     _compare_runs(a, b, rtol=1e-5, atol=1e-5)
-    # 6 tokens: the first sampled from the prefill's logits, then 5 decode steps of 5 rows
-    assert piecewise.decode_runner.steps == 5 and len(b[1]) == 6
+    # 6 tokens: the first sampled from the prefill's logits, then 5 decode steps of 5 rows;
+    # one layout throughout: piecewise twice, then whole
+    runner = piecewise.decode_runner
+    assert runner.steps == 5 and len(b[1]) == 6
+    assert runner.whole_steps == 4 and runner.whole_built == 1
 
 
 def test_engine_falls_back_to_eager(caplog):
@@ -265,6 +341,75 @@ def test_engine_falls_back_to_eager(caplog):
     assert calls == [8] and broken.decode_runner.steps == 0
     assert "not permitted" in broken.decode_runner.failed
     assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
+
+
+def test_engine_whole_steps_follow_rows_that_finish():
+    """Candidates that stop at different steps change the layout; every step still matches
+    the eager engine, and new layouts are set up as they repeat."""
+
+    def run(engine):
+        seen = []
+
+        def processor(seqs, logits, inputs):
+            step = len(seen)
+            seen.append(logits.clone())
+            if 2 <= step <= 4:  # from the third step on, one more candidate ends (EOS is 0)
+                logits[0] = -1e9
+                logits[0, 0] = 1e9
+            return logits
+
+        async def go():
+            await engine.start()
+            try:
+                root = await engine.prefill(list(range(3, 30)))
+                seqs = await engine.fork(root, 5)
+                params = SamplingParams(temperature=0, max_tokens=12, min_tokens=0)
+                async for _ in engine.generate(seqs, params, processor=processor):
+                    pass
+                out = [s.output_ids for s in seqs]
+                await engine.release(seqs + [root])
+                return out
+            finally:
+                await engine.close()
+
+        return asyncio.run(go()), seen
+
+    eager = run(_engine(cuda_graphs=False))
+    graphs = _engine(cuda_graphs=True)
+    steps = run(graphs)
+    assert [len(o) for o in eager[0]] == [len(o) for o in steps[0]]
+    assert sorted(len(o) for o in eager[0])[:3] == [3, 4, 5]  # three stopped early
+    _compare_runs(eager, steps, rtol=1e-5, atol=1e-5)
+    runner = graphs.decode_runner
+    assert runner.whole_built >= 2 and 0 < runner.whole_steps < runner.steps
+
+
+def test_whole_step_failure_falls_back_to_pieces(caplog):
+    ref = _generate_run(_engine(cuda_graphs=False), n=5, max_tokens=6)
+    engine = _engine(cuda_graphs=True)
+    calls = []
+
+    def fail(plan, tokens, positions):
+        calls.append(plan.batch)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine.decode_runner._build_whole = fail
+    with caplog.at_level(logging.WARNING, logger="alignserve.engine.native.cuda_graphs"):
+        run = _generate_run(engine, n=5, max_tokens=6)
+    _compare_runs(ref, run, rtol=1e-5, atol=1e-5)
+    runner = engine.decode_runner
+    assert calls == [5] and runner.steps == 5 and runner.whole_steps == 0
+    assert "not permitted" in runner.whole_failed and runner.failed is None
+    assert len([r for r in caplog.records if "whole-step" in r.getMessage()]) == 1
+
+
+def test_whole_step_layouts_are_bounded():
+    model = tiny_model()
+    runner = PiecewiseDecodeRunner(model, capture=False, whole_after=1, max_whole=2)
+    with torch.inference_mode():
+        for seed in range(4):  # four trees: four layouts, the two most recent kept
+            decode_both(model, runner, 3, steps=2, seed=seed, for_graphs=True)
+    assert runner.whole_built == 4 and len(runner._whole) == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,3 +463,48 @@ def test_cuda_engine_uses_graphs_by_default():
     assert auto.decode_runner is not None and auto.decode_runner.capture
     _compare_runs(_generate_run(eager), _generate_run(auto), rtol=1e-4, atol=1e-4)
     assert auto.decode_runner.steps == 5 and auto.decode_runner.captured == [8]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_whole_steps_match_pieces_and_plain_path(dtype):
+    model = tiny_model(_smollm2_config(layers=6), device="cuda", dtype=dtype, std=0.05)
+    whole = PiecewiseDecodeRunner(model, capture=True, whole_after=1)
+    pieces = PiecewiseDecodeRunner(model, capture=False, whole=False)
+    fp32 = dtype == torch.float32
+    same = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 1e-2, "atol": 1e-2}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 5e-2, "atol": 5e-2}
+    with torch.inference_mode():
+        for n in (1, 5, 33):
+            steps_w = decode_both(model, whole, n, steps=20, seed=n, kv_tol=tol, for_graphs=True)
+            steps_p = decode_both(model, pieces, n, steps=20, seed=n, kv_tol=tol, for_graphs=True)
+            for (plain, w), (_, p) in zip(steps_w, steps_p):
+                assert_step_close((p, w), **same)  # the replayed whole step = the pieces
+                assert_step_close((plain, w), **tol)  # = the model's plain path
+    assert whole.whole_failed is None and whole.failed is None
+    assert whole.whole_built == 3 and whole.whole_steps == 60
+    assert all(e.graph is not None for e in whole._whole.values())
+
+
+@cuda
+def test_cuda_engine_runs_repeated_layouts_whole():
+    model = tiny_model(device="cuda", dtype=torch.float32)
+    eager = _engine(cuda_graphs=False, device="cuda", model=model)
+    auto = _engine(cuda_graphs=None, device="cuda", model=model)
+    _compare_runs(_generate_run(eager, max_tokens=12), _generate_run(auto, max_tokens=12),
+                  rtol=1e-4, atol=1e-4)
+    runner = auto.decode_runner
+    assert runner.whole_failed is None and runner.whole_steps == 10 and runner.whole_built == 1
+
+
+@cuda
+def test_cuda_slot_tensors_are_built_once_whatever_the_device_spelling():
+    # "cuda" and "cuda:0" name one device: a rebuilt tensor would cost a copy per layer and
+    # give whole-step graphs a new address (a new layout) on every step
+    seg = Segment()
+    seg.slots = list(range(40))
+    t = seg.slot_tensor(torch.device("cuda"))
+    assert seg.slot_tensor(torch.device("cuda", torch.cuda.current_device())) is t
+    assert seg.slot_tensor(t.device) is t
+    cache = KVCache(2, 64, 2, 16, torch.float32, torch.device("cuda"))
+    assert cache.device == t.device

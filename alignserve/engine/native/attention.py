@@ -15,6 +15,10 @@ from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment
 from alignserve.kernels import dispatch
 from alignserve.kernels.attention import merge_attention
 
+# The narrowest leaf table a graph-laid step uses: a best-of-N's candidates keep one layout for
+# their first 256 tokens, then for each doubling.
+MIN_GRAPH_LEAF_WIDTH = 256
+
 
 def _segment_kv(cache: KVCache, layer: int, seg: Segment) -> tuple[torch.Tensor, torch.Tensor] | None:
     rng = seg.contiguous_range()
@@ -32,38 +36,68 @@ def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, sc
 
 
 class DecodePlan:
-    def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float):
-        device = cache.device
+    """One decode step's attention. Every device tensor it indexes with is a view of, or derived
+    from, one packed int32 tensor (`host` on the CPU, sent in one copy), so that a step can also
+    run from a CUDA graph: `bind` derives them from a static device copy that each replay
+    refills, and `key` names the steps that can share one graph (`cuda_graphs.py`).
+
+    `for_graphs`: lay the step out for that: the leaf table's width is rounded up to a power
+    of two (at least `MIN_GRAPH_LEAF_WIDTH`), so that consecutive steps share a layout (only
+    their lengths and pages change, which are data), and `key` is set. Off, `key` is None."""
+
+    def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float,
+                 *, for_graphs: bool = False):
         self.cache, self.scale = cache, scale
         # A leaf fills its own pages in order (kv_cache: slot j lives in pages[j // PAGE]), so
         # its slots follow from its page list: the host sends pages, the device expands them.
         leaves = [c[-1] for c in chains]
         lengths = [len(s) for s in leaves]
-        lmax = max(lengths)
-        pmax = max(1, -(-lmax // PAGE))
+        width = max(lengths)
+        if for_graphs:
+            width = max(MIN_GRAPH_LEAF_WIDTH, 1 << max(0, width - 1).bit_length())
+        self.batch, self.width = len(chains), width
+        self.pages_per_row = pmax = max(1, -(-width // PAGE))
         groups: dict[int, tuple[Segment, list[int]]] = {}
         for row, chain in enumerate(chains):
             for seg in chain[:-1]:
                 if len(seg):
                     groups.setdefault(seg.id, (seg, []))[1].append(row)
+        self._group_rows = list(groups.values())
         # Everything the step indexes with goes to the device in one copy (a decode step is
         # short: on a GPU, per-tensor host-to-device copies would cost as much as the kernels).
-        rows = [r for _, rs in groups.values() for r in rs]
+        rows = [r for _, rs in self._group_rows for r in rs]
         pages = [x for s in leaves for x in (*s.pages[:pmax], *[0] * (pmax - len(s.pages)))]
-        packed = torch.tensor([*new_slots, *lengths, *rows, *pages], dtype=torch.int32)
-        packed = packed.to(device)
-        b = len(chains)
+        self.host = torch.tensor([*new_slots, *lengths, *rows, *pages], dtype=torch.int32)
+        self.key = None
+        if for_graphs:
+            # A graph reads each shared segment's slot tensor at the address it was recorded
+            # with: the key holds it (a segment that changes gets a new tensor, so a new key),
+            # and whoever keeps a graph keeps these tensors alive (`segment_tensors`).
+            self.segment_tensors = [seg.slot_tensor(cache.device) for seg, _ in self._group_rows]
+            self.key = (self.batch, width, tuple(
+                (seg.id, len(seg), t.data_ptr(), tuple(rs))
+                for (seg, rs), t in zip(self._group_rows, self.segment_tensors)))
+        self.write: torch.Tensor | None = None
+
+    def bind(self, packed: torch.Tensor) -> DecodePlan:
+        """Derive the step's device tensors from `packed` (a device copy of `host`). Inside a
+        CUDA graph capture these few ops are recorded and rerun on each replay."""
+        b = self.batch
         self.write = packed[:b].long()
         self.leaf_lengths = packed[b : 2 * b]
         at = 2 * b
         self.groups = []
-        for seg, rs in groups.values():
+        for seg, rs in self._group_rows:
             self.groups.append((seg, packed[at : at + len(rs)]))
             at += len(rs)
-        cols = torch.arange(lmax, dtype=torch.int32, device=device)
-        self.leaf_table = packed[at:].view(b, pmax)[:, cols // PAGE] * PAGE + cols % PAGE
+        cols = torch.arange(self.width, dtype=torch.int32, device=packed.device)
+        pages = packed[at:].view(b, self.pages_per_row)
+        self.leaf_table = pages[:, cols // PAGE] * PAGE + cols % PAGE
+        return self
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.write is None:
+            self.bind(self.host.to(self.cache.device))
         c = self.cache
         c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))

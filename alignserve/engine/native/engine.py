@@ -515,7 +515,7 @@ class NativeEngine(TextCodec):
         if not states:
             return
         positions = [st.length - 1 for st in states]
-        plan = DecodePlan(self.kv, chains, slots, self.scale)
+        plan = DecodePlan(self.kv, chains, slots, self.scale, for_graphs=self.decode_runner is not None)
         self._forward(tokens, positions, plan, states, list(range(len(states))), decode=True)
         counts: dict[int, tuple[GenGroup, int]] = {}
         for st in states:

@@ -17,6 +17,14 @@ import torch
 PAGE = 16  # slots are handed out in pages so a sequence's slots are mostly contiguous
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """The device as a tensor on it reports it: "cuda" becomes "cuda:<current>"."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class OutOfKVMemory(RuntimeError):
     pass
 
@@ -59,7 +67,10 @@ class Segment:
         self._range = None
 
     def slot_tensor(self, device: torch.device) -> torch.Tensor:
-        """The slots as an int32 tensor (what the kernels index with), built once per device."""
+        """The slots as an int32 tensor (what the kernels index with), built once per device.
+        Devices are compared as tensors name them ("cuda" is "cuda:0" here): a tensor built
+        anew on every call would cost a copy per layer and a new address for CUDA graphs."""
+        device = canonical_device(device)
         if self._tensor is None or self._tensor.device != device:
             self._tensor = torch.tensor(self.slots, dtype=torch.int32, device=device)
         return self._tensor
@@ -84,7 +95,7 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device):
         num_slots = max(PAGE, num_slots // PAGE * PAGE)
         self.num_slots = num_slots
-        self.device = device
+        self.device = device = canonical_device(device)
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
