@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from shapes import SHAPES, build_model
 
 from alignserve.engine.native.attention import DecodePlan
-from alignserve.engine.native.cuda_graphs import PiecewiseDecodeRunner
+from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache
 from alignserve.engine.native.model import CausalLM
 
@@ -84,8 +84,8 @@ def bench_shape(shape: str, batches: list[int], prompt: int, leaf: int, iters: i
                 device: torch.device) -> list[dict]:
     cuda = device.type == "cuda"
     model = build_model(shape, device, torch.bfloat16 if cuda else torch.float32)
-    pieces = PiecewiseDecodeRunner(model, capture=cuda, whole=False)
-    whole = PiecewiseDecodeRunner(model, capture=cuda, whole_after=1)
+    pieces = DecodeGraphRunner(model, capture=cuda, whole=False)
+    whole = DecodeGraphRunner(model, capture=cuda, whole_after=1)
     rows = []
     for b in batches:
         tokens, positions, plan, graph_plan = build_step(model, b, prompt, leaf, device)

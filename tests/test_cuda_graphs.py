@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
-from alignserve.engine.native.cuda_graphs import DEFAULT_BUCKETS, PiecewiseDecodeRunner
+from alignserve.engine.native.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, Segment
 from alignserve.engine.native.model import CausalLM, ModelConfig
 from alignserve.engine.protocol import SamplingParams
@@ -146,18 +146,18 @@ def assert_step_close(pair, rtol, atol):
 # ----------------------------------------------------------------------------------------------
 
 def test_buckets():
-    r = PiecewiseDecodeRunner(tiny_model(), capture=False)
+    r = DecodeGraphRunner(tiny_model(), capture=False)
     assert DEFAULT_BUCKETS[:5] == (1, 2, 4, 8, 16) and r.max_batch == 256
     assert [r.bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 17, 250, 256)] == [1, 2, 4, 8, 8, 16, 24, 256, 256]
     assert r.bucket_for(257) is None and not r.prepare(257) and not r.prepare(0)
     with pytest.raises(ValueError):
-        PiecewiseDecodeRunner(tiny_model(), capture=True)  # no CUDA here: capture needs it
+        DecodeGraphRunner(tiny_model(), capture=True)  # no CUDA here: capture needs it
 
 
 @pytest.mark.parametrize("n", [1, 3, 5, 8, 11])
 def test_piecewise_matches_plain_decode(n):
     model = tiny_model()
-    runner = PiecewiseDecodeRunner(model, capture=False)
+    runner = DecodeGraphRunner(model, capture=False)
     with torch.inference_mode():
         for pair in decode_both(model, runner, n, steps=3, seed=n):
             assert_step_close(pair, rtol=1e-5, atol=1e-5)
@@ -166,7 +166,7 @@ def test_piecewise_matches_plain_decode(n):
 
 def test_padded_rows_never_reach_real_rows():
     model = tiny_model()
-    runner = PiecewiseDecodeRunner(model, capture=False)
+    runner = DecodeGraphRunner(model, capture=False)
     with torch.inference_mode():
         decode_both(model, runner, 7, steps=1, seed=5)  # leaves stale rows 5..7 in bucket 8
         for pair in decode_both(model, runner, 5, steps=2, seed=6, poison=True):
@@ -180,7 +180,7 @@ def test_padded_rows_never_reach_real_rows():
 
 def test_piecewise_on_the_embedded_model(native_engine):
     model = native_engine.model
-    runner = PiecewiseDecodeRunner(model, capture=False, buckets=(4, 8))
+    runner = DecodeGraphRunner(model, capture=False, buckets=(4, 8))
     with torch.inference_mode():
         for pair in decode_both(model, runner, 6, steps=2, seed=3, early=(10,)):
             assert_step_close(pair, rtol=1e-4, atol=1e-4)
@@ -193,7 +193,7 @@ def test_piecewise_on_the_embedded_model(native_engine):
 @pytest.mark.parametrize("n", [1, 6])
 def test_whole_steps_match_plain_decode(n):
     model = tiny_model()
-    runner = PiecewiseDecodeRunner(model, capture=False, whole_after=1)
+    runner = DecodeGraphRunner(model, capture=False, whole_after=1)
     with torch.inference_mode():
         # 20 steps: leaves cross page boundaries (new pages arrive as data, not as a new layout)
         for pair in decode_both(model, runner, n, steps=20, seed=n, for_graphs=True):
@@ -203,7 +203,7 @@ def test_whole_steps_match_plain_decode(n):
 
 def test_whole_steps_wait_for_a_repeated_layout():
     model = tiny_model()
-    runner = PiecewiseDecodeRunner(model, capture=False)  # whole_after=2
+    runner = DecodeGraphRunner(model, capture=False)  # whole_after=2
     with torch.inference_mode():
         for pair in decode_both(model, runner, 5, steps=4, seed=2, for_graphs=True):
             assert_step_close(pair, rtol=1e-5, atol=1e-5)
@@ -405,7 +405,7 @@ def test_whole_step_failure_falls_back_to_pieces(caplog):
 
 def test_whole_step_layouts_are_bounded():
     model = tiny_model()
-    runner = PiecewiseDecodeRunner(model, capture=False, whole_after=1, max_whole=2)
+    runner = DecodeGraphRunner(model, capture=False, whole_after=1, max_whole=2)
     with torch.inference_mode():
         for seed in range(4):  # four trees: four layouts, the two most recent kept
             decode_both(model, runner, 3, steps=2, seed=seed, for_graphs=True)
@@ -426,8 +426,8 @@ def _smollm2_config(layers=30) -> ModelConfig:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_match_eager_pieces_and_plain_path(dtype):
     model = tiny_model(_smollm2_config(layers=6), device="cuda", dtype=dtype, std=0.05)
-    graphs = PiecewiseDecodeRunner(model, capture=True)
-    pieces = PiecewiseDecodeRunner(model, capture=False)
+    graphs = DecodeGraphRunner(model, capture=True)
+    pieces = DecodeGraphRunner(model, capture=False)
     fp32 = dtype == torch.float32
     same = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 1e-2, "atol": 1e-2}
     tol = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 5e-2, "atol": 5e-2}
@@ -445,7 +445,7 @@ def test_cuda_graphs_match_eager_pieces_and_plain_path(dtype):
 @cuda
 def test_cuda_graphs_padded_rows_and_reuse_across_buckets():
     model = tiny_model(_smollm2_config(layers=4), device="cuda", dtype=torch.float32)
-    runner = PiecewiseDecodeRunner(model, capture=True, buckets=(4, 8, 16))
+    runner = DecodeGraphRunner(model, capture=True, buckets=(4, 8, 16))
     with torch.inference_mode():
         for n in (7, 3, 16, 5, 8, 2):  # buckets replayed out of capture order, stale padding
             for pair in decode_both(model, runner, n, steps=2, seed=10 + n, poison=n == 5):
@@ -469,8 +469,8 @@ def test_cuda_engine_uses_graphs_by_default():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_whole_steps_match_pieces_and_plain_path(dtype):
     model = tiny_model(_smollm2_config(layers=6), device="cuda", dtype=dtype, std=0.05)
-    whole = PiecewiseDecodeRunner(model, capture=True, whole_after=1)
-    pieces = PiecewiseDecodeRunner(model, capture=False, whole=False)
+    whole = DecodeGraphRunner(model, capture=True, whole_after=1)
+    pieces = DecodeGraphRunner(model, capture=False, whole=False)
     fp32 = dtype == torch.float32
     same = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 1e-2, "atol": 1e-2}
     tol = {"rtol": 1e-4, "atol": 1e-4} if fp32 else {"rtol": 5e-2, "atol": 5e-2}

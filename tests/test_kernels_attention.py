@@ -309,3 +309,26 @@ if CHILD:
             a = fn(q, k, v, *args, 0.125, force="triton")
             b = fn(q, k, v, *args, 0.125, force="reference")
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+    def test_triton_whole_decode_steps_match_the_reference():
+        """The decode step as the GPU runs it (the Triton kernels, plans laid out for graphs,
+        whole steps on static buffers with the plan bound to them; uncaptured here) against
+        the same steps on the references."""
+        from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
+        from tests.test_cuda_graphs import assert_step_close, decode_both, tiny_model
+
+        model = tiny_model()
+        steps = {}
+        try:
+            for mode in ("reference", "triton"):
+                dispatch.FORCE = mode
+                runner = DecodeGraphRunner(model, capture=False, whole_after=1)
+                with torch.inference_mode():
+                    steps[mode] = decode_both(model, runner, 3, steps=3, seed=4, early=(2,),
+                                              for_graphs=True, kv_tol={"rtol": 1e-4, "atol": 1e-4})
+                assert runner.whole_steps == 3 and runner.whole_built == 1
+        finally:
+            dispatch.FORCE = None
+        for (plain_ref, _), (plain_tri, whole_tri) in zip(steps["reference"], steps["triton"]):
+            assert_step_close((plain_tri, whole_tri), rtol=1e-5, atol=1e-5)
+            assert_step_close((plain_ref, whole_tri), rtol=1e-4, atol=1e-4)

@@ -30,7 +30,7 @@ def _segment_kv(cache: KVCache, layer: int, seg: Segment) -> tuple[torch.Tensor,
 def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, scale: float):
     """(out, lse) of queries q [M, H, D] over one segment."""
     view = _segment_kv(cache, layer, seg)
-    if view is not None and not q.is_cuda:
+    if view is not None and not dispatch.uses_triton(q):  # a view serves torch's kernels
         return dispatch.attention(q, view[0], view[1], scale)
     return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device), scale)
 

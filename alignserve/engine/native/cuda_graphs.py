@@ -86,8 +86,9 @@ class _WholeStep:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class PiecewiseDecodeRunner:
-    """Runs a decode step's dense parts per padded bucket (from CUDA graphs when `capture`)."""
+class DecodeGraphRunner:
+    """Runs decode steps piecewise per padded bucket, or whole per repeated layout (from CUDA
+    graphs when `capture`)."""
 
     def __init__(self, model: CausalLM, *, capture: bool = True,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, warmup_runs: int = 2,

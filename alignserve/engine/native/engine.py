@@ -23,7 +23,7 @@ import torch
 
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
 from alignserve.engine.native.cpu_linear import use_bf16_for_few_rows
-from alignserve.engine.native.cuda_graphs import PiecewiseDecodeRunner
+from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
@@ -106,7 +106,7 @@ class NativeEngine(TextCodec):
         self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
-        self.decode_runner = (PiecewiseDecodeRunner(model, capture=device.type == "cuda")
+        self.decode_runner = (DecodeGraphRunner(model, capture=device.type == "cuda")
                               if cuda_graphs else None)
 
     # construction -----------------------------------------------------------------------
