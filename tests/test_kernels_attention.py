@@ -317,18 +317,43 @@ if CHILD:
         from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
         from tests.test_cuda_graphs import assert_step_close, decode_both, tiny_model
 
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class RecordOps(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.add(str(func).split(".")[1])
+                return func(*args, **(kwargs or {}))
+
         model = tiny_model()
         steps = {}
+        recorder = RecordOps()
         try:
             for mode in ("reference", "triton"):
                 dispatch.FORCE = mode
                 runner = DecodeGraphRunner(model, capture=False, whole_after=1)
+                if mode == "triton":
+                    body = runner._whole_body
+
+                    def recorded(entry, plan, body=body):
+                        with recorder:
+                            body(entry, plan)
+
+                    runner._whole_body = recorded
                 with torch.inference_mode():
                     steps[mode] = decode_both(model, runner, 3, steps=3, seed=4, early=(2,),
                                               for_graphs=True, kv_tol={"rtol": 1e-4, "atol": 1e-4})
                 assert runner.whole_steps == 3 and runner.whole_built == 1
         finally:
             dispatch.FORCE = None
+        # What a CUDA graph records must not read device values on the host (a sync: the
+        # capture fails): nothing in the whole step as the GPU runs it does.
+        assert "index_copy_" in recorder.ops and "linear" in recorder.ops
+        syncs = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal"}
+        assert not recorder.ops & syncs, recorder.ops & syncs
         for (plain_ref, _), (plain_tri, whole_tri) in zip(steps["reference"], steps["triton"]):
             assert_step_close((plain_tri, whole_tri), rtol=1e-5, atol=1e-5)
             assert_step_close((plain_ref, whole_tri), rtol=1e-4, atol=1e-4)
