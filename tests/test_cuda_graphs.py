@@ -270,12 +270,15 @@ def _engine(cuda_graphs, device="cpu", dtype=torch.float32, model=None):
                         cuda_graphs=cuda_graphs)
 
 
-def _generate_run(engine, n=5, max_tokens=6, early_layer=2):
-    """Prefill, fork n, greedy generate with a processor that records what it is given."""
+def _generate_run(engine, n=5, max_tokens=6, early_layer=2, steer=None):
+    """Prefill, fork n, greedy generate with a processor that records what it is given;
+    `steer(step, logits)`, when given, may then change the logits (EOS is honoured then)."""
     seen = []
 
     def processor(seqs, logits, inputs):
         seen.append((logits.clone(), inputs.hidden.clone(), inputs.early_logits.clone()))
+        if steer is not None:
+            steer(len(seen) - 1, logits)
         return logits
 
     async def go():
@@ -283,7 +286,7 @@ def _generate_run(engine, n=5, max_tokens=6, early_layer=2):
         try:
             root = await engine.prefill(list(range(3, 40)), early_layer=early_layer)
             seqs = await engine.fork(root, n)
-            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=steer is None)
             async for _ in engine.generate(seqs, params, processor=processor):
                 pass
             out = [s.output_ids for s in seqs]
@@ -347,36 +350,14 @@ def test_engine_whole_steps_follow_rows_that_finish():
     """Candidates that stop at different steps change the layout; every step still matches
     the eager engine, and new layouts are set up as they repeat."""
 
-    def run(engine):
-        seen = []
+    def end_one(step, logits):
+        if 2 <= step <= 4:  # from the third step on, one more candidate ends (EOS is 0)
+            logits[0] = -1e9
+            logits[0, 0] = 1e9
 
-        def processor(seqs, logits, inputs):
-            step = len(seen)
-            seen.append(logits.clone())
-            if 2 <= step <= 4:  # from the third step on, one more candidate ends (EOS is 0)
-                logits[0] = -1e9
-                logits[0, 0] = 1e9
-            return logits
-
-        async def go():
-            await engine.start()
-            try:
-                root = await engine.prefill(list(range(3, 30)))
-                seqs = await engine.fork(root, 5)
-                params = SamplingParams(temperature=0, max_tokens=12, min_tokens=0)
-                async for _ in engine.generate(seqs, params, processor=processor):
-                    pass
-                out = [s.output_ids for s in seqs]
-                await engine.release(seqs + [root])
-                return out
-            finally:
-                await engine.close()
-
-        return asyncio.run(go()), seen
-
-    eager = run(_engine(cuda_graphs=False))
+    eager = _generate_run(_engine(cuda_graphs=False), max_tokens=12, steer=end_one)
     graphs = _engine(cuda_graphs=True)
-    steps = run(graphs)
+    steps = _generate_run(graphs, max_tokens=12, steer=end_one)
     assert [len(o) for o in eager[0]] == [len(o) for o in steps[0]]
     assert sorted(len(o) for o in eager[0])[:3] == [3, 4, 5]  # three stopped early
     _compare_runs(eager, steps, rtol=1e-5, atol=1e-5)
