@@ -534,20 +534,22 @@ class NativeEngine(TextCodec):
         capture = {st.early_layer: None for st in states if st.early_layer is not None}
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        index = torch.tensor(rows, device=self.device)  # also picks the early-layer rows
+        # A decode step's rows are all of them, in order: nothing to pick.
+        index = None if decode else torch.tensor(rows, device=self.device)
         runner = self.decode_runner if decode else None
         if runner is not None and runner.prepare(len(tokens)):
-            normed, logits = runner.run(tok, pos, plan, capture or None)  # rows == all, in order
+            normed, logits = runner.run(tok, pos, plan, capture or None)
         else:
             hidden = self.model.hidden_states(tok, pos, plan, capture or None)
-            normed, logits = self.model.head(hidden.index_select(0, index))
-        for i, st in enumerate(states):
-            st.logits, st.hidden = logits[i], normed[i]
+            normed, logits = self.model.head(hidden if index is None else hidden.index_select(0, index))
+        for st, row_logits, row_hidden in zip(states, logits.unbind(0), normed.unbind(0)):
+            st.logits, st.hidden = row_logits, row_hidden
         for layer, h in capture.items():
             picks = [i for i, st in enumerate(states) if st.early_layer == layer]
-            early = self.model.logits(h.index_select(0, index[picks]))
-            for j, i in enumerate(picks):
-                states[i].early_logits = early[j]
+            at = [rows[i] for i in picks]
+            early = self.model.logits(h.index_select(0, torch.tensor(at, device=self.device)))
+            for st_index, row_logits in zip(picks, early.unbind(0)):
+                states[st_index].early_logits = row_logits
 
     def _out_of_memory(self, st: SeqState, result: _StepResult) -> None:
         """No KV left to go on: the sequence ends here rather than the server failing."""
