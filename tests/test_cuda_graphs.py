@@ -386,11 +386,30 @@ def test_whole_step_failure_falls_back_to_pieces(caplog):
 
 def test_whole_step_layouts_are_bounded():
     model = tiny_model()
-    runner = DecodeGraphRunner(model, capture=False, whole_after=1, max_whole=2)
+    runner = DecodeGraphRunner(model, capture=False, whole_after=1, max_whole=2, payback=1)
     with torch.inference_mode():
         for seed in range(4):  # four trees: four layouts, the two most recent kept
             decode_both(model, runner, 3, steps=2, seed=seed, for_graphs=True)
-    assert runner.whole_built == 4 and len(runner._whole) == 2
+    assert runner.whole_built == 4 and len(runner._whole) == 2 and runner.after == 1
+
+
+def test_whole_step_threshold_follows_how_long_layouts_last():
+    model = tiny_model()
+    runner = DecodeGraphRunner(model, capture=False, whole_after=1, payback=5, max_after=8)
+    built = []
+    with torch.inference_mode():
+        # short-lived layouts (3 steps each): captures that never pay raise the bar until
+        # they stop
+        for seed in range(6):
+            decode_both(model, runner, 3, steps=3, seed=seed, for_graphs=True)
+            built.append((runner.whole_built, runner.after))
+        assert built[:4] == [(1, 1), (2, 2), (3, 4), (3, 4)] and runner.whole_built == 3
+        # long-lived layouts are still captured, and bring the bar back down
+        for seed in range(10, 13):
+            for pair in decode_both(model, runner, 3, steps=12, seed=seed, for_graphs=True):
+                assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            built.append((runner.whole_built, runner.after))
+    assert built[6:] == [(4, 8), (5, 4), (6, 2)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,12 +23,16 @@ reach a real row, and attention only ever sees the real rows.
 **Whole** (steps whose layout repeats): best-of-N candidates, beams and rollouts decode many
 steps in a row with the same tree: the same rows in the same shared segments, only their leaf
 lengths and pages change, which `DecodePlan` sends as data in one packed tensor. Such a layout
-(`DecodePlan.key`, built with `for_graphs=True`) seen `whole_after` steps in a row is recorded
-as one graph, attention included, over exactly its rows; a step replays it after one copy of the
-packed table into the graph's static copy (the plan's `bind` ops are inside the graph). The
-eager attention between the pieces costs ~7 launches per layer from Python, far more than the
-GPU work of a small model; the whole graph is one launch. The `max_whole` most recently used
-layouts are kept.
+(`DecodePlan.key`, built with `for_graphs=True`) seen enough steps in a row is recorded as one
+graph, attention included, over exactly its rows; a step replays it after one copy of the packed
+table into the graph's static copy (the plan's `bind` ops are inside the graph). The eager
+attention between the pieces costs ~7 launches per layer from Python, far more than the GPU work
+of a small model; the whole graph is one launch. The `max_whole` most recently used layouts are
+kept. A capture costs about a few eager steps, so it pays only for layouts that last: "enough"
+starts at `whole_after` repeats and adapts, doubling (up to `max_after`) after a layout that was
+replayed fewer than `payback` times before the next capture, halving back after one that was
+(a busy server whose batch changes every few steps stops capturing; best-of-N's candidates,
+which keep one layout for their whole answer, capture at once).
 
 Graphs are captured lazily on first use and all share one memory pool; a failed capture turns
 that kind of graph off with one warning (piecewise: the caller runs the plain eager path; whole:
@@ -84,6 +88,7 @@ class _WholeStep:
     packed: torch.Tensor  # the static device copy of the plan's packed table
     keep: list[torch.Tensor]  # the segment slot tensors the graph reads by address
     graph: torch.cuda.CUDAGraph | None = None
+    hits: int = 0  # steps run from it
 
 
 class DecodeGraphRunner:
@@ -92,7 +97,8 @@ class DecodeGraphRunner:
 
     def __init__(self, model: CausalLM, *, capture: bool = True,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, warmup_runs: int = 2,
-                 whole: bool = True, whole_after: int = 2, max_whole: int = 8):
+                 whole: bool = True, whole_after: int = 2, max_whole: int = 8,
+                 payback: int = 8, max_after: int = 64):
         params = next(model.parameters())
         self.model = model
         self.device, self.dtype = params.device, params.dtype
@@ -106,9 +112,13 @@ class DecodeGraphRunner:
         self._pool = None
         self.failed: str | None = None  # why capture was given up, once it was
         self.steps = 0  # steps run by the runner (piecewise or whole)
-        # whole steps: on/off, after how many repeats of a layout, how many layouts kept
+        # whole steps: on/off, after how many repeats of a layout (at least, at most, now),
+        # how many layouts kept, how many replays make a capture worth it
         self.whole, self.whole_after, self.max_whole = whole, whole_after, max_whole
+        self.max_after, self.payback = max(max_after, whole_after), payback
+        self.after = whole_after
         self._whole: OrderedDict[tuple, _WholeStep] = OrderedDict()
+        self._newest: _WholeStep | None = None
         self._last_key: tuple | None = None
         self._repeats = 0
         self.whole_failed: str | None = None
@@ -208,22 +218,30 @@ class DecodeGraphRunner:
         entry = self._whole.get(key)
         if entry is not None:
             self._whole.move_to_end(key)
+            entry.hits += 1
             return entry
         self._repeats = self._repeats + 1 if key == self._last_key else 1
         self._last_key = key
-        if self._repeats < self.whole_after:
+        if self._repeats < self.after:
             return None
         try:
             entry = self._build_whole(plan, tokens, positions)
         except Exception as exc:  # noqa: BLE001  (any capture error: go on piecewise)
             self.whole_failed = f"{type(exc).__name__}: {exc}"
             self._whole.clear()
+            self._newest = None
             log.warning("whole-step CUDA graph capture failed, decode runs piecewise from now on: %s",
                         self.whole_failed)
             return None
         self._whole[key] = entry
         while len(self._whole) > self.max_whole:
             self._whole.popitem(last=False)
+        if self._newest is not None:  # did the last capture pay?
+            paid = self._newest.hits >= self.payback
+            self.after = (max(self.whole_after, self.after // 2) if paid
+                          else min(self.max_after, 2 * self.after))
+        self._newest = entry
+        entry.hits = 1
         return entry
 
     def _run_whole(self, entry: _WholeStep, tokens: torch.Tensor, positions: torch.Tensor,
@@ -349,4 +367,5 @@ class DecodeGraphRunner:
         self.failed = f"{type(exc).__name__}: {exc}"
         self._buckets.clear()
         self._whole.clear()
+        self._newest = None
         log.warning("CUDA graph capture failed, decode runs eagerly from now on: %s", self.failed)
