@@ -12,6 +12,8 @@ fork N, generate, release): per decode step, the worker's step time minus the mo
 and the sampling call ("in the step"), and the wall time outside the worker's steps ("outside":
 the event loop, delivering events to `generate`'s consumer). The split is taken by wrapping
 `NativeEngine._step`, `CausalLM.hidden_states` / `head` and the sampler's `dispatch.sample`.
+Also timed alone: building one step's `DecodePlan` for N sequences that share a 4096-token prompt
+and own 60 tokens each (median of --plan-iters), laid out for graphs and not.
 Results: bench/results/host_step-<stamp>.json.
 """
 
@@ -116,16 +118,34 @@ def measure(args) -> dict:
     }
 
 
+def plan_build_us(n: int, iters: int) -> dict:
+    """Microseconds to build one decode step's plan for n sequences sharing a 4096-token prompt."""
+    from common import median_ms
+
+    from alignserve.engine.native.attention import DecodePlan
+    from alignserve.engine.native.kv_cache import KVCache
+
+    cache = KVCache(1, 4096 + n * 80 + 64, 1, 16, torch.float32, torch.device("cpu"))
+    root = cache.new_chain(0)
+    cache.append_slots(root, 4096)
+    chains = cache.fork(root, 0, list(range(1, n + 1)))
+    new = [cache.append_slots(c, 60)[-1] for c in chains]
+    return {f"plan_{name}_us": round(1000 * median_ms(
+        lambda g=graphs: DecodePlan(cache, chains, new, 0.125, for_graphs=g), iters), 1)
+        for name, graphs in (("graphs", True), ("eager", False))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=64, help="candidates (rows per step)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--plan-iters", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    row = {"n": args.n, **measure(args)}
+    row = {"n": args.n, **measure(args), **plan_build_us(args.n, args.plan_iters)}
     print(row, flush=True)
     payload = {**provenance(), "torch": torch.__version__,
                "what": "native engine: host time per decode step besides the model and sampling "

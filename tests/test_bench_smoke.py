@@ -57,12 +57,13 @@ def test_decode_gpu_bench_runs_every_path_on_cpu(tmp_path):
 
 def test_host_step_bench_splits_the_step(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "host_step.py"), "--n", "4", "--gen", "8", "--reps", "1",
-           "--out", str(tmp_path)]
+           "--plan-iters", "3", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (result,) = tmp_path.glob("host_step-*.json")
     (row,) = json.loads(result.read_text())["results"]
     assert row["steps"] >= 8  # a prefill step, then a step per token
+    assert row["plan_graphs_us"] > 0 and row["plan_eager_us"] > 0
     assert row["forward_ms"] > 0 and row["sample_ms"] > 0 and row["in_step_ms"] > 0
     total = row["in_step_ms"] + row["outside_ms"] + row["forward_ms"] + row["sample_ms"]
     assert abs(total - row["wall_per_step_ms"]) < 0.01 * row["wall_per_step_ms"] + 0.01
