@@ -238,6 +238,17 @@ class Runner:
         return row
 
 
+def check_metrics(r: Runner, text: str) -> list[str]:
+    """/metrics must carry ours and vLLM's; returns the metric names it has."""
+    for name in ("alignserve_prefill_tokens_total", "alignserve_model_tokens_total",
+                 "alignserve_strategy_requests_total", "alignserve_num_requests_running"):
+        r.check(f"/metrics has {name}", name in text)
+    r.check("/metrics has vLLM's vllm:* metrics", "vllm:" in text,
+            "append engine.metrics_text() to /metrics" if "vllm:" not in text else "")
+    return sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                   if line and not line.startswith("#")})
+
+
 def value_model_dir(model: Path, dst: Path) -> Path:
     """A random value head for the served model's shape (when no shipped one applies)."""
     import torch
@@ -381,15 +392,7 @@ def run(args: argparse.Namespace) -> int:
             "deal <= 3x a plain sample of the same length (default config)":
                 (result["ratios"]["deal default / sample"] or 99) <= 3.0,
         }
-        # /metrics: ours and vLLM's
-        text = httpx.get(url + "/metrics").text
-        for name in ("alignserve_prefill_tokens_total", "alignserve_model_tokens_total",
-                     "alignserve_strategy_requests_total", "alignserve_num_requests_running"):
-            r.check(f"/metrics has {name}", name in text)
-        r.check("/metrics has vLLM's vllm:* metrics", "vllm:" in text,
-                "append engine.metrics_text() to /metrics" if "vllm:" not in text else "")
-        result["metrics_names"] = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                                          if line and not line.startswith("#")})
+        result["metrics_names"] = check_metrics(r, httpx.get(url + "/metrics").text)
         result["checks"] = r.checks
         result["checks_failed"] = sum(not c["ok"] for c in r.checks)
     finally:

@@ -67,3 +67,32 @@ def test_host_step_bench_splits_the_step(tmp_path):
     assert row["forward_ms"] > 0 and row["sample_ms"] > 0 and row["in_step_ms"] > 0
     total = row["in_step_ms"] + row["outside_ms"] + row["forward_ms"] + row["sample_ms"]
     assert abs(total - row["wall_per_step_ms"]) < 0.01 * row["wall_per_step_ms"] + 0.01
+
+
+def test_vllm_gpu_bench_client_reads_a_real_server(live_server, monkeypatch):
+    """bench/vllm_gpu.py's client side (requests, response checks, timings, /metrics checks),
+    run against the live native server: its vLLM run is then only about vLLM."""
+    import httpx
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import vllm_gpu
+
+    r = vllm_gpu.Runner(live_server.base_url, live_server.model)
+    rows = [
+        r.timed("sample n=2", prompt=12, gen=3, n=2, alignment={"strategy": "sample"}, reps=1),
+        r.timed("best_of_n 3 +reward", prompt=12, gen=3, n=1, reps=1, alignment={
+            "strategy": "best_of_n", "candidates": 3,
+            "rewards": [{"name": "keywords", "keywords": ["the"]}]}),
+        r.timed("deal", prompt=12, gen=3, n=1, reps=1, exact_tokens=False, alignment={
+            "strategy": "deal", "top_k": 2, "lookahead": 2, "beam": 1}),
+    ]
+    for row in rows:
+        assert row["ok"], row
+        assert 0 < row["before_reward_s"] <= row["server_s"] and row["wall_s"] > 0
+        assert row["model_tokens"] > 0
+    assert all(c["ok"] for c in r.checks), [c for c in r.checks if not c["ok"]]
+    # /metrics: ours are there; vLLM's are not on the native engine, and the check says so
+    names = vllm_gpu.check_metrics(r, httpx.get(live_server.base_url + "/metrics").text)
+    assert "alignserve_model_tokens_total" in names
+    failed = [c["check"] for c in r.checks if not c["ok"]]
+    assert failed == ["/metrics has vLLM's vllm:* metrics"]
