@@ -237,11 +237,13 @@ def test_canonical_device():
 
 def test_decode_plan_layout_key():
     cache, chains = _chains_with_leaves([3, 30, 0])
-    first = _plan(cache, chains)
+    first = _plan(cache, chains)  # leaves of 4, 31 and 1 slots
     assert first.width == 256 and first.key is not None
-    assert _plan(cache, chains, for_graphs=False).key is None
-    # the leaves grew (one crossed into a new page): the same layout, other data
+    assert _plan(cache, chains, for_graphs=False).key is None  # 32 slots: two full pages
+    # the leaves grew (the second into a third page): the same layout, other data
+    pages = len(chains[1][-1].pages)
     second = _plan(cache, chains)
+    assert len(chains[1][-1].pages) == pages + 1
     assert second.key == first.key and not torch.equal(second.host, first.host)
     # a row gone, a leaf past the width, a shared segment changed: each a new layout
     assert _plan(cache, chains[1:]).key != first.key
