@@ -211,7 +211,8 @@ class DecodeGraphRunner:
     def _whole_for(self, plan: AttentionPlan, tokens: torch.Tensor, positions: torch.Tensor
                    ) -> _WholeStep | None:
         """The whole step for this plan's layout, recording it once the layout has repeated
-        `whole_after` times in a row; None: run this step piecewise."""
+        `self.after` times in a row (adapted after each capture); None: run this step
+        piecewise."""
         key = getattr(plan, "key", None)
         if not self.whole or self.whole_failed is not None or key is None:
             return None
@@ -244,17 +245,22 @@ class DecodeGraphRunner:
         entry.hits = 1
         return entry
 
+    @staticmethod
+    def _fill(entry: _WholeStep, tokens: torch.Tensor, positions: torch.Tensor,
+              plan: DecodePlan) -> None:
+        """This step's inputs into the whole step's static buffers."""
+        entry.io.tokens.copy_(tokens)
+        entry.io.positions.copy_(positions)
+        entry.packed.copy_(plan.host)
+
     def _run_whole(self, entry: _WholeStep, tokens: torch.Tensor, positions: torch.Tensor,
                    plan: DecodePlan) -> _Bucket:
-        io = entry.io
-        io.tokens.copy_(tokens)
-        io.positions.copy_(positions)
-        entry.packed.copy_(plan.host)
+        self._fill(entry, tokens, positions, plan)
         if entry.graph is not None:
             entry.graph.replay()
         else:
             self._whole_body(entry, plan)
-        return io
+        return entry.io
 
     def _whole_body(self, entry: _WholeStep, plan: DecodePlan) -> None:
         """The whole step on the static buffers: what a whole graph records."""
@@ -277,9 +283,7 @@ class DecodeGraphRunner:
         start = time.perf_counter()
         # The warm-up runs this very step on the static inputs (its KV writes are the step's
         # own; the replay that follows rewrites the same values).
-        entry.io.tokens.copy_(tokens)
-        entry.io.positions.copy_(positions)
-        entry.packed.copy_(plan.host)
+        self._fill(entry, tokens, positions, plan)
         self._on_side_stream(lambda: self._whole_body(entry, plan))
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._graph_pool(), capture_error_mode="thread_local"):
