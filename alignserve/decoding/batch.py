@@ -76,6 +76,8 @@ async def prefill_roots(ctxs: list[DecodeContext], prompt_logprobs: int | None) 
     if rest:
         await engine.extend([f for f, _ in rest], [t for _, t in rest], tally, kind="prefill",
                             prompt_logprobs=prompt_logprobs)
+    for fork, p in zip(forks, prompts):
+        fork.prompt_len = len(p)  # the rest is prompt too: output starts after it
 
 
 def _empty_choices(ctxs: list[DecodeContext]) -> list[ChoiceFinal]:

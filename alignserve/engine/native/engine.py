@@ -439,7 +439,7 @@ class NativeEngine(TextCodec):
             plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale)
             ends = [e - 1 for e in itertools.accumulate(counts)]
             fed = [feed.states[i] for feed, i, toks in ok if toks]  # in the batch's order
-            self._forward(tokens, positions, plan, fed, ends, scored)
+            self._forward(tokens, positions, plan, fed, ends, scored=scored)
         failed = {id(f) for f, _ in result.failed}
         for feed, i, toks in ok:
             if id(feed.future) in failed:
