@@ -66,6 +66,8 @@ class TextContentPart(RequestModel):
     text: str
     prompt_cache_breakpoint: dict[str, Any] | None = None  # a hint for OpenAI's cache
 
+    IGNORED = ("prompt_cache_breakpoint",)
+
 
 class RefusalContentPart(RequestModel):
     """An assistant turn's refusal, as OpenAI returned it; fed back as plain text."""
@@ -95,6 +97,8 @@ class ChatMessage(RequestModel):
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
+
+    IGNORED = ("name",)
 
     _no_tool_calls = field_validator("tool_calls")(_empty_only("Tool calls (`tool_calls`)"))
     _no_function_call = field_validator("function_call")(_empty_only("`function_call`"))
@@ -300,6 +304,14 @@ class ChatCompletionRequest(SamplingFields):
         return value
 
     _no_audio = field_validator("audio")(_unsupported("Audio output (`audio`)"))
+
+    def ignored_fields(self) -> list[str]:
+        out = super().ignored_fields()
+        for i, message in enumerate(self.messages):
+            out += [f"messages[{i}].{f}" for f in message.ignored_fields()]
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                out += [f"messages[{i}].content[{j}].{f}" for f in part.ignored_fields()]
+        return out
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
