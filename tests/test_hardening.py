@@ -549,6 +549,10 @@ def test_kv_never_fits_is_400_and_not_now_waits(live_server, model_name):
         err = assert_error(c.post("/v1/chat/completions", json={
             "messages": M, "max_tokens": 100, "alignment": {"strategy": "deal"}}), 400,
             "max_tokens")
+        # a list of prompts that each fit but together never could
+        err = assert_error(c.post("/v1/completions", json={
+            "prompt": ["Hi", "Ho", "Ha"], "max_tokens": 200}), 400, "prompt")
+        assert "--kv-cache-gib" in err["message"]
         # max_tokens left to the server: it picks the most that fits (no 400)
         from alignserve.server.protocol import ChatCompletionRequest
 

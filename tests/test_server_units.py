@@ -138,7 +138,8 @@ def test_logit_bias_range_and_keys():
     req = ChatCompletionRequest.model_validate(
         {"messages": msg, "logit_bias": {"5": 100, "7": -100, "9": 0}})
     assert req.to_sampling_params(4).logit_bias == {5: 100.0, 7: -100.0}  # 0 changes nothing
-    for bad in ({"5": 101}, {"5": -100.5}, {"five": 1}, {"-1": 1}, {"5": "1"}):
+    for bad in ({"5": 101}, {"5": -100.5}, {"five": 1}, {"-1": 1}, {"5": "1"}, {"\u00b2": 1},
+                {"9" * 5000: 1}):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({"messages": msg, "logit_bias": bad})
 

@@ -145,6 +145,12 @@ class Preparer:
                     first, prompt_ids=prompt_ids, prompt_text=text,
                     sampling=dataclasses.replace(first.sampling, max_tokens=max_tokens)))
             prepared.kv_slots = sum(self._fit_kv(d, req) for d in prepared.decodes)
+            if self.kv is not None and prepared.kv_slots > self.kv[0]:
+                raise APIError(f"These {len(prompts)} prompts can need up to "
+                               f"{prepared.kv_slots} KV cache slots at once, more than the "
+                               f"{self.kv[0]} this server's whole KV cache holds "
+                               "(--kv-cache-gib); send fewer prompts per request.",
+                               param="prompt")
         prepared.echoes = texts if req.echo else []
         return prepared
 

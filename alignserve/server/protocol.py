@@ -184,8 +184,8 @@ class SamplingFields(RequestModel):
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         # Keys are token ids written as strings (JSON keys); the vocabulary is checked later.
         for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys are token ids; '{key}' is not one")
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError(f"keys are token ids; '{key[:40]}' is not one")
         return value
 
     @field_validator("stop")
