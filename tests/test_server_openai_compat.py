@@ -288,3 +288,38 @@ def test_logprob_bytes_rebuild_split_characters(client, model_name, live_server)
         assert item.token == engine.tokenizer.decode([token_id])
         seen.extend(item.bytes)
     assert bytes(seen).decode("utf-8") == " 🐳"
+
+
+def test_lm_eval_loglikelihood_payload(http, model_name, live_server):
+    """The body lm-evaluation-harness' `local-completions` sends to score continuations: token
+    lists, echo, logprobs 1, max_tokens 1 (or 0), temperature 0; choice i answers prompt i."""
+    engine = live_server.engine
+    context = engine.encode(PREFIX)
+    prompts = [context + engine.encode(e) for e in ENDINGS]
+    for max_tokens in (0, 1):
+        r = http.post("/v1/completions", json={
+            "model": model_name, "prompt": prompts, "temperature": 0, "max_tokens": max_tokens,
+            "logprobs": 1, "seed": 1234, "echo": True})
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1]
+        for c, ids in zip(choices, prompts):
+            lp = c["logprobs"]
+            assert len(lp["token_logprobs"]) == len(ids) + max_tokens
+            continuation = lp["token_logprobs"][len(context):len(ids)]
+            assert all(isinstance(x, float) and x <= 0 for x in continuation)
+            assert c["text"].startswith(engine.tokenizer.decode(ids))
+
+
+def test_echo_only_streamed_batch(client, model_name):
+    prompts = [PREFIX + e for e in ENDINGS]
+    chunks = list(client.completions.create(model=model_name, prompt=prompts, max_tokens=0,
+                                            echo=True, logprobs=0, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {0: prompts[0], 1: prompts[0], 2: prompts[1], 3: prompts[1]}
+    assert chunks[-1].usage.completion_tokens == 0
+    assert chunks[-1].usage.prompt_tokens > 0
