@@ -47,6 +47,11 @@ class SamplingParams:
     # the end; events then carry empty text deltas until the last. Ignored when `stop` is set
     # (stop strings are matched as the text grows). Either way a finished handle's text is whole.
     detokenize: bool = True
+    # structured outputs: the compiled grammar every output token must follow (the server's
+    # engine/grammar CompiledSpec: the GrammarSpec as data plus its compiled form), or None.
+    # The native engine keeps one matcher per sequence and masks the logits last; an engine
+    # that cannot honour it must refuse the request, never ignore it.
+    grammar: Any = None
 
     @property
     def per_token_text(self) -> bool:

@@ -29,6 +29,7 @@ from alignserve.server.errors import (
     as_api_error,
     install_error_handlers,
 )
+from alignserve.server.grammars import ServerGrammars
 from alignserve.server.lifecycle import Lifecycle
 from alignserve.server.metrics import ServerMetrics
 from alignserve.server.middleware import Gatekeeper, access_record
@@ -141,6 +142,7 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     lifecycle = Lifecycle()
     metrics = ServerMetrics(engine, admission)
     preparer = Preparer(engine, settings, rewards, served, resources, kv=kv)
+    grammars = ServerGrammars(engine, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -163,6 +165,7 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                     await amateur.close()
                 await engine.close()
                 log.info("engine closed")
+            grammars.close()
 
     app = FastAPI(title="alignserve", version=__version__, lifespan=lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
@@ -194,6 +197,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
             "request_timeout_s": settings.request_timeout or None,
             "regex_timeout_s": settings.regex_timeout,
             "kv_cache_slots": kv[0] if kv else None,
+            "max_grammar_bytes": settings.max_grammar_bytes,
+            "grammar_compile_timeout_s": settings.grammar_compile_timeout,
+            "grammar_cache_entries": settings.grammar_cache_entries,
         }
         return out
 
@@ -259,7 +265,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     @app.post("/v1/chat/completions",
               responses=_decode_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serve(preparer.chat(body, request_id(request)), request)
+        prepared = preparer.chat(body, request_id(request))
+        await grammars.attach(prepared)
+        return await serve(prepared, request)
 
     @app.post("/v1/completions", responses=_decode_responses(CompletionResponse,
                                                               CompletionChunk))

@@ -29,6 +29,7 @@ from alignserve.decoding.base import (
     StrategyInputError,
     StrategyParams,
 )
+from alignserve.engine.grammar import GrammarSpec
 from alignserve.engine.protocol import Engine
 from alignserve.rewardmodels.protocol import RewardSpecError
 from alignserve.server.admission import kv_slots_needed
@@ -40,10 +41,15 @@ from alignserve.server.protocol import (
     SamplingFields,
 )
 from alignserve.server.settings import ServerSettings
+from alignserve.server.structured import grammar_spec_for, render_messages
 
 log = logging.getLogger("alignserve.server")
 
 Kind = Literal["chat", "completion"]
+
+# strategies whose every branch decodes through the engine's grammar-masked sampler (their
+# candidates fork the sequence's matcher with its KV); the others refuse a grammar for now
+GRAMMAR_STRATEGIES = ("sample", "best_of_n")
 
 # alignment keys held to a server limit: key -> settings field (flag --max-...)
 STRATEGY_LIMITS = {"candidates": "max_candidates", "top_k": "max_top_k",
@@ -69,6 +75,13 @@ class Prepared:
     decodes: list[DecodeRequest] = field(default_factory=list)  # one per prompt
     # completions with echo=true: each prompt's text, put before each of its choices
     echoes: list[str] = field(default_factory=list)
+    # structured outputs: what the answer is held to (compiled into sampling.grammar by the
+    # app before decoding), and the tools whose calls are parsed out of a finished answer
+    grammar: GrammarSpec | None = None
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.name for t in self.grammar.tools] if self.grammar is not None else []
 
     def __post_init__(self) -> None:
         if not self.decodes:
@@ -105,14 +118,37 @@ class Preparer:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
-        messages = req.template_messages()
+        # `tools: [], tool_choice: "none"` (clients that always send both) asks for nothing
+        choice = None if req.tool_choice == "none" and not req.tools else req.tool_choice
+        spec = grammar_spec_for(req.response_format, req.tools, choice,
+                                req.parallel_tool_calls)
+        self._check_grammar(req, spec)
+        messages = render_messages(req.messages, req.tools, spec)
         try:
             prompt_text, prompt_ids = self.engine.encode_chat(messages)
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
             raise APIError(f"The chat template rejected the messages: {e}",
                            param="messages") from None
-        return self._finish("chat", req, prompt_text, list(prompt_ids), messages, "messages",
-                            request_id)
+        prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
+                                "messages", request_id)
+        prepared.grammar = spec
+        return prepared
+
+    def _check_grammar(self, req: ChatCompletionRequest, spec: GrammarSpec | None) -> None:
+        """What a grammar cannot be combined with (yet), as 400s naming the field."""
+        if spec is None:
+            return
+        param = "tools" if spec.tools else "response_format"
+        strategy = req.alignment_or_default().strategy
+        if strategy in STRATEGIES and strategy not in GRAMMAR_STRATEGIES:
+            raise APIError(f"`{param}` is not supported with strategy `{strategy}` yet; use "
+                           f"{' or '.join(GRAMMAR_STRATEGIES)}.", param=param)
+        if getattr(self.engine, "kind", None) == "vllm":
+            raise APIError(f"`{param}` is not supported on the vllm engine yet; the native "
+                           "engine serves it.", param=param)
+        if req.ignore_eos:
+            raise APIError(f"`ignore_eos` cannot be combined with `{param}`: the grammar ends "
+                           "the answer with the end-of-sequence token.", param="ignore_eos")
 
     def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)

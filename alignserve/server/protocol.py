@@ -14,6 +14,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alignserve.engine.protocol import SamplingParams
+from alignserve.server.structured import (
+    ResponseFormat,
+    ResponseToolCall,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+)
 
 # ---------------------------------------------------------------------------- requests
 
@@ -88,32 +95,37 @@ def _empty_only(what: str) -> Any:
 
 
 class ChatMessage(RequestModel):
-    # Tool and function roles need tool calling, which this server does not offer.
-    role: Literal["system", "developer", "user", "assistant"]
+    # `tool` replies answer an earlier assistant message's `tool_calls` (by `tool_call_id`);
+    # the deprecated `function` role is not offered.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart | RefusalContentPart] | None = None
     name: str | None = None  # accepted and ignored (chat templates have no place for it)
     # assistant turns, as clients send their history back
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
 
     IGNORED = ("name",)
 
-    _no_tool_calls = field_validator("tool_calls")(_empty_only("Tool calls (`tool_calls`)"))
     _no_function_call = field_validator("function_call")(_empty_only("`function_call`"))
     _no_audio = field_validator("audio")(_empty_only("Audio (`audio`)"))
 
     @model_validator(mode="after")
     def _content_by_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("`tool_call_id` is required on tool messages, and only there")
         if self.role != "assistant":
             if self.content is None:
                 raise ValueError("`content` is required for this role")
             if isinstance(self.content, list) and any(
                     isinstance(p, RefusalContentPart) for p in self.content):
                 raise ValueError("refusal parts belong to assistant messages")
-        elif self.content is None and self.refusal is None:
-            raise ValueError("an assistant message needs `content` or `refusal`")
+        elif self.content is None and self.refusal is None and not self.tool_calls:
+            raise ValueError("an assistant message needs `content`, `refusal` or `tool_calls`")
         return self
 
     def text(self) -> str:
@@ -128,22 +140,6 @@ class ChatMessage(RequestModel):
         # Chat templates know "system"; OpenAI's "developer" is the same thing by a newer name.
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": self.text()}
-
-
-class ResponseFormat(RequestModel):
-    model_config = ConfigDict(extra="allow")  # json_schema etc. are rejected by type anyway
-
-    type: Literal["text", "json_object", "json_schema"]
-
-    @field_validator("type")
-    @classmethod
-    def _only_text(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(
-                f"'{value}' is not supported; only 'text'. For structured output use an "
-                "`alignment.rewards` json_schema reward."
-            )
-        return value
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -260,8 +256,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None  # meaningful only with tools
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None  # only with tools; default auto
     functions: list[dict[str, Any]] | None = None
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -284,9 +280,8 @@ class ChatCompletionRequest(SamplingFields):
     IGNORED = ("user", "store", "metadata", "service_tier", "reasoning_effort", "verbosity",
                "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                "safety_identifier", "prediction", "web_search_options", "moderation",
-               "parallel_tool_calls")
+               )
 
-    _no_tools = field_validator("tools")(_unsupported("Tool calling (`tools`)"))
     _no_functions = field_validator("functions")(_unsupported("Function calling (`functions`)"))
 
     @field_validator("function_call")
@@ -322,6 +317,9 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.for_template() for m in self.messages]
+
+    def has_tool_history(self) -> bool:
+        return any(m.role == "tool" or m.tool_calls for m in self.messages)
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -428,6 +426,7 @@ class CompletionLogprobs(ResponseModel):
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(ResponseModel):
@@ -476,9 +475,25 @@ class CompletionResponse(ResponseModel):
 # (e.g. `alignment` on a choice's last chunk, `usage` on the usage chunk).
 
 
+class DeltaFunction(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseModel):
+    """One streamed piece of a tool call; `index` says which call it belongs to (the SDK
+    joins the pieces of one index)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+
 class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(ResponseModel):

@@ -7,6 +7,7 @@ from typing import Any
 
 from alignserve.decoding.base import ChoiceFinal, RequestSummary
 from alignserve.server.prepare import Prepared
+from alignserve.server.structured import ParsedAnswer, parse_tool_calls
 from alignserve.server.protocol import (
     AlignmentReport,
     AssistantMessage,
@@ -22,7 +23,9 @@ from alignserve.server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     CompletionStreamChoice,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
     TopLogprob,
     UsageInfo,
 )
@@ -40,8 +43,17 @@ def dump_chunk(chunk: Chunk) -> dict[str, Any]:
         if choice.get("alignment") is None:
             choice.pop("alignment", None)
         if "delta" in choice:  # OpenAI sends only the delta fields that are present
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _present(choice["delta"])
     return data
+
+
+def _present(value: Any) -> Any:
+    """Drop None fields, nested ones too (a tool call's later pieces carry no id or name)."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
 
 
 def _finite(x: float) -> float:
@@ -144,6 +156,51 @@ class Renderer:
         self.tokenizer = tokenizer
         self.token_bytes = TokenBytes(tokenizer)
         self.offsets: dict[int, int] = {}  # completions: text_offset reached per choice
+        self.answers: dict[int, ParsedAnswer] = {}  # tool calls parsed per choice
+
+    # -- tool calls
+
+    @property
+    def holds_text(self) -> bool:
+        """A stream with tools sends each choice's text once it is whole: only then can its
+        calls be told from content (the grammar guarantees they parse)."""
+        return self.p.kind == "chat" and bool(self.p.tool_names)
+
+    def answer(self, final: ChoiceFinal) -> ParsedAnswer | None:
+        """The finished text split into content and tool calls (None: no tools asked)."""
+        if not self.p.tool_names:
+            return None
+        if final.index not in self.answers:
+            self.answers[final.index] = parse_tool_calls(final.text, self.p.tool_names)
+        return self.answers[final.index]
+
+    def finish_reason(self, final: ChoiceFinal) -> str | None:
+        parsed = self.answer(final)
+        return parsed.finish_reason(final.finish_reason) if parsed else final.finish_reason
+
+    def message(self, final: ChoiceFinal) -> AssistantMessage:
+        parsed = self.answer(final)
+        if parsed is None:
+            return AssistantMessage(content=final.text)
+        return AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None)
+
+    def tool_call_chunks(self, final: ChoiceFinal) -> list[Chunk]:
+        """A whole choice as OpenAI streams it: its content, then per call one chunk with the
+        call's index, id and function name, and one with its arguments."""
+        parsed = self.answer(final)
+        out: list[Chunk] = []
+        if parsed.content:
+            out.append(self._chunk([ChatStreamChoice(index=final.index,
+                                                     delta=DeltaMessage(content=parsed.content))]))
+        for i, call in enumerate(parsed.tool_calls):
+            head = DeltaToolCall(index=i, id=call.id, type="function",
+                                 function=DeltaFunction(name=call.function["name"], arguments=""))
+            body = DeltaToolCall(index=i, function=DeltaFunction(
+                arguments=call.function["arguments"]))
+            out += [self._chunk([ChatStreamChoice(index=final.index,
+                                                  delta=DeltaMessage(tool_calls=[piece]))])
+                    for piece in (head, body)]
+        return out
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -218,11 +275,15 @@ class Renderer:
                                   "model": self.p.model, "usage": use,
                                   "alignment": report(summary)}
         if self.p.kind == "chat":
-            chat_choices = [ChatChoice(index=f.index, message=AssistantMessage(content=f.text),
+            chat_choices = [ChatChoice(index=f.index, message=self.message(f),
                                        logprobs=self.chat_logprobs(f.logprobs),
-                                       finish_reason=f.finish_reason,
+                                       finish_reason=self.finish_reason(f),
                                        alignment=choice_alignment(f)) for f in finals]
-            return ChatCompletionResponse(choices=chat_choices, **common).model_dump()
+            data = ChatCompletionResponse(choices=chat_choices, **common).model_dump()
+            for choice in data["choices"]:  # present only when there are calls, as OpenAI
+                if choice["message"].get("tool_calls") is None:
+                    choice["message"].pop("tool_calls", None)
+            return data
         text_choices = [CompletionChoice(index=f.index, text=self.p.echo(f.index) + f.text,
                                          logprobs=self.completion_logprobs(
                                              f.index, f.logprobs,
@@ -262,7 +323,7 @@ class Renderer:
     def finish(self, final: ChoiceFinal) -> Chunk:
         if self.p.kind == "chat":
             return self._chunk([ChatStreamChoice(index=final.index, delta=DeltaMessage(),
-                                                 finish_reason=final.finish_reason,
+                                                 finish_reason=self.finish_reason(final),
                                                  alignment=choice_alignment(final))])
         return self._chunk([CompletionStreamChoice(index=final.index, text="",
                                                    finish_reason=final.finish_reason,

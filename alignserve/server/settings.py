@@ -135,6 +135,18 @@ class ServerSettings:
         metadata={"help": "largest `json_schema` reward schema, compact JSON bytes (at most "
                   "65536)"},
     )
+    # -- structured outputs (response_format json_object/json_schema, tools)
+    max_grammar_bytes: int = field(
+        default=64 * 1024,
+        metadata={"help": "largest response_format schema plus tool parameter schemas of one "
+                  "request, compact JSON bytes"},
+    )
+    grammar_compile_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a request's grammar may take to compile"}
+    )
+    grammar_cache_entries: int = field(
+        default=256, metadata={"help": "compiled grammars kept (LRU) for reuse across requests"}
+    )
     # -- backpressure, deadlines, shutdown
     max_running_requests: int = field(
         default=64, metadata={"help": "requests decoded at once; more wait in a bounded queue"}
@@ -196,7 +208,8 @@ class ServerSettings:
         self.reward_model_pairs()
         positive = ["max_tokens_limit", "max_n", "max_candidates", "max_top_k", "max_lookahead",
                     "max_beam", "max_body_bytes", "max_rewards", "max_regex_chars",
-                    "max_schema_bytes", "max_running_requests", "retry_after"]
+                    "max_schema_bytes", "max_running_requests", "retry_after", "max_grammar_bytes",
+                    "grammar_cache_entries"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -205,6 +218,8 @@ class ServerSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("--max-prompt-tokens must be at least 1")
+        if self.grammar_compile_timeout <= 0:
+            raise ValueError("--grammar-compile-timeout must be positive")
         if self.regex_timeout <= 0:
             raise ValueError("--regex-timeout must be positive")
         if self.max_regex_chars > MAX_PATTERN_CHARS:

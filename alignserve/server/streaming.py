@@ -60,7 +60,7 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
                     if opening is not None:
                         yield _sse_chunk(opening)
             elif isinstance(event, ChoiceDelta):
-                if not event.text and not event.logprobs:
+                if renderer.holds_text or (not event.text and not event.logprobs):
                     continue
                 if held is not None:
                     yield _sse_chunk(held)
@@ -71,7 +71,10 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
                 if held is not None:
                     yield _sse_chunk(held)
                     held = None
-                if not event.streamed and (event.text or event.logprobs):
+                if renderer.holds_text:
+                    for chunk in renderer.tool_call_chunks(event):
+                        yield _sse_chunk(chunk)
+                elif not event.streamed and (event.text or event.logprobs):
                     yield _sse_chunk(renderer.delta(event.index, event.text, event.logprobs))
                 held = renderer.finish(event)
             elif isinstance(event, RequestSummary):

@@ -192,10 +192,12 @@ class NativeEngine(TextCodec):
             children = []
             ids = [next(self._ids) for _ in range(n)]
             chains = self.kv.fork(parent.chain, parent.id, ids)
-            for cid, chain in zip(ids, chains):
+            grammars = parent.grammar.fork(n) if parent.grammar is not None else [None] * n
+            for cid, chain, grammar in zip(ids, chains, grammars):
                 h = seq.branch(cid)
                 st = SeqState(id=cid, handle=h, chain=chain, logits=parent.logits, hidden=parent.hidden,
-                              early_layer=parent.early_layer, early_logits=parent.early_logits)
+                              early_layer=parent.early_layer, early_logits=parent.early_logits,
+                              grammar=grammar)
                 self._states[cid], self._chains[cid] = st, chain
                 children.append(h)
             return children
@@ -240,6 +242,8 @@ class NativeEngine(TextCodec):
                 st.handle.finished, st.handle.finish_reason = False, None
                 self.kv.truncate_leaf(st.chain, length - leaf_start)
                 del st.handle.token_ids[length:]
+                if st.grammar is not None:
+                    st.grammar.truncate(max(length - st.handle.prompt_len, 0))
                 st.handle.logprobs = st.handle.logprobs[: max(0, length - st.handle.prompt_len)]
                 st.logits = st.hidden = st.early_logits = None
 
@@ -496,6 +500,8 @@ class NativeEngine(TextCodec):
         reason = None
         if tok in group.stop_ids and h.num_output > params.min_tokens - 1 or st.text.push(tok) is not None:
             reason = "stop"
+        elif params.grammar is not None and st.grammar is not None and st.grammar.terminated:
+            reason = "stop"  # the grammar took its stop token (min_tokens yields to it)
         if reason is None and (h.num_output >= params.max_tokens or len(h.token_ids) >= self.max_model_len):
             reason = "length"
         finished = reason is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from alignserve.engine.grammar import GrammarState, mask_logits
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import StepInputs
 from alignserve.kernels import dispatch
@@ -67,6 +68,21 @@ def step_inputs(states: list[SeqState]) -> StepInputs:
     )
 
 
+def grammar_states(states: list[SeqState], params) -> list[GrammarState] | None:
+    """Each row's matcher, brought to its sequence's output (started on the first step of a
+    sequence that has none; a fork copied its parent's, a truncate rolled it back)."""
+    compiled = params.grammar
+    if compiled is None:
+        return None
+    out = []
+    for st in states:
+        if st.grammar is None:
+            st.grammar = compiled.new_state()
+        st.grammar.sync(st.handle.output_ids)
+        out.append(st.grammar)
+    return out
+
+
 def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tuple[int, float, list | None]]:
     """[(token, logprob of the token under the model, top logprobs or None)] per state."""
     params = group.params
@@ -76,12 +92,18 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
         logits = group.processor([st.handle for st in states], logits, step_inputs(states))
     logits = apply_penalties(logits, states, params)
     logits = apply_logit_bias(logits, params.logit_bias)
-    early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens]
+    grammars = grammar_states(states, params)
+    # min_tokens never masks the stop token of a row whose grammar allows nothing else
+    early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens
+             and not (grammars and grammars[i].completed)]
     if early and group.stop_ids:
         logits = logits.clone() if logits is raw else logits
         stop = torch.tensor(sorted(group.stop_ids), device=logits.device)
         rows = torch.tensor(early, device=logits.device)
         logits[rows.unsqueeze(1), stop.unsqueeze(0)] = float("-inf")
+    if grammars is not None:
+        # last, after steering, penalties and bias: nothing can revive a disallowed token
+        logits = mask_logits(grammars, logits.clone() if logits is raw else logits)
     b = len(states)
     dev = logits.device
     tokens = dispatch.sample(
@@ -97,6 +119,9 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
     # every token id exactly).
     chosen = raw.gather(1, tokens.view(-1, 1)).squeeze(1) - torch.logsumexp(raw, dim=-1)
     ids, lps = torch.stack((tokens.double(), chosen.double())).tolist()
+    for state, token in zip(grammars or (), ids):
+        if not state.terminated:
+            state.accept(int(token))
     tops: list[list | None] = [None] * b
     if params.logprobs:
         vals, idx = torch.topk(torch.log_softmax(raw, dim=-1), min(params.logprobs, vocab), dim=-1)

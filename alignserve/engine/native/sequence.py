@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,9 @@ class SeqState:
     text: IncrementalText | DeferredText | None = None
     released: bool = False
     busy: bool = False  # in a queued extend or prefill
+    # structured outputs: this sequence's grammar matcher (engine/grammar GrammarState),
+    # started by the sampler on its first constrained step, forked and truncated with it
+    grammar: Any = None
     extra: dict = field(default_factory=dict)
 
     @property

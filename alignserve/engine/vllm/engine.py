@@ -664,6 +664,8 @@ class VllmEngine(TextCodec):
                        processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
                        kind: str = "decode", followers: list[SeqHandle] | None = None,
                        ) -> AsyncIterator[list[TokenEvent]]:
+        if params.grammar is not None:  # the server answers 400 first (prepare.py); never drop it
+            raise EngineError("structured outputs are not supported on the vllm engine yet")
         states = [self._state(s) for s in seqs]
         fstates = [self._state(f) for f in followers] if followers else None
         extra, observer = self._processor_args(processor, states, fstates)
