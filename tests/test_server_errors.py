@@ -18,7 +18,7 @@ CHAT_CASES = [
     ({"messages": []}, 400, "messages"),
     ({}, 400, "messages"),
     ({"messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, 400, "messages[0].extra"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages[0].content"),
