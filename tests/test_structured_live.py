@@ -265,3 +265,12 @@ def test_limits_listed(http):
     limits = http.get("/v1/alignment").json()["limits"]
     for key in ("max_grammar_bytes", "grammar_compile_timeout_s", "grammar_cache_entries"):
         assert limits[key] > 0
+
+
+def test_json_on_completions(client, model_name):
+    r = client.completions.create(model=model_name, prompt="A person as JSON: ", max_tokens=MAX,
+                                  temperature=0.8, seed=4, n=2,
+                                  extra_body={"response_format": PERSON_FORMAT})
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        _valid(choice.text, PERSON)

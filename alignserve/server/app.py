@@ -272,7 +272,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     @app.post("/v1/completions", responses=_decode_responses(CompletionResponse,
                                                               CompletionChunk))
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await serve(preparer.completion(body, request_id(request)), request)
+        prepared = preparer.completion(body, request_id(request))
+        await grammars.attach(prepared)
+        return await serve(prepared, request)
 
     def model_card() -> ModelCard:
         return ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)

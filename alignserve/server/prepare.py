@@ -134,7 +134,7 @@ class Preparer:
         prepared.grammar = spec
         return prepared
 
-    def _check_grammar(self, req: ChatCompletionRequest, spec: GrammarSpec | None) -> None:
+    def _check_grammar(self, req: SamplingFields, spec: GrammarSpec | None) -> None:
         """What a grammar cannot be combined with (yet), as 400s naming the field."""
         if spec is None:
             return
@@ -156,6 +156,8 @@ class Preparer:
             raise APIError("max_tokens 0 asks for nothing: it is allowed only with `echo: true` "
                            "(the prompt, with its log-probs when `logprobs` is set).",
                            param="max_tokens")
+        spec = grammar_spec_for(req.response_format, None, None, None)
+        self._check_grammar(req, spec)
         prompts = req.prompt_values()
         texts, ids = [], []
         for i, prompt in enumerate(prompts):
@@ -188,6 +190,7 @@ class Preparer:
                                "(--kv-cache-gib); send fewer prompts per request.",
                                param="prompt")
         prepared.echoes = texts if req.echo else []
+        prepared.grammar = spec
         return prepared
 
     # -- shared steps

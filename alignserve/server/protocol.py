@@ -335,6 +335,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None  # vLLM's extension: JSON on completions
 
     _no_suffix = field_validator("suffix")(_unsupported("`suffix`"))
 
