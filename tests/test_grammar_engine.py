@@ -45,7 +45,8 @@ def test_fork_and_truncate_keep_each_branch_valid(live_server):
         branches = await engine.fork(root, 3)
         matchers = [engine._states[s.key].grammar for s in [root] + branches]
         assert len({id(m) for m in matchers}) == 4  # forked with the KV, one each
-        assert all(m.tokens == root.output_ids for m in matchers)
+        # rolled back with the truncate (the fed token is accepted at the next step's sync)
+        assert all(m.tokens == root.output_ids[:-1] for m in matchers)
         await finish(branches, seed=11)
         # roll one branch back to the fork point plus one token and finish it again
         back = branches[0]
