@@ -118,8 +118,9 @@ class Preparer:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
-        # `tools: [], tool_choice: "none"` (clients that always send both) asks for nothing
-        choice = None if req.tool_choice == "none" and not req.tools else req.tool_choice
+        # `tools: []` with tool_choice none/auto (clients that always send both) asks for nothing
+        choice = (None if req.tool_choice in ("none", "auto") and not req.tools
+                  else req.tool_choice)
         spec = grammar_spec_for(req.response_format, req.tools, choice,
                                 req.parallel_tool_calls)
         self._check_grammar(req, spec)
