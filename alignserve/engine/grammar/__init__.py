@@ -9,7 +9,12 @@ compiler.py      TokenizerGrammars: compile a spec for one tokenizer (xgrammar),
 matcher.py       GrammarState: one matcher per sequence (fork, sync/accept, truncate, bitmask);
                  apply_bitmask (xgrammar's CPU/Triton kernels) and its PyTorch reference
 
-How the engines and strategies consume it (the integration after the steering refactor):
+How the engines and strategies consume it. As built: server/grammars.py compiles, the
+CompiledSpec rides in `SamplingParams.grammar` (data, no callables), the native engine keeps
+`SeqState.grammar` (started by the sampler on a sequence's first constrained step, which syncs
+it to the output, so extends need no hook), and sample / best_of_n are the strategies served;
+deal, vas and contrastive answer 400 until they are tested with it, and the vllm engine too.
+The design below (a `Steering` value after the steering refactor) is where it goes next:
 
 - The server builds the spec (server/structured.py), checks it (`TokenizerGrammars.check`, a 400
   naming the JSON path on GrammarError), then `await grammars.compile_async(spec)` before
