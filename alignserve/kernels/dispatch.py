@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -35,7 +36,8 @@ from . import attention_fused as _fused_attn
 from .logits_ops import Contrastive, Penalties, ValueGuidance, sample_processed_reference
 
 __all__ = [
-    "FORCE", "Contrastive", "Penalties", "ValueGuidance", "attention", "leaf_attention", "merge",
+    "FORCE", "Contrastive", "LeafGather", "Penalties", "ValueGuidance", "attention", "leaf_attention",
+    "leaf_gather", "merge",
     "merge_attention", "merge_attention_into",
     "sample", "segment_attention", "triton_available", "uses_triton",
 ]
@@ -108,27 +110,56 @@ def segment_attention(
     return attention(q, k_pool[idx], v_pool[idx], scale, force=force)
 
 
+@dataclass
+class LeafGather:
+    """What a non-Triton `leaf_attention` derives from the slot table and lengths alone (the
+    gather index, the lengths clamped to it, the fused op's mask): a decode step builds it once
+    (`leaf_gather`) and hands it to each layer's call instead of rebuilding it 30 times."""
+
+    index: torch.Tensor  # [B, W] int64, clamped into the pool
+    lengths: torch.Tensor  # [B], clamped to W
+    fused_mask: tuple[torch.Tensor, torch.Tensor | None] | None  # attention_fused.padded_mask
+
+
+def leaf_gather(q: torch.Tensor, k_pool: torch.Tensor, slot_table: torch.Tensor,
+                lengths: torch.Tensor, *, force: str | None = None,
+                max_length: int | None = None) -> LeafGather | None:
+    """The LeafGather for `leaf_attention` calls like (q, k_pool, ..., slot_table, lengths);
+    None where Triton serves them (it reads the table itself)."""
+    if uses_triton(q, force):
+        return None
+    width = slot_table.shape[1] if max_length is None else min(max_length, slot_table.shape[1])
+    idx = slot_table[:, :width].to(device=k_pool.device, dtype=torch.long)
+    idx = idx.clamp(0, k_pool.shape[0] - 1)  # padding may hold anything; it is masked
+    lengths = lengths.to(device=q.device).clamp(max=width)
+    mask = None
+    if not q.is_cuda and _fused(q, force):
+        mask = _fused_attn.padded_mask(lengths, width, torch.promote_types(q.dtype, k_pool.dtype))
+    return LeafGather(idx, lengths, mask)
+
+
 def leaf_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_table: torch.Tensor,
     lengths: torch.Tensor, scale: float, *, force: str | None = None,
     max_length: int | None = None, chunk_size: int | None = None,
+    gather: LeafGather | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence, q [B, H, D], over its own slots slot_table[b, :lengths[b]]
     (entries past a row's length are never read; lengths may be 0: out 0, lse -inf).
     `max_length`, an upper bound of `lengths`, lets the Triton path size its grid without a
-    device-to-host read."""
+    device-to-host read. `gather`: `leaf_gather`'s result for these arguments (non-Triton)."""
     if uses_triton(q, force):
         from .attention_triton import leaf_attention_triton
 
         return leaf_attention_triton(q, k_pool, v_pool, slot_table, lengths, scale,
                                      chunk_size=chunk_size, max_length=max_length)
-    width = slot_table.shape[1] if max_length is None else min(max_length, slot_table.shape[1])
-    idx = slot_table[:, :width].to(device=k_pool.device, dtype=torch.long)
-    idx = idx.clamp(0, k_pool.shape[0] - 1)  # padding may hold anything; it is masked
-    lengths = lengths.to(device=q.device).clamp(max=width)
-    if not q.is_cuda and _fused(q, force):
-        return _fused_attn.padded_attention_lse(q, k_pool[idx], v_pool[idx], lengths, scale)
-    return _attn.padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], lengths, scale)
+    if gather is None:
+        gather = leaf_gather(q, k_pool, slot_table, lengths, force=force, max_length=max_length)
+    idx = gather.index
+    if gather.fused_mask is not None and _fused(q, force):
+        return _fused_attn.padded_attention_lse(q, k_pool[idx], v_pool[idx], gather.lengths, scale,
+                                                prepared=gather.fused_mask)
+    return _attn.padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], gather.lengths, scale)
 
 
 def merge_attention(
