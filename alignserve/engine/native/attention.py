@@ -142,8 +142,10 @@ class ExtendPlan:
     """New tokens for several sequences, laid out one after another in the batch."""
 
     def __init__(self, cache: KVCache, contexts: list[list[Segment]], counts: list[int],
-                 new_slots: list[int], scale: float):
-        self.cache, self.scale = cache, scale
+                 new_slots: list[int], scale: float, *, dtype: torch.dtype | None = None):
+        """`dtype`: what a sequence without earlier KV computes its causal attention in (None:
+        the queries' dtype; the engine passes bf16 when the model's linears run in bf16)."""
+        self.cache, self.scale, self.dtype = cache, scale, dtype
         self.contexts, self.counts = contexts, counts
         self.write = torch.tensor(new_slots, dtype=torch.int64, device=cache.device)
 
@@ -153,6 +155,10 @@ class ExtendPlan:
         start = 0
         for segs, n in zip(self.contexts, self.counts):
             qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
+            if not any(len(seg) for seg in segs):  # nothing before: no merge, no lse needed
+                outs.append(dispatch.causal_attention(qs, ks, vs, self.scale, dtype=self.dtype))
+                start += n
+                continue
             out, lse = dispatch.attention(qs, ks, vs, self.scale, causal=True)
             for seg in segs:
                 if len(seg):
