@@ -29,10 +29,7 @@ from pathlib import Path
 
 import torch
 
-# bench/ goes last on the path, not first (where `python bench/x.py` puts it): bench/kernels.py
-# would shadow the `kernels` package that transformers imports.
-BENCH = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import provenance, write_result  # noqa: E402
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-BENCH = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import provenance, write_result  # noqa: E402
 from native_cpu import PROMPT_TOKENS, TEXT, VARIANTS, cpu_info  # noqa: E402

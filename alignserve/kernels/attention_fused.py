@@ -83,7 +83,8 @@ def padded_mask(lengths: torch.Tensor, lmax: int, dtype: torch.dtype
 
 
 def padded_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                         scale: float, prepared: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                         scale: float,
+                         prepared: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """padded_attention_lse_reference's result (CPU): q [B, H, D] over k/v [B, Lmax, KVH, D],
     row b reading its first lengths[b] keys; a row of length 0 gets out 0 and lse -inf.
@@ -91,7 +92,8 @@ def padded_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     b, h, d = q.shape
     _, lmax, kvh, _ = k.shape
     g = h // kvh
-    mask, empty = prepared or padded_mask(lengths.to(q.device), lmax, torch.promote_types(q.dtype, k.dtype))
+    mask, empty = prepared or padded_mask(lengths.to(q.device), lmax,
+                                          torch.promote_types(q.dtype, k.dtype))
     out, lse = _call(q.view(b, kvh, g, d), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), scale,
                      False, mask)
     out, lse = out.reshape(b, h, d), lse.reshape(b, h)

@@ -175,11 +175,15 @@ def leaf_attention(
                                      chunk_size=chunk_size, max_length=max_length)
     if gather is None:
         gather = leaf_gather(q, k_pool, slot_table, lengths, force=force, max_length=max_length)
-    idx = gather.index
+    # index_select of the flat index, not k_pool[idx]: for 16 rows of 80 slots 90 against 234 us
+    # on a CPU (1 thread), and 30 layers a step pay it twice.
+    flat, shape = gather.index.reshape(-1), (*gather.index.shape, *k_pool.shape[1:])
+    k = k_pool.index_select(0, flat).view(shape)
+    v = v_pool.index_select(0, flat).view(shape)
     if gather.fused_mask is not None and _fused(q, force):
-        return _fused_attn.padded_attention_lse(q, k_pool[idx], v_pool[idx], gather.lengths, scale,
+        return _fused_attn.padded_attention_lse(q, k, v, gather.lengths, scale,
                                                 prepared=gather.fused_mask)
-    return _attn.padded_attention_lse_reference(q, k_pool[idx], v_pool[idx], gather.lengths, scale)
+    return _attn.padded_attention_lse_reference(q, k, v, gather.lengths, scale)
 
 
 def merge_attention(

@@ -4,9 +4,10 @@ the CPU has bf16 units, multiplied by them.
 Which row counts use bf16 depends on the CPU, so it is decided at run time from its flags:
 - with bf16 units (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo) bf16 is faster at every row
   count: one [rows x 576] x [576 x 49152] product took 6.0 / 6.4 / 86 ms in bf16 against
-  9.9 / 18.7 / 224 ms in fp32 at 1 / 16 / 512 rows on an AMD EPYC with avx512_bf16, and the
-  issue-14 run on an Intel Xeon with AMX measured the model's 512-row prefill linears 5-10x
-  faster in bf16 (bench/results/native_cpu-*.json). So every call uses the bf16 copy.
+  9.9 / 18.7 / 224 ms in fp32 at 1 / 16 / 512 rows on an AMD EPYC with avx512_bf16, and on
+  an Intel Xeon with AMX the model's 512-row linears were 6-10x faster in bf16 (1 thread;
+  bench/results/native_cpu-20261206.md). So every call uses the bf16 copy, and the engine
+  runs a prompt's attention in bf16 as well (`bf16_rows`).
 - without them (the run committed on 2026-11-25) only few-row calls gained (1 row: 19 against
   47 ms for a step's 121 linears), 8 rows lost (115 against 85 ms) and prefill chunks were
   several times slower, so only calls of at most `FEW_ROWS` rows use the copy.
