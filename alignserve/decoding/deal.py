@@ -150,16 +150,9 @@ def split_commit(action: int, action_lp: float, rollout: Sequence[int],
 
 
 def length_bound(reward: LengthReward, words: int, more_words: int, weight: float) -> float:
-    """Best (worst, for a negative weight) score_words over [words, words + more_words]: the
-    value the finished text could reach. score_words is unimodal (peak at the target or over
-    the range), so the extremes are at the ends or the peak's points clamped into the range."""
-    hi = words + max(0, more_words)
-    points = {words, hi}
-    for peak in (reward.target, reward.lo, reward.hi):
-        if peak is not None:
-            points.add(min(max(peak, words), hi))
-    values = [reward.score_words(w) for w in points]
-    return max(values) if weight >= 0 else min(values)
+    """Best (worst, for a negative weight) value the finished text could reach: the length
+    reward's own partial-text bound (LengthReward.reachable)."""
+    return reward.reachable(words, more_words, optimistic=weight >= 0)
 
 
 def heuristic_reward(reward: Any, score: Any, text: str, finished: bool,

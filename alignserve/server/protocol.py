@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from alignserve.engine.protocol import SamplingParams
 
@@ -263,6 +263,16 @@ class AlignmentReport(ResponseModel):
     model_tokens: int
     reward_seconds: float
     seconds: float
+    # what a pruning search did (speculative_rejection, particle_filter): rounds, pruned, ...;
+    # left out of the body for the strategies that report none
+    search: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_search(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
 
 
 class TopLogprob(ResponseModel):
