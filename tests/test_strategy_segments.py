@@ -142,3 +142,78 @@ def test_driver_rounds_prune_and_release_everything(strategy, params, population
     deltas = [e for e in events if isinstance(e, ChoiceDelta)]
     assert "".join(d.text for d in deltas) == final.text and final.streamed
     assert not eng.live  # every sequence released
+
+
+# ---- live server -----------------------------------------------------------------------------------
+
+DOG = [{"role": "user", "content": "Write one sentence that uses all of these words: dog, ball, "
+        "park, throw."}]
+DOG_REWARD = [{"name": "keywords", "keywords": ["dog", "ball", "park", "throw"]}]
+
+
+def _chat(client, model, strategy, stream=False, max_tokens=24, seed=5, **keys):
+    return client.chat.completions.create(
+        model=model, messages=DOG, max_tokens=max_tokens, temperature=0.8, seed=seed,
+        stream=stream, extra_body={"alignment": {"strategy": strategy, "rewards": DOG_REWARD,
+                                                 **keys}})
+
+
+@pytest.mark.parametrize("strategy, keys", [
+    ("speculative_rejection", {"candidates": 8, "segment": 4, "keep": 0.5}),
+    ("particle_filter", {"candidates": 8, "segment": 4, "keep": 0.5}),
+    ("particle_filter", {"candidates": 6, "segment": "entropy", "max_segment": 8}),
+])
+def test_live_segment_search_reports_its_pruning_and_is_seeded(client, model_name, strategy,
+                                                               keys):
+    first = _chat(client, model_name, strategy, **keys).model_dump()
+    again = _chat(client, model_name, strategy, **keys).model_dump()
+    choice = first["choices"][0]
+    text = choice["message"]["content"]
+    assert text == again["choices"][0]["message"]["content"]  # the seed fixes the search
+    report = first["alignment"]
+    assert report["strategy"] == strategy
+    search = report["search"]
+    assert search["candidates"] == keys["candidates"] and search["rounds"] >= 2
+    assert search["finished"] >= 1 and len(search["population"]) >= 1
+    # the reported reward is the reward of the returned text
+    (score,) = RewardRegistry.default().build(DOG_REWARD).score([text])
+    assert choice["alignment"]["reward"] == pytest.approx(score.total)
+    if keys.get("keep", 1.0) < 1:
+        assert search["pruned"] > 0 and search["population"][0] <= keys["candidates"] // 2
+    # a streamed search sends the same text: the agreed prefix as it is agreed, then the rest
+    chunks = list(_chat(client, model_name, strategy, stream=True, **keys))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_live_speculative_rejection_spends_less_than_best_of_n(client, model_name):
+    """The same candidates, pruned by half every 4 tokens, cost fewer model tokens than all of
+    them decoded to the end (each sampled with the same seed)."""
+    sr = _chat(client, model_name, "speculative_rejection", candidates=8, segment=4, keep=0.5,
+               max_tokens=32).model_dump()["alignment"]
+    bon = _chat(client, model_name, "best_of_n", candidates=8, max_tokens=32
+                ).model_dump()["alignment"]
+    assert sr["model_tokens"] < bon["model_tokens"]
+
+
+def test_live_soft_best_of_n_is_seeded_and_tiny_lambda_is_argmax(client, model_name):
+    soft = [_chat(client, model_name, "best_of_n", candidates=6, selection="soft", seed=s,
+                  **{"lambda": 0.5}).model_dump()["choices"][0] for s in (9, 9)]
+    assert soft[0]["message"]["content"] == soft[1]["message"]["content"]
+    argmax = _chat(client, model_name, "best_of_n", candidates=6, seed=9).model_dump()
+    sharp = _chat(client, model_name, "best_of_n", candidates=6, seed=9, selection="soft",
+                  **{"lambda": 1e-4}).model_dump()
+    assert sharp["choices"][0]["alignment"]["reward"] == argmax["choices"][0]["alignment"]["reward"]
+
+
+@pytest.mark.parametrize("keys, param", [
+    ({"strategy": "particle_filter", "segment": 0}, "alignment.segment"),
+    ({"strategy": "speculative_rejection", "keep": 0}, "alignment.keep"),
+    ({"strategy": "best_of_n", "selection": "random"}, "alignment.selection"),
+])
+def test_live_bad_keys_name_the_field(client, model_name, keys, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=DOG, max_tokens=4,
+                                       extra_body={"alignment": keys})
+    assert e.value.body["param"].startswith(param)
