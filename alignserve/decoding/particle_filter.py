@@ -6,7 +6,8 @@ in proportion to softmax(reward / `resample_temperature`): a particle drawn k ti
 k copies that share its KV (fork), one drawn never is dropped. A finished particle leaves the
 population (segments.py: it waits in the archive on its final reward). `keep` < 1 shrinks the population at each resampling (the draw
 takes that fraction of it, at least n): classic particle filtering keeps it whole (1.0),
-which costs about as many model tokens as best-of-N with as many candidates. Resampling is
+which costs about as many model tokens as best-of-N with as many candidates; the default 0.5
+(with 4-token segments) spends about 0.4x of it (bench/segment_sweep.py). Resampling is
 systematic (one uniform draw per round: lower variance than independent draws), seeded by the
 request's `seed`. The best n finished particles by final reward are returned.
 """
@@ -28,7 +29,7 @@ class ParticleFilterParams(SegmentParams):
         0.1, gt=0.0, le=1e6, allow_inf_nan=False,
         description="Temperature of the resampling weights softmax(reward / T): small follows "
         "the reward greedily, large resamples uniformly.")
-    keep: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+    keep: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False,
                         description="Population kept at each resampling, as a fraction "
                         "(rounded up, at least n); 1 is classic particle filtering.")
 

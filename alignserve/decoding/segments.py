@@ -63,7 +63,7 @@ class SegmentParams(StrategyParams):
                             description="Partial answers the search starts with (they share "
                             "one prefill).")
     segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] = Field(
-        8, description="Tokens per segment between two selections, or \"entropy\": a segment "
+        4, description="Tokens per segment between two selections, or \"entropy\": a segment "
         "ends before the first token (after at least 2) whose next-token entropy reaches "
         "`entropy_threshold` (CARDS), at most `max_segment` tokens.")
     max_segment: int = Field(16, ge=MIN_ENTROPY_SEGMENT, le=MAX_SEGMENT,
