@@ -121,7 +121,7 @@ def _run(engine, strategy, params, rewards=None, n=1, stream=False, max_tokens=8
 @pytest.mark.parametrize("strategy, params, population", [
     ("speculative_rejection", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
     ("particle_filter", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
-    ("particle_filter", {"candidates": 3, "segment": 2}, [3, 3]),
+    ("particle_filter", {"candidates": 3, "segment": 2, "keep": 1.0}, [3, 3]),
 ])
 def test_driver_rounds_prune_and_release_everything(strategy, params, population):
     eng = FakeEngine(CHAIN_WORDS, CHAIN)
