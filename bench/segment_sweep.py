@@ -22,10 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-# appended, not prepended: bench/kernels.py must not shadow the `kernels` package transformers
-# imports (the script folder itself is sys.path[0]: dropped for the same reason)
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, provenance
 
