@@ -805,3 +805,51 @@ def test_extended_tokens_count_by_kind_when_vllm_computes_them(tok, lm):
     (seen,) = fake.requests
     assert seen.prompt_ids == ids + [11, 12, 13] and seen.params.max_tokens == 1
     assert (tally.prefill, tally.lookahead, tally.decode) == (len(ids), 3, 0)
+
+
+# ---- prompt log-probs and logit_bias (issue 16) -----------------------------------------------
+
+def test_prompt_logprobs_and_logit_bias_map_to_vllm(tok, lm):
+    """prefill/extend with prompt_logprobs ask vLLM for `prompt_logprobs` (a one-token request);
+    the numbers are the native engine's with the same weights. logit_bias goes to vLLM's
+    SamplingParams and steers its sampling."""
+    import alignserve.decoding  # noqa: F401
+    from alignserve.decoding.batch import PromptLogprobs, run_prompts
+
+    engine, fake = make(tok, lm)
+    reqs = [request(engine, "sample", max_tokens=3, temperature=0.0, prompt_logprobs=2,
+                    messages=[{"role": "user", "content": c}])
+            for c in ("Tell me about the ocean.", "Tell me about the desert.")]
+    forced = engine.encode(" whale")[0]
+    for r in reqs:
+        r.sampling.logit_bias = {forced: 100.0}
+
+    async def go(eng):
+        await eng.start()
+        tally = TokenTally()
+        ctxs = [DecodeContext(engine=eng, request=r, tally=tally) for r in reqs]
+        events = [ev async for ev in run_prompts(STRATEGIES["sample"], ctxs)]
+        if hasattr(eng, "kv"):
+            await eng.close()
+        return events
+
+    got = run(go(engine))
+    want = run(go(native(tok, lm)))
+    for events in (got, want):
+        outs = finals(events)
+        assert [f.index for f in outs] == [0, 1]
+        assert all(set(f.token_ids) == {forced} for f in outs)  # +100 wins every step
+    scored = [e for e in got if isinstance(e, PromptLogprobs)]
+    native_scored = [e for e in want if isinstance(e, PromptLogprobs)]
+    assert [s.prompt for s in scored] == [0, 1]
+    for s, w, r in zip(scored, native_scored, reqs):
+        assert len(s.entries) == len(r.prompt_ids) and s.entries[0] is None
+        for a, b, t in zip(s.entries[1:], w.entries[1:], r.prompt_ids[1:]):
+            assert a["token_id"] == b["token_id"] == t
+            # one model in fp32, a full forward here and the engine's paged path there
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+            assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+    plp = [q for q in fake.requests if q.params.prompt_logprobs is not None]
+    assert plp and all(q.params.max_tokens == 1 for q in plp)
+    sampled = [q for q in fake.requests if q.params.prompt_logprobs is None]
+    assert sampled and all(q.params.logit_bias == {forced: 100.0} for q in sampled)

@@ -97,6 +97,9 @@ class DecodeContext:
     started: float = field(default_factory=time.perf_counter)
     reward_seconds: float = 0.0
     candidates_scored: int = 0
+    # The prompt already computed (a batch's shared prefix, or prompt log-probs): a pending
+    # sequence the strategy takes over instead of prefilling (decoding.common.take_root).
+    root: Any = None
 
     def summary(self, completion_tokens: int, search: dict[str, Any] | None = None) -> RequestSummary:
         return RequestSummary(

@@ -11,10 +11,19 @@ from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, De
 from alignserve.engine.protocol import SeqHandle
 
 
+async def take_root(ctx: DecodeContext) -> SeqHandle:
+    """The request's prompt as a sequence with pending logits: the one the server computed
+    already (ctx.root, now the caller's to release), or a fresh prefill."""
+    root, ctx.root = ctx.root, None
+    if root is not None:
+        return root
+    return await ctx.engine.prefill(ctx.request.prompt_ids, ctx.tally)
+
+
 async def prefill_branches(ctx: DecodeContext, k: int) -> list[SeqHandle]:
     """Prefill the prompt once and branch it k ways; the k branches share its KV."""
     engine = ctx.engine
-    root = await engine.prefill(ctx.request.prompt_ids, ctx.tally)
+    root = await take_root(ctx)
     if k == 1:
         return [root]
     try:

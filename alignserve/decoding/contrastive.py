@@ -54,7 +54,7 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import format_logprobs, score_texts, stream_choices
+from alignserve.decoding.common import format_logprobs, score_texts, stream_choices, take_root
 from alignserve.decoding.resources import resources_of
 from alignserve.engine.protocol import Engine, EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
@@ -249,7 +249,10 @@ class CoreAmateurProcessor:
 
 async def _prefill(engine: Engine, ids: Sequence[int], ctx: DecodeContext, n: int,
                    early_layer: int | None = None) -> list[SeqHandle]:
-    root = await engine.prefill(ids, ctx.tally, early_layer=early_layer)
+    if engine is ctx.engine and ids is ctx.request.prompt_ids and early_layer is None:
+        root = await take_root(ctx)  # the server may have computed this prompt already
+    else:
+        root = await engine.prefill(ids, ctx.tally, early_layer=early_layer)
     if n == 1:
         return [root]
     try:

@@ -70,7 +70,7 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import format_logprobs, score_texts
+from alignserve.decoding.common import format_logprobs, score_texts, take_root
 from alignserve.engine.protocol import Engine, SamplingParams, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.rewardmodels.lexical import LengthReward, count_words
@@ -236,7 +236,7 @@ class _Search:
             await self.engine.release(seqs)
 
     async def start(self) -> list[Beam]:
-        root = await self.engine.prefill(self.req.prompt_ids, self.ctx.tally)
+        root = await take_root(self.ctx)
         self.held[root.key] = root
         first = torch.log_softmax((await self.engine.logits([root]))[0].float(), dim=-1)
         text = IncrementalText(self.engine.tokenizer, self.req.prompt_ids, self.sp.stop)
