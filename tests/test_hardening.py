@@ -476,6 +476,12 @@ def test_kv_estimate_grows_with_what_a_request_can_hold():
     assert need("deal", beam=2, top_k=4, lookahead=8, commit=4) < \
         need("deal", beam=2, top_k=4, lookahead=8, commit=1)
     assert need("contrastive", amateur="lame_prompt") >= 2 * (20 + 100)
+    # speculative rejection only prunes: best_of_n's worst case; particle filtering forks a
+    # leaf per particle and round
+    assert need("speculative_rejection", candidates=8) == need("best_of_n", candidates=8)
+    assert need("particle_filter", candidates=8, segment=4) >= 8 * (100 // 4) * 16
+    assert need("particle_filter", candidates=8, segment="entropy") > \
+        need("particle_filter", candidates=8, segment=4)
 
 
 def test_backpressure_429_with_retry_after(live_server, model_name):
@@ -658,6 +664,8 @@ STRATEGIES = {
     "contrastive": {"strategy": "contrastive"},
     "contrastive-lame": {"strategy": "contrastive", "amateur": "lame_prompt",
                          "lame_prompt": "Say anything."},
+    "speculative_rejection": {"strategy": "speculative_rejection", "candidates": 4},
+    "particle_filter": {"strategy": "particle_filter", "candidates": 4, "keep": 1.0},
 }
 
 

@@ -263,6 +263,57 @@ def test_deal_matches_the_native_engine(tok, lm, commit):
     assert ctx.tally.lookahead > 0 and ctx.candidates_scored > 0
 
 
+# ---- the segment searches: speculative_rejection, particle_filter ------------------------------
+
+@pytest.mark.parametrize("strategy, params", [
+    ("speculative_rejection", {"candidates": 4, "segment": 3, "keep": 0.5}),
+    ("particle_filter", {"candidates": 4, "segment": 3, "keep": 0.75}),
+    ("particle_filter", {"candidates": 3, "segment": "entropy", "max_segment": 4,
+                         "entropy_threshold": 0.5}),
+])
+def test_segment_searches_match_the_native_engine(tok, lm, strategy, params):
+    """Greedy particles make the search deterministic, so both engines must agree token for
+    token: the rounds' truncate / fork / extend / generate mean the same on vLLM."""
+    rewards = [{"name": "keywords", "weight": 1.0, "keywords": ["ocean", "the"]}]
+    kw = {"params": params, "rewards": rewards, "max_tokens": 9, "temperature": 0}
+    engine, fake = make(tok, lm)
+    _, events = run(drive(engine, request(engine, strategy, **kw)))
+    (nevents,) = on_native(tok, lm, (strategy, kw, None))
+    (mine,), (theirs,) = finals(events), finals(nevents)
+    assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
+    assert mine.reward == pytest.approx(theirs.reward)
+    assert mine.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-3)
+    assert events[-1].search == nevents[-1].search  # the same rounds, pruning and cuts
+    assert events[-1].search["rounds"] >= 2
+    assert fake.live_rows == 0 and not engine._inflight and not engine._states
+
+
+def test_speculative_rejection_on_vllm_prunes_by_partial_reward(tok, lm):
+    """Sampled candidates on vLLM: each round's population is the kept fraction, the survivors
+    are the best by partial reward, and the answer is reproducible with a seed."""
+    rewards = [{"name": "keywords", "keywords": ["the", "a", "of"]}]
+    params = {"candidates": 8, "segment": 2, "keep": 0.5}
+
+    def once():
+        engine, fake = make(tok, lm)
+        req = request(engine, "speculative_rejection", params=params, rewards=rewards,
+                      max_tokens=10, seed=4, temperature=1.0)
+        ctx, events = run(drive(engine, req))
+        return ctx, events, fake
+
+    ctx, events, fake = once()
+    search = events[-1].search
+    going = [8] + search["population"]
+    # each selection keeps half of the particles still going (those that finished left first)
+    for before, after in zip(going, search["population"]):
+        assert after <= max(1, math.ceil(before / 2))
+    assert search["pruned"] > 0 and fake.requests[0].params.n == 8
+    (final,) = finals(events)
+    (again,) = finals(once()[1])
+    assert (again.text, again.token_ids) == (final.text, final.token_ids)  # seeded
+    assert ctx.tally.decode < 8 * 10  # pruning spent less than 8 whole candidates
+
+
 def test_logits_is_an_exact_top_k_view_and_rollouts_prefill_it(tok, lm):
     engine, fake = make(tok, lm, logits_top_k=8)
 

@@ -103,10 +103,11 @@ async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=No
         await gen.aclose()
 
 
-async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
-                  processor=None) -> AsyncIterator[DecodeEvent]:
+async def best_of(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
+                  pick=None) -> AsyncIterator[DecodeEvent]:
     """Decode every candidate (through `processor`, if any), score them in one batch and return
     the best n: by total reward, then log-likelihood (by log-likelihood alone without rewards).
+    `pick(rewards, n)`, if given, chooses the n indices instead (best_of_n's soft selection).
     The winners stream whole, once chosen. Shared by best_of_n and vas with `candidates`."""
     req = ctx.request
     # Candidates are read once finished: the engine may decode each once instead of per token.
@@ -120,7 +121,10 @@ async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
         total = scores[i].total if scores[i] is not None else None
         return (total or 0.0, seqs[i].cumulative_logprob)
 
-    best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
+    if pick is None:
+        best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
+    else:
+        best = pick([rank(i)[0] for i in range(len(seqs))], req.n)
     for out_index, i in enumerate(best):
         choice = final_choice(ctx, out_index, seqs[i], scores[i], streamed=req.stream)
         if req.stream:

@@ -11,7 +11,14 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from alignserve.engine.protocol import SamplingParams
 from alignserve.server.structured import (
@@ -398,6 +405,16 @@ class AlignmentReport(ResponseModel):
     model_tokens: int
     reward_seconds: float
     seconds: float
+    # what a pruning search did (speculative_rejection, particle_filter): rounds, pruned, ...;
+    # left out of the body for the strategies that report none
+    search: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_search(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
 
 
 class TopLogprob(ResponseModel):

@@ -140,7 +140,7 @@ def report(summary: RequestSummary) -> AlignmentReport:
     return AlignmentReport(strategy=summary.strategy, candidates_scored=summary.candidates_scored,
                            model_tokens=summary.model_tokens,
                            reward_seconds=round(summary.reward_seconds, 6),
-                           seconds=round(summary.seconds, 6))
+                           seconds=round(summary.seconds, 6), search=summary.search)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
