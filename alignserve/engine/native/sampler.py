@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignserve.engine.grammar import GrammarState, mask_logits
+from alignserve.engine.grammar import GrammarState, mask_logits, new_bitmask
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import StepInputs
 from alignserve.kernels import dispatch
@@ -103,7 +103,11 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
         logits[rows.unsqueeze(1), stop.unsqueeze(0)] = float("-inf")
     if grammars is not None:
         # last, after steering, penalties and bias: nothing can revive a disallowed token
-        logits = mask_logits(grammars, logits.clone() if logits is raw else logits)
+        # one bitmask buffer per generate group, reused every step (grown when rows join)
+        if group.bitmask is None or group.bitmask.shape[0] < len(grammars):
+            group.bitmask = new_bitmask(len(grammars), logits.shape[-1])
+        logits = mask_logits(grammars, logits.clone() if logits is raw else logits,
+                             group.bitmask)
     b = len(states)
     dev = logits.device
     tokens = dispatch.sample(

@@ -24,6 +24,7 @@ class GenGroup:
     kind: str
     stop_ids: frozenset[int]
     live: int = 0
+    bitmask: Any = None  # the grammar's token-mask buffer, reused by each step (sampler.py)
 
 
 @dataclass(eq=False)
