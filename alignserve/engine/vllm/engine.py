@@ -184,7 +184,7 @@ class VllmEngine(TextCodec):
     @classmethod
     def load(cls, model: str | None = None, tensor_parallel_size: int = 1, *,
              served_model_name: str | None = None, logits_top_k: int = 32,
-             processors: bool = True, side_kv_gib: float = 1.0,
+             processors: bool = True, side_kv_gib: float | None = None,
              amateur_paths: dict[str, str] | None = None,
              value_model_paths: dict[str, str] | None = None,
              kv_cache_gib: float | None = None, compile: bool | None = None,
@@ -209,9 +209,17 @@ class VllmEngine(TextCodec):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         from alignserve.engine.native.loader import load_tokenizer, model_folder
-        from alignserve.engine.vllm.placement import placement_args
+        from alignserve.engine.vllm.placement import SIDE_KV, placement_args
 
         path, name = model_folder(model)  # vLLM reads Hugging Face folders, not our GGUF
+        try:
+            placed = placement_args(kv_cache_gib=kv_cache_gib, compile=compile,
+                                    data_parallel_size=data_parallel_size)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+        side_default = placed.pop(SIDE_KV, 1.0)
+        if side_kv_gib is None:
+            side_kv_gib = side_default
         args: dict[str, Any] = {
             "model": path,
             "tensor_parallel_size": tensor_parallel_size,
@@ -226,11 +234,7 @@ class VllmEngine(TextCodec):
         }
         if processors:
             args["logits_processors"] = [PROCESSOR]
-        try:
-            args.update(placement_args(kv_cache_gib=kv_cache_gib, compile=compile,
-                                       data_parallel_size=data_parallel_size))
-        except ValueError as e:
-            raise EngineError(str(e)) from e
+        args.update(placed)
         env = os.environ.get("ALIGNSERVE_VLLM_ENGINE_ARGS")
         if env:
             args.update(json.loads(env))
@@ -557,7 +561,8 @@ class VllmEngine(TextCodec):
 
     def _vllm_params(self, params: SamplingParams, n: int, done: int, seed_offset: int,
                      logprobs: int | None, extra_args: dict | None) -> Any:
-        seed = None if params.seed is None else params.seed + seed_offset
+        # child i of a seeded request samples with seed + i, kept within the uint64 vLLM takes
+        seed = None if params.seed is None else (params.seed + seed_offset) % 2**64
         kw: dict[str, Any] = {
             "n": n,
             "temperature": max(params.temperature, 0.0),

@@ -22,6 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CPU_KV_GIB_DEFAULT = 2.0
+SIDE_KV = "side_kv_gib"  # not an engine argument: VllmEngine.load's own (its default, on CPU)
 
 
 def on_cpu() -> bool:
@@ -75,13 +76,18 @@ def _gib(value: float) -> str:
 
 def placement_args(*, kv_cache_gib: float | None, compile: bool | None,
                    data_parallel_size: int) -> dict[str, Any]:
-    """Engine arguments for where vLLM runs; sets the CPU build's variables in os.environ."""
+    """Engine arguments for where vLLM runs (and, on CPU, SIDE_KV: the side models' KV GiB);
+    sets the CPU build's variables in os.environ."""
     args: dict[str, Any] = {}
     if on_cpu():
         env = cpu_environment(kv_cache_gib, data_parallel_size)
         os.environ.update(env)
         log.info("vLLM on CPU: %s", ", ".join(f"{k}={v}" for k, v in sorted(env.items())))
         args["enforce_eager"] = not compile
+        # the logits processor's side models (amateurs) keep a KV cache each in the engine
+        # core's memory, which on CPU is the machine's: a quarter of vLLM's own
+        kv = kv_cache_gib if kv_cache_gib is not None else CPU_KV_GIB_DEFAULT
+        args[SIDE_KV] = kv / 4
     else:
         if kv_cache_gib is not None:
             raise ValueError("--kv-cache-gib sizes vLLM's KV cache on CPU only; on CUDA use "
