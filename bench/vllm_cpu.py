@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result  # noqa: E402
+from common import provenance, write_result
 
 TOKENS = 64
 SERVED = "SmolLM2-135M-Instruct"
@@ -83,7 +83,7 @@ def launch(kind: str, folder: str, port: int, kv_gib: int, log: Path) -> subproc
     env = dict(os.environ)
     py = sys.executable
     if kind == "vllm":  # vLLM alone, set up as alignserve sets it up on CPU
-        from alignserve.engine.vllm.placement import thread_binding, cores
+        from alignserve.engine.vllm.placement import cores, thread_binding
 
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", thread_binding(cores(), 1))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)

@@ -13,7 +13,6 @@ import re
 import time
 
 import httpx
-import openai
 import pytest
 
 MESSAGES = [{"role": "user", "content": "Name three colors of the sea."}]
@@ -90,7 +89,10 @@ def test_every_strategy_on_real_vllm(vllm_client, config, stream):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("config", ["sample", "deal", "contrastive_self", "vas"])
+# One vLLM request each, on a prompt shorter than one KV block (128 tokens on CPU), so nothing
+# differs between the two runs. Not deal: its rollouts are concurrent requests whose batch
+# shapes vary from run to run, and bf16 results with them, which can flip near-tied actions.
+@pytest.mark.parametrize("config", ["sample", "contrastive_self", "vas"])
 def test_greedy_is_the_same_streamed_and_whole(vllm_client, config):
     alignment = STRATEGIES[config]
     whole = _chat(vllm_client, alignment, stream=False, temperature=0, max_tokens=12)
