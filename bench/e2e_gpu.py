@@ -187,6 +187,8 @@ def vllm_child(shape: str, args) -> list[dict]:
 
 def bench_vllm(shape: str, args) -> list[dict] | str:
     """vLLM's rows, or why there are none."""
+    if args.device != "cuda":  # this bench's child runs vLLM's GPU build
+        return "vllm runs here on CUDA only (bench/vllm_cpu.py compares with vLLM on a CPU)"
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (see ../shared/tools/vllm-gpu-wheels.sh)"
     cmd = [sys.executable, __file__, "--vllm-child", shape, "--ns", *map(str, args.ns),

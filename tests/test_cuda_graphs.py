@@ -21,6 +21,7 @@ from alignserve.engine.native.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRun
 from alignserve.engine.native.kv_cache import KVCache, Segment
 from alignserve.engine.native.model import CausalLM, ModelConfig
 from alignserve.engine.protocol import SamplingParams
+from tests.tolerance import model_tol
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,6 +33,9 @@ def tiny_config(**kw) -> ModelConfig:
             "attention_bias": True}
     base.update(kw)
     return ModelConfig(**base)
+
+
+TINY_TOL = model_tol(tiny_config())  # fp32 runs of the tiny model in two orders
 
 
 def tiny_model(cfg: ModelConfig | None = None, device="cpu", dtype=torch.float32, seed=0,
@@ -123,7 +127,7 @@ def decode_both(model, runner, n, steps=3, seed=0, early=(1, 2), poison=False, k
         normed2, logits2 = runner.run(tok, pos, plan2, cap2)
         results.append(((normed, logits, cap), (normed2, logits2, cap2)))
         # the same KV written by both paths
-        kv_tol = kv_tol or {"rtol": 1e-5, "atol": 1e-5}
+        kv_tol = kv_tol or model_tol(model.cfg, next(model.parameters()).dtype)
         torch.testing.assert_close(cache.k, cache2.k, **kv_tol)
         torch.testing.assert_close(cache.v, cache2.v, **kv_tol)
         tokens = logits.argmax(-1).tolist()
@@ -160,7 +164,7 @@ def test_piecewise_matches_plain_decode(n):
     runner = DecodeGraphRunner(model, capture=False)
     with torch.inference_mode():
         for pair in decode_both(model, runner, n, steps=3, seed=n):
-            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            assert_step_close(pair, **model_tol(model.cfg))
     assert runner.steps == 3 and runner.captured == []  # eager pieces: nothing recorded
 
 
@@ -170,7 +174,7 @@ def test_padded_rows_never_reach_real_rows():
     with torch.inference_mode():
         decode_both(model, runner, 7, steps=1, seed=5)  # leaves stale rows 5..7 in bucket 8
         for pair in decode_both(model, runner, 5, steps=2, seed=6, poison=True):
-            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            assert_step_close(pair, **model_tol(model.cfg))
             assert torch.isfinite(pair[1][1]).all()
         bk = runner._buckets[8]
         # the poison did flow through the padded rows: had rows mixed, real rows would be NaN
@@ -183,7 +187,7 @@ def test_piecewise_on_the_embedded_model(native_engine):
     runner = DecodeGraphRunner(model, capture=False, buckets=(4, 8))
     with torch.inference_mode():
         for pair in decode_both(model, runner, 6, steps=2, seed=3, early=(10,)):
-            assert_step_close(pair, rtol=1e-4, atol=1e-4)
+            assert_step_close(pair, **model_tol(model.cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def test_whole_steps_match_plain_decode(n):
     with torch.inference_mode():
         # 20 steps: leaves cross page boundaries (new pages arrive as data, not as a new layout)
         for pair in decode_both(model, runner, n, steps=20, seed=n, for_graphs=True):
-            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            assert_step_close(pair, **model_tol(model.cfg))
     assert runner.steps == 20 and runner.whole_steps == 20 and runner.whole_built == 1
 
 
@@ -206,7 +210,7 @@ def test_whole_steps_wait_for_a_repeated_layout():
     runner = DecodeGraphRunner(model, capture=False)  # whole_after=2
     with torch.inference_mode():
         for pair in decode_both(model, runner, 5, steps=4, seed=2, for_graphs=True):
-            assert_step_close(pair, rtol=1e-5, atol=1e-5)
+            assert_step_close(pair, **model_tol(model.cfg))
         assert (runner.steps, runner.whole_steps, runner.whole_built) == (4, 3, 1)
         # plans without a layout key (for_graphs off) always run piecewise
         decode_both(model, runner, 5, steps=3, seed=2)
@@ -316,7 +320,7 @@ def test_engine_decode_through_the_runner_matches_eager():
     assert piecewise.decode_runner is not None and not piecewise.decode_runner.capture
     assert _engine(cuda_graphs=None).decode_runner is None  # auto: off without CUDA
     a, b = _generate_run(eager), _generate_run(piecewise)
-    _compare_runs(a, b, rtol=1e-5, atol=1e-5)
+    _compare_runs(a, b, **TINY_TOL)
     # 6 tokens: the first sampled from the prefill's logits, then 5 decode steps of 5 rows;
     # one layout throughout: piecewise twice, then whole
     runner = piecewise.decode_runner
@@ -329,7 +333,7 @@ def test_engine_falls_back_to_eager(caplog):
     big = _engine(cuda_graphs=True)
     big.decode_runner.buckets = (1, 2, 4)
     ref = _generate_run(_engine(cuda_graphs=False), n=5, max_tokens=3)
-    _compare_runs(ref, _generate_run(big, n=5, max_tokens=3), rtol=1e-5, atol=1e-5)
+    _compare_runs(ref, _generate_run(big, n=5, max_tokens=3), **TINY_TOL)
     assert big.decode_runner.steps == 0
     # a capture that fails: one warning, then eager for good
     broken = _engine(cuda_graphs=True)
@@ -342,7 +346,7 @@ def test_engine_falls_back_to_eager(caplog):
     broken.decode_runner._build = fail
     with caplog.at_level(logging.WARNING, logger="alignserve.engine.native.cuda_graphs"):
         run = _generate_run(broken, n=5, max_tokens=3)
-    _compare_runs(ref, run, rtol=1e-5, atol=1e-5)
+    _compare_runs(ref, run, **TINY_TOL)
     assert calls == [8] and broken.decode_runner.steps == 0
     assert "not permitted" in broken.decode_runner.failed
     assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
@@ -362,7 +366,7 @@ def test_engine_whole_steps_follow_rows_that_finish():
     steps = _generate_run(graphs, max_tokens=12, steer=end_one)
     assert [len(o) for o in eager[0]] == [len(o) for o in steps[0]]
     assert sorted(len(o) for o in eager[0])[:3] == [3, 4, 5]  # three stopped early
-    _compare_runs(eager, steps, rtol=1e-5, atol=1e-5)
+    _compare_runs(eager, steps, **TINY_TOL)
     runner = graphs.decode_runner
     assert runner.whole_built >= 2 and 0 < runner.whole_steps < runner.steps
 
@@ -379,7 +383,7 @@ def test_whole_step_failure_falls_back_to_pieces(caplog):
     engine.decode_runner._build_whole = fail
     with caplog.at_level(logging.WARNING, logger="alignserve.engine.native.cuda_graphs"):
         run = _generate_run(engine, n=5, max_tokens=6)
-    _compare_runs(ref, run, rtol=1e-5, atol=1e-5)
+    _compare_runs(ref, run, **TINY_TOL)
     runner = engine.decode_runner
     assert calls == [5] and runner.steps == 5 and runner.whole_steps == 0
     assert "not permitted" in runner.whole_failed and runner.failed is None
@@ -409,7 +413,7 @@ def test_whole_step_threshold_follows_how_long_layouts_last():
         # long-lived layouts are still captured, and bring the bar back down
         for seed in range(10, 13):
             for pair in decode_both(model, runner, 3, steps=12, seed=seed, for_graphs=True):
-                assert_step_close(pair, rtol=1e-5, atol=1e-5)
+                assert_step_close(pair, **model_tol(model.cfg))
             built.append((runner.whole_built, runner.after))
     assert built[6:] == [(4, 8), (5, 4), (6, 2)]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignserve.engine.protocol import SamplingParams, TokenTally
+from tests.tolerance import model_tol
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_logits_and_greedy_match_transformers(engine, hf_model):
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids])).logits[0, -1]
         hf_ids = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
-    torch.testing.assert_close(first[0], ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(first[0], ref, **model_tol(engine.cfg, context=len(ids)))
     assert seq.output_ids == hf_ids.tolist()
 
 
@@ -190,8 +191,8 @@ def test_extend_and_truncate(engine):
         return la, lb, lc, ld
 
     la, lb, lc, ld = run(engine, go())
-    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lc, ld, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(la, lb, **model_tol(engine.cfg))
+    torch.testing.assert_close(lc, ld, **model_tol(engine.cfg))
 
 
 def test_processor_sees_early_layer_logits_and_follower_logits(engine, hf_model):
@@ -220,13 +221,13 @@ def test_processor_sees_early_layer_logits_and_follower_logits(engine, hf_model)
     with torch.no_grad():
         out = hf_model(torch.tensor([lead_ids]), output_hidden_states=True)
         early_ref = hf_model.lm_head(hf_model.model.norm(out.hidden_states[10][0, -1]))
-    torch.testing.assert_close(seen[0][0][0], early_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(seen[0][0][0], early_ref, **model_tol(engine.cfg))
     assert seen[0][2] == (1, engine.cfg.hidden_size)
     # at the last step the follower's logits were those of its whole context
     ctx_ids = follow_ids + lead.output_ids[:-1]
     with torch.no_grad():
         ref = hf_model(torch.tensor([ctx_ids])).logits[0, -1]
-    torch.testing.assert_close(seen[-1][1][0], ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(seen[-1][1][0], ref, **model_tol(engine.cfg))
     assert fresh_logits.shape[1] == engine.vocab_size
 
 

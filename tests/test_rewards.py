@@ -8,6 +8,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from alignserve.rewardmodels import (
     ComposedReward,
@@ -18,6 +19,7 @@ from alignserve.rewardmodels import (
 from alignserve.rewardmodels.lexical import KeywordsReward, LengthReward, count_words
 from alignserve.rewardmodels.pattern import MAX_PATTERN_CHARS
 from alignserve.rewardmodels.structured import MAX_SCHEMA_BYTES
+from tests.tolerance import reorder_tol
 
 BUILTINS = {"keywords", "length", "regex", "json_schema", "sentiment", "profanity"}
 
@@ -504,15 +506,18 @@ def test_hf_reward_model_batched_equals_single(tmp_path, arch):
     prompt = "what is a whale"
     batched = composed.score(texts, prompt)
     single = [reward.score([t], prompt)[0] for t in texts]
-    assert [r.components["rm"] for r in batched] == pytest.approx(single, abs=1e-5)
-    assert [r.total for r in batched] == pytest.approx([2 * s for s in single], abs=1e-5)
+    # Padding to the batch's length reorders sums: both tiny models reduce at most 64 terms
+    # (width 16-32, 64 positions) through one layer: embeddings, attention, MLP, head.
+    tol = reorder_tol(torch.float32, 64, depth=4)["atol"]
+    assert [r.components["rm"] for r in batched] == pytest.approx(single, abs=tol)
+    assert [r.total for r in batched] == pytest.approx([2 * s for s in single], abs=2 * tol)
     assert all(math.isfinite(s) for s in single)
     # The prompt is part of the input, and different texts get different rewards.
     assert reward.score([texts[0]], "why bad")[0] != pytest.approx(single[0], abs=1e-7)
     assert len({round(s, 6) for s in single[:4]}) > 1
     # Without a prompt the text alone is scored.
     assert reward.score(texts[:3], "") == pytest.approx(
-        [reward.score([t], "")[0] for t in texts[:3]], abs=1e-5
+        [reward.score([t], "")[0] for t in texts[:3]], abs=tol
     )
 
 

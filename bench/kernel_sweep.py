@@ -1,9 +1,9 @@
 """Kernel benchmarks for the lent GPU (issue 4): decode attention and fused sampling.
 
-    python bench/kernels.py          # GPU checks, then the grid: bench/results/kernels-<date>.json
-    python bench/kernels.py --quick  # a few shapes
-    python bench/kernels.py --check  # only the correctness checks on the GPU (exit 1 on failure)
-    python bench/kernels.py --sweep  # also split-K chunk sizes / tile configs of the prefix kernel
+    python bench/kernel_sweep.py          # GPU checks, then the grid: bench/results/kernels-<date>.json
+    python bench/kernel_sweep.py --quick  # a few shapes
+    python bench/kernel_sweep.py --check  # only the correctness checks on the GPU (exit 1 on failure)
+    python bench/kernel_sweep.py --sweep  # also split-K chunk sizes / tile configs of the prefix kernel
 
 Attention (bf16, suffix 128 per sequence; SmolLM2-135M heads 9/3/64 and Llama-3.2-1B heads
 32/8/64; batch 16 and 64; shared prefix 1K, 4K, 16K):
@@ -363,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="the JSON file to write")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; these benchmarks need the GPU machine.")
+        print("bench/kernel_sweep.py: no CUDA device here; these benchmarks need the GPU machine.")
         return 0
     try:
         import triton
     except ImportError:
-        print("bench/kernels.py: triton is not installed; nothing to compare.")
+        print("bench/kernel_sweep.py: triton is not installed; nothing to compare.")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.cuda.get_device_name()
