@@ -22,6 +22,7 @@ spread of each timing (min, max) is kept beside its median.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -79,7 +80,8 @@ def prompt_ids(folder: str, target: int = 1400) -> list[int]:
     return ids[:target] + tok.encode(" Tell the next part of the story:", add_special_tokens=False)
 
 
-def launch(kind: str, folder: str, port: int, kv_gib: int, log: Path) -> subprocess.Popen:
+def launch(kind: str, folder: str, port: int, kv_gib: int, log: Path,
+           block_size: int | None) -> subprocess.Popen:
     env = dict(os.environ)
     py = sys.executable
     if kind == "vllm":  # vLLM alone, set up as alignserve sets it up on CPU
@@ -89,11 +91,15 @@ def launch(kind: str, folder: str, port: int, kv_gib: int, log: Path) -> subproc
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
         cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
                "--served-model-name", SERVED, "--port", str(port), "--host", "127.0.0.1",
-               "--enforce-eager", "--enable-prefix-caching", "--disable-log-requests"]
+               "--enforce-eager", "--enable-prefix-caching"]
+        if block_size:
+            cmd += ["--block-size", str(block_size)]
     else:
         engine = "vllm" if kind == "alignserve-vllm" else "native"
         cmd = [py, "-m", "alignserve.cli", "serve", "--engine", engine, "--port", str(port),
                "--kv-cache-gib", str(kv_gib), "--log-level", "warning"]
+        if block_size and engine == "vllm":
+            env["ALIGNSERVE_VLLM_ENGINE_ARGS"] = json.dumps({"block_size": block_size})
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
@@ -158,6 +164,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--kv-cache-gib", type=int, default=2)
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="vLLM's KV block size for both vLLM servers (default: vLLM's own)")
     args = ap.parse_args()
     import openai
 
@@ -172,7 +180,7 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = logs / f"vllm_cpu-{kind}.log"
-        proc = launch(kind, folder, port, args.kv_cache_gib, log)
+        proc = launch(kind, folder, port, args.kv_cache_gib, log, args.block_size)
         try:
             ready = wait_healthy(proc, url, log)
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=900)
@@ -210,6 +218,7 @@ def main() -> int:
     payload = {**provenance(cpu_device()), "versions": {"vllm": vllm.__version__,
                                                         "torch": torch.__version__},
                "prompt_tokens": len(ids), "max_tokens": TOKENS, "kv_cache_gib": args.kv_cache_gib,
+               "block_size": args.block_size, "servers": args.servers,
                "results": results, "ratios": ratios, "goals": goals}
     path = write_result("vllm_cpu", payload)
     print("ratios", ratios, "goals", goals)

@@ -561,8 +561,9 @@ class VllmEngine(TextCodec):
 
     def _vllm_params(self, params: SamplingParams, n: int, done: int, seed_offset: int,
                      logprobs: int | None, extra_args: dict | None) -> Any:
-        # child i of a seeded request samples with seed + i, kept within the uint64 vLLM takes
-        seed = None if params.seed is None else (params.seed + seed_offset) % 2**64
+        # child i of a seeded request samples with seed + i; vLLM adds its own child index to
+        # it too: kept within 63 bits, the sum stays within the uint64 vLLM's wire takes
+        seed = None if params.seed is None else (params.seed + seed_offset) % 2**63
         kw: dict[str, Any] = {
             "n": n,
             "temperature": max(params.temperature, 0.0),
@@ -589,8 +590,10 @@ class VllmEngine(TextCodec):
             kw["extra_args"] = extra_args
         try:
             return self.api.params(**kw)
-        except ValueError as e:  # vLLM's validation of the parameters (VLLMValidationError)
-            raise RequestError(f"vLLM: {e}") from e
+        except Exception as e:
+            if _client_error(e):  # vLLM's validation of the parameters
+                raise RequestError(f"vLLM: {e}") from e
+            raise
 
     def _wrap(self, exc: BaseException) -> EngineError:
         if isinstance(exc, EngineError):
@@ -601,7 +604,7 @@ class VllmEngine(TextCodec):
             text += f" ({type(cause).__name__}: {cause})"
         if "context length" in text or "max_model_len" in text or "maximum model length" in text:
             return CapacityError(f"vLLM: {text}")
-        if isinstance(exc, ValueError):  # vLLM validates a request with ValueErrors
+        if _client_error(exc) or (cause is not None and _client_error(cause)):
             return RequestError(f"vLLM: {text}")
         return EngineError(f"vLLM: {text}")
 
@@ -889,6 +892,14 @@ class VllmEngine(TextCodec):
             delta = ""
         h.text += delta
         return delta
+
+
+def _client_error(exc: BaseException) -> bool:
+    """Whether vLLM refused a request as invalid: a ValueError (vLLM 0.25), or its
+    VLLMClientError family (0.32: VLLMValidationError, ...; no ValueError there)."""
+    if isinstance(exc, ValueError):
+        return True
+    return any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
 
 
 def shape_only(rows: int, cols: int) -> torch.Tensor:
