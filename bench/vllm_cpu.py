@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=None,
                     help="vLLM's KV block size for both vLLM servers (default: vLLM's own)")
     args = ap.parse_args()
+    # a SIGTERM unwinds through `finally`, so the server being measured is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import openai
 
     from alignserve.engine.native.loader import model_folder

@@ -190,8 +190,8 @@ class VllmEngine(TextCodec):
              kv_cache_gib: float | None = None, compile: bool | None = None,
              pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
              **engine_kwargs: Any) -> VllmEngine:
-        """Configure vLLM for `model` (a local HF directory, or a GGUF file vLLM can read; None:
-        the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
+        """Configure vLLM for `model` (a Hugging Face folder, or a GGUF file, converted once
+        into one; None: the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
         (gpu_memory_utilization, max_model_len, dtype, load_format, seed, enforce_eager, ...),
         after those in the JSON object ALIGNSERVE_VLLM_ENGINE_ARGS, if set. The AsyncLLM itself
         starts in `start()`, inside the serving event loop (vLLM binds its sockets to it).
@@ -262,7 +262,7 @@ class VllmEngine(TextCodec):
         warms up for tens of seconds, during which the server already answers (/health 503;
         requests wait for it). The AsyncLLM is built in a worker thread, which vLLM allows
         because it binds its asyncio sockets and output handler to the first loop that uses
-        them; `_started` starts them in this loop as soon as it is built. A start that fails
+        them; `_start_llm` starts them in this loop as soon as it is built. A start that fails
         ends the process (exit 3): a server whose engine will never come up must not stay up."""
         if self.llm is not None or self._vllm_config is None or self._starting is not None:
             return
@@ -280,6 +280,8 @@ class VllmEngine(TextCodec):
         t0 = time.monotonic()
         try:
             llm = await asyncio.to_thread(self._make_llm)
+        except asyncio.CancelledError:
+            raise
         except BaseException as e:  # noqa: BLE001
             log.critical("vLLM failed to start: %s: %s", type(e).__name__, e)
             os._exit(3)
