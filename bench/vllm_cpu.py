@@ -6,8 +6,10 @@ once), on the same Hugging Face folder (`alignserve model-path`) and the same vL
 One ~1.4K-token prompt (token ids, the same for every server), 64 tokens (ignore_eos,
 temperature 1), over HTTP with the official openai client: plain samples n = 1, 8, 16 on every
 server; best_of_n with 8 and 16 candidates and deal at its defaults on both alignserve engines.
-Each timing is the median of --reps requests after one untimed warm-up; each server's time to
-/health 200 is recorded from its launch. Goals (issue 13): `--engine vllm` best_of_n with 16
+All servers stay up and take turns (never two requests at once): for each case and repeat each
+server answers the same request in turn, after one untimed warm-up each, so a busy machine
+weighs on all of them alike; ratios between servers are medians of those back-to-back pairs.
+Each server's time to /health 200 is recorded from its launch (started one at a time). Goals (issue 13): `--engine vllm` best_of_n with 16
 candidates <= 1.05x vLLM's own n=16; deal at defaults <= 2.5x a plain sample on --engine vllm;
 `--engine vllm` healthy within 40 s of its start.
 
@@ -29,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,28 +131,32 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def cases(kind: str) -> list[tuple[str, int, dict | None]]:
-    plain = [("sample_n1", 1, None), ("sample_n8", 8, None), ("sample_n16", 16, None)]
-    if kind == "vllm":
-        return plain
-    return plain + [("best_of_n_8", 1, {"strategy": "best_of_n", "candidates": 8}),
-                    ("best_of_n_16", 1, {"strategy": "best_of_n", "candidates": 16}),
-                    ("deal_defaults", 1, {"strategy": "deal"})]
+CASES = {  # label: (n, alignment or None for a plain sample)
+    "sample_n1": (1, None), "sample_n8": (8, None), "sample_n16": (16, None),
+    "best_of_n_8": (1, {"strategy": "best_of_n", "candidates": 8}),
+    "best_of_n_16": (1, {"strategy": "best_of_n", "candidates": 16}),
+    "deal_defaults": (1, {"strategy": "deal"}),
+}
 
 
-def timed(client, ids: list[int], n: int, alignment: dict | None, reps: int) -> dict:
+def cases(kind: str) -> list[str]:
+    return [c for c, (_, a) in CASES.items() if kind != "vllm" or a is None]
+
+
+def once(client, ids: list[int], label: str) -> tuple[float, object]:
+    n, alignment = CASES[label]
     extra: dict = {"ignore_eos": True}
     if alignment:
         extra["alignment"] = alignment
-    times, last = [], None
-    for i in range(reps + 1):
-        t0 = time.perf_counter()
-        last = client.completions.create(model=SERVED, prompt=ids, max_tokens=TOKENS, n=n,
-                                         temperature=1.0, extra_body=extra)
-        if i:  # the first is a warm-up
-            times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    r = client.completions.create(model=SERVED, prompt=ids, max_tokens=TOKENS, n=n,
+                                  temperature=1.0, extra_body=extra)
+    return time.perf_counter() - t0, r
+
+
+def summary(times: list[float], last) -> dict:
     row = {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
-           "max_s": round(max(times), 3), "reps": reps,
+           "max_s": round(max(times), 3), "reps": len(times), "times_s": [round(t, 3) for t in times],
            "completion_tokens": last.usage.completion_tokens,
            "prompt_tokens": last.usage.prompt_tokens}
     report = (last.model_extra or {}).get("alignment")
@@ -157,6 +164,31 @@ def timed(client, ids: list[int], n: int, alignment: dict | None, reps: int) -> 
         row["model_tokens"] = report.get("model_tokens")
         row["candidates_scored"] = report.get("candidates_scored")
     return row
+
+
+def measure(clients: dict, ids: list[int], reps: int) -> dict:
+    """Every case on every server, interleaved: for each repeat, each server in turn answers
+    the same request (never two at once), so that a busy machine weighs on all of them alike.
+    One untimed warm-up request per server and case first."""
+    times: dict = {k: {c: [] for c in cases(k)} for k in clients}
+    last: dict = {k: {} for k in clients}
+    for label in CASES:
+        kinds = [k for k in clients if label in times[k]]
+        for k in kinds:
+            once(clients[k], ids, label)  # warm-up
+        for _ in range(reps):
+            for k in kinds:
+                t, last[k][label] = once(clients[k], ids, label)
+                times[k][label].append(t)
+        for k in kinds:
+            print(k, label, [round(t, 2) for t in times[k][label]], flush=True)
+    return {k: {c: summary(times[k][c], last[k][c]) for c in times[k]} for k in clients}
+
+
+def paired(results: dict, a: str, ca: str, b: str, cb: str) -> float:
+    """Median over repeats of time(a, ca) / time(b, cb), each pair measured back to back."""
+    ta, tb = results[a][ca]["times_s"], results[b][cb]["times_s"]
+    return round(statistics.median(x / y for x, y in zip(ta, tb)), 3)
 
 
 def main() -> int:
@@ -175,39 +207,41 @@ def main() -> int:
 
     folder, _ = model_folder(None)
     ids = prompt_ids(folder)
-    logs = ROOT / "bench" / "results" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-    for kind in args.servers:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = logs / f"vllm_cpu-{kind}.log"
-        proc = launch(kind, folder, port, args.kv_cache_gib, log, args.block_size)
-        try:
-            ready = wait_healthy(proc, url, log)
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=900)
-            rows = {"healthy_s": round(ready, 1)}
-            for label, n, alignment in cases(kind):
-                rows[label] = timed(client, ids, n, alignment, args.reps)
-                print(kind, label, rows[label], flush=True)
-            results[kind] = rows
-        finally:
+    logs = Path(tempfile.mkdtemp(prefix="vllm_cpu-logs-"))  # the servers' logs, not kept
+    print("server logs in", logs, flush=True)
+    procs, clients, ready = {}, {}, {}
+    try:
+        for kind in args.servers:  # one at a time: each start is timed on its own
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = logs / f"vllm_cpu-{kind}.log"
+            procs[kind] = launch(kind, folder, port, args.kv_cache_gib, log, args.block_size)
+            ready[kind] = round(wait_healthy(procs[kind], url, log), 1)
+            print(kind, "healthy after", ready[kind], "s", flush=True)
+            clients[kind] = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                          timeout=900)
+        results = measure(clients, ids, args.reps)
+    finally:
+        for proc in procs.values():
             stop(proc)
+    for kind in results:
+        results[kind]["healthy_s"] = ready[kind]
     ratios = {}
     own, ours = results.get("vllm", {}), results.get("alignserve-vllm", {})
     if own and ours:
-        ratios["bon16_vs_vllm_n16"] = round(ours["best_of_n_16"]["median_s"]
-                                            / own["sample_n16"]["median_s"], 3)
-        ratios["sample_n16_vs_vllm_n16"] = round(ours["sample_n16"]["median_s"]
-                                                 / own["sample_n16"]["median_s"], 3)
+        ratios["bon16_vs_vllm_n16"] = paired(results, "alignserve-vllm", "best_of_n_16", "vllm",
+                                             "sample_n16")
+        ratios["sample_n16_vs_vllm_n16"] = paired(results, "alignserve-vllm", "sample_n16",
+                                                  "vllm", "sample_n16")
+        ratios["sample_n1_vs_vllm_n1"] = paired(results, "alignserve-vllm", "sample_n1", "vllm",
+                                                "sample_n1")
     if ours:
         ratios["deal_vs_sample_n1"] = round(ours["deal_defaults"]["median_s"]
                                             / ours["sample_n1"]["median_s"], 3)
     if ours and results.get("native"):
-        nat = results["native"]
-        for label in ("sample_n16", "best_of_n_16", "deal_defaults"):
-            ratios[f"native_vs_vllm_{label}"] = round(nat[label]["median_s"]
-                                                      / ours[label]["median_s"], 3)
+        for label in ("sample_n1", "sample_n16", "best_of_n_16", "deal_defaults"):
+            ratios[f"native_vs_vllm_{label}"] = paired(results, "native", label,
+                                                       "alignserve-vllm", label)
     goals = {}
     if "bon16_vs_vllm_n16" in ratios:
         goals["bon16_within_1.05x_of_vllm_n16"] = ratios["bon16_vs_vllm_n16"] <= 1.05
