@@ -36,6 +36,8 @@ DEAL = {  # label -> alignment (the server's defaults fill the rest)
     "deal_commit4": {"strategy": "deal", "commit": 4},
     "deal_commit1": {"strategy": "deal", "commit": 1, "lookahead": 8, "beam": 1, "top_k": 4},
     "deal_lambda1": {"strategy": "deal", "lambda": 1.0},
+    "deal_lambda8": {"strategy": "deal", "lambda": 8.0},
+    "deal_k4": {"strategy": "deal", "top_k": 4},
 }
 
 
@@ -56,11 +58,14 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(DEAL), help="DeAL labels to run")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="best_of_n / sample labels to run beside (fewer: a cheaper sweep)")
     args = p.parse_args()
     lo, hi = (int(v) for v in args.items.split(":"))
     task = load_task("keywords")
     items = task.items[lo:hi]
-    configs = {**BASELINES, **{k: DEAL[k] for k in args.configs.split(",") if k}}
+    configs = {**{k: BASELINES[k] for k in args.baselines.split(",") if k},
+               **{k: DEAL[k] for k in args.configs.split(",") if k}}
     server = (contextlib.nullcontext(args.base_url) if args.base_url
               else spawned_server(["--device", "cpu"]))
     rows, records = {}, []

@@ -139,6 +139,8 @@ def _synthetic() -> dict:
         _rec("sentiment", "best_of_16", "best_of_n", {"sentiment": 0.8}, 0.8, 1000, 2.0),
         _rec("sentiment", "vas", "vas", {"sentiment": 0.85}, 0.85, 200, 1.0),
         _rec("sentiment", "vas_c2", "vas", {"sentiment": 0.7}, 0.7, 300, 1.0),
+        _rec("sentiment", "sr_16", "speculative_rejection", {"sentiment": 0.78}, 0.78, 400, 1.0),
+        _rec("sentiment", "pf_16", "particle_filter", {"sentiment": 0.8}, 0.8, 450, 1.0),
         _rec("continuation", "greedy", "sample", {"rep4": 0.3, "distinct2": 0.6}, None, 70, 1.0),
         _rec("continuation", "contrastive", "contrastive", {"rep4": 0.1, "distinct2": None},
              None, 70, 2.0),
@@ -146,7 +148,11 @@ def _synthetic() -> dict:
     tasks = {t: load_task(t).describe() for t in ("keywords", "sentiment", "continuation")}
     rows = report.aggregate(recs, [{"task": "keywords", "strategy": "deal", "requests": 2,
                                     "wall_seconds": 5.0}],
-                            {"deal": {"alignment": {"strategy": "deal", "top_k": 8}}})
+                            {"deal": {"alignment": {"strategy": "deal", "top_k": 8}},
+                             "sr_16": {"alignment": {"strategy": "speculative_rejection",
+                                                     "candidates": 16}},
+                             "pf_16": {"alignment": {"strategy": "particle_filter",
+                                                     "candidates": 16}}})
     return {"meta": {"model": "m", "max_tokens": 8}, "tasks": tasks, "rows": rows,
             "goals": report.goals(rows), "requests": recs}
 
@@ -172,7 +178,7 @@ def test_goals_compare_at_equal_model_tokens():
         pytest.approx(0.6), True)
     assert report.interpolate_log([(10, 0.5), (100, 0.7)], 1000) == (0.7, False)
     goals = {g["goal"]: g for g in _synthetic()["goals"]}
-    assert goals["deal reaches at least 0.9 keyword coverage"]["met"] is True
+    assert goals["deal reaches at least 0.95 keyword coverage"]["met"] is True
     eq = goals["deal beats best_of_n at equal model tokens on keyword coverage"]
     # best_of_n curve (110, 0.625) -> (1000, 0.9) in log tokens, read at 300 tokens
     ref = 0.625 + (math.log(300) - math.log(110)) / (math.log(1000) - math.log(110)) * 0.275
@@ -182,7 +188,15 @@ def test_goals_compare_at_equal_model_tokens():
     # every vas configuration is held to the goal on its own
     vas_c2 = goals["vas_c2 reaches best_of_16's reward with under a quarter of its model tokens"]
     assert vas_c2["met"] is False and "(0.30x)" in vas_c2["measured"]
-    assert goals["contrastive cuts greedy's 4-gram repetition rate"]["met"] is True
+    rep = goals["contrastive cuts greedy's 4-gram repetition rate to <= 0.5x"]
+    assert rep["met"] is True and "(0.33x)" in rep["measured"]
+    # the pruning searches against best_of_16: reward gap <= 0.03 at <= 0.4x its tokens
+    sr = goals["sr_16 on sentiment reaches best_of_16's reward within 0.03 at <= 0.4x its model "
+               "tokens"]
+    pf = goals["pf_16 on sentiment reaches best_of_16's reward within 0.03 at <= 0.4x its model "
+               "tokens"]
+    assert sr["met"] is True and "(gap +0.020)" in sr["measured"] and "(0.40x)" in sr["measured"]
+    assert pf["met"] is False and "(0.45x)" in pf["measured"]  # the reward ties, tokens do not
 
 
 def test_report_writer_produces_valid_json_markdown_and_svg(tmp_path):
@@ -196,15 +210,15 @@ def test_report_writer_produces_valid_json_markdown_and_svg(tmp_path):
     assert "| deal | `deal` (top_k=8) | 1.000 |" in md and "1/2 |" in md
     assert "rep4 vs greedy" in md and "| -0.200 |" in md
     assert "deal: 1 failed, e.g. BadRequestError: x" in md
-    assert md.count("| yes |") == 4 and "![reward against model tokens](eval.svg)" in md
+    assert md.count("| yes |") == 5 and "![reward against model tokens](eval.svg)" in md
     root = ET.fromstring(paths["svg"].read_text())  # well-formed XML
     ns = "{http://www.w3.org/2000/svg}"
     assert root.tag == f"{ns}svg"
     circles = root.findall(f".//{ns}circle")
     plotted = [r for r in result["rows"] if r["model_tokens"]]
-    assert len(circles) == len(plotted) == 8
+    assert len(circles) == len(plotted) == 10
     labels = {t.text for t in root.iter(f"{ns}text")}
-    assert {"keywords", "sentiment", "continuation", "best_of_16", "vas"} <= labels
+    assert {"keywords", "sentiment", "continuation", "best_of_16", "vas", "sr_16", "pf_16"} <= labels
     assert "mean rep4" in labels and "mean reward" in labels
 
 

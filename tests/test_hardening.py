@@ -310,9 +310,9 @@ def _body(**kw: Any) -> dict[str, Any]:
 
 
 LIMIT_CASES = [  # (body, param, flag named in the message)
-    (_body(n=3), "n", "2"),
-    (_body(max_tokens=9), "max_tokens", "8"),
-    (_body(max_completion_tokens=9), "max_completion_tokens", "8"),
+    (_body(n=3), "n", "--max-n"),
+    (_body(max_tokens=9), "max_tokens", "--max-tokens-limit"),
+    (_body(max_completion_tokens=9), "max_completion_tokens", "--max-tokens-limit"),
     (_body(alignment={"strategy": "best_of_n", "candidates": 3}), "alignment.candidates",
      "--max-candidates"),
     (_body(alignment={"strategy": "deal", "top_k": 3}), "alignment.top_k", "--max-top-k"),
@@ -323,7 +323,7 @@ LIMIT_CASES = [  # (body, param, flag named in the message)
     (_body(messages=[{"role": "user", "content": "word " * 60}]), "messages",
      "--max-prompt-tokens"),
     (_body(alignment={"rewards": [{"name": "length", "target_words": 3}] * 3}),
-     "alignment.rewards", "at most 2"),
+     "alignment.rewards", "--max-rewards"),
     (_body(alignment={"rewards": [{"name": "regex", "pattern": "a" * 11}]}),
      "alignment.rewards[0].pattern", "--max-regex-chars"),
     (_body(alignment={"rewards": [{"name": "json_schema", "schema": {
@@ -476,6 +476,12 @@ def test_kv_estimate_grows_with_what_a_request_can_hold():
     assert need("deal", beam=2, top_k=4, lookahead=8, commit=4) < \
         need("deal", beam=2, top_k=4, lookahead=8, commit=1)
     assert need("contrastive", amateur="lame_prompt") >= 2 * (20 + 100)
+    # speculative rejection only prunes: best_of_n's worst case; particle filtering forks a
+    # leaf per particle and round
+    assert need("speculative_rejection", candidates=8) == need("best_of_n", candidates=8)
+    assert need("particle_filter", candidates=8, segment=4) >= 8 * (100 // 4) * 16
+    assert need("particle_filter", candidates=8, segment="entropy") > \
+        need("particle_filter", candidates=8, segment=4)
 
 
 def test_backpressure_429_with_retry_after(live_server, model_name):
@@ -549,6 +555,10 @@ def test_kv_never_fits_is_400_and_not_now_waits(live_server, model_name):
         err = assert_error(c.post("/v1/chat/completions", json={
             "messages": M, "max_tokens": 100, "alignment": {"strategy": "deal"}}), 400,
             "max_tokens")
+        # a list of prompts that each fit but together never could
+        err = assert_error(c.post("/v1/completions", json={
+            "prompt": ["Hi", "Ho", "Ha"], "max_tokens": 200}), 400, "prompt")
+        assert "--kv-cache-gib" in err["message"]
         # max_tokens left to the server: it picks the most that fits (no 400)
         from alignserve.server.protocol import ChatCompletionRequest
 
@@ -654,6 +664,8 @@ STRATEGIES = {
     "contrastive": {"strategy": "contrastive"},
     "contrastive-lame": {"strategy": "contrastive", "amateur": "lame_prompt",
                          "lame_prompt": "Say anything."},
+    "speculative_rejection": {"strategy": "speculative_rejection", "candidates": 4},
+    "particle_filter": {"strategy": "particle_filter", "candidates": 4, "keep": 1.0},
 }
 
 

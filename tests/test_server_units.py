@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from pydantic import ValidationError
 
 from alignserve.cli import build_parser
 from alignserve.server.errors import dotted_param, validation_error
@@ -66,11 +67,89 @@ def test_chat_to_sampling_params():
 
 def test_completion_to_sampling_params_and_prompts():
     req = CompletionRequest.model_validate({"prompt": ["one"], "logprobs": 0, "top_p": 0.5})
-    assert req.prompt_value() == "one"
+    assert req.prompt_values() == ["one"]
     p = req.to_sampling_params(16)
     assert p.logprobs == 0 and p.top_p == 0.5 and p.temperature == 1.0
-    assert CompletionRequest.model_validate({"prompt": [[1, 2]]}).prompt_value() == [1, 2]
-    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompt_value() == [1, 2]
+    assert p.prompt_logprobs is None  # without echo the prompt is not scored
+    assert CompletionRequest.model_validate({"prompt": [[1, 2]]}).prompt_values() == [[1, 2]]
+    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompt_values() == [[1, 2]]
+    assert CompletionRequest.model_validate(
+        {"prompt": ["a", "b"]}).prompt_values() == ["a", "b"]
+    assert CompletionRequest.model_validate(
+        {"prompt": [[1], [2, 3]]}).prompt_values() == [[1], [2, 3]]
+    echo = CompletionRequest.model_validate({"prompt": "x", "echo": True, "logprobs": 2,
+                                             "max_tokens": 0})
+    assert echo.to_sampling_params(0).prompt_logprobs == 2
+
+
+def _openai_fields(typed_dict: type) -> set[str]:
+    """Every field a TypedDict of the installed openai package declares, its bases' too."""
+    names: set[str] = set()
+    for cls in typed_dict.__mro__:
+        names |= set(getattr(cls, "__annotations__", {}))
+    return names
+
+
+def test_every_openai_request_field_is_known():
+    """The installed official client is the spec: every request field it can send is a field
+    of our models (honoured or accepted and ignored), never "unknown"."""
+    from openai.types import completion_create_params as completions
+    from openai.types.chat import completion_create_params as chat
+
+    ours_chat = set(ChatCompletionRequest.model_fields)
+    ours_completions = set(CompletionRequest.model_fields)
+    for params in (chat.CompletionCreateParamsNonStreaming, chat.CompletionCreateParamsStreaming):
+        missing = _openai_fields(params) - ours_chat
+        assert not missing, f"chat fields unknown here: {sorted(missing)}"
+    for params in (completions.CompletionCreateParamsNonStreaming,
+                   completions.CompletionCreateParamsStreaming):
+        missing = _openai_fields(params) - ours_completions
+        assert not missing, f"completions fields unknown here: {sorted(missing)}"
+
+
+def test_null_means_the_default():
+    nulls = {"n": None, "stream": None, "stop": None, "seed": None, "temperature": None,
+             "top_p": None, "presence_penalty": None, "frequency_penalty": None,
+             "logit_bias": None, "user": None, "stream_options": None, "min_tokens": None,
+             "ignore_eos": None}
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": None,
+         "top_logprobs": None, "max_completion_tokens": None, **nulls})
+    assert chat.n == 1 and chat.stream is False and chat.logprobs is False
+    assert chat.logprobs_k() is None and chat.min_tokens == 0
+    completion = CompletionRequest.model_validate({"prompt": "x", "echo": None,
+                                                   "logprobs": None, **nulls})
+    assert completion.n == 1 and completion.echo is False
+    p = completion.to_sampling_params(4)
+    assert p.temperature == 1.0 and p.stop == () and p.seed is None and not p.logit_bias
+
+
+def test_seed_is_a_signed_64_bit_integer():
+    msg = [{"role": "user", "content": "x"}]
+    for seed in (-(2**63), 2**63 - 1):
+        assert ChatCompletionRequest.model_validate({"messages": msg, "seed": seed}).seed == seed
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({"messages": msg, "seed": seed})
+
+
+def test_logit_bias_range_and_keys():
+    msg = [{"role": "user", "content": "x"}]
+    req = ChatCompletionRequest.model_validate(
+        {"messages": msg, "logit_bias": {"5": 100, "7": -100, "9": 0}})
+    assert req.to_sampling_params(4).logit_bias == {5: 100.0, 7: -100.0}  # 0 changes nothing
+    for bad in ({"5": 101}, {"5": -100.5}, {"five": 1}, {"-1": 1}, {"5": "1"}, {"\u00b2": 1},
+                {"9" * 5000: 1}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({"messages": msg, "logit_bias": bad})
+
+
+def test_ignored_fields_are_named():
+    req = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "store": True,
+         "metadata": {"k": "v"}, "service_tier": "auto", "reasoning_effort": "low"})
+    assert req.ignored_fields() == ["store", "metadata", "service_tier", "reasoning_effort"]
+    assert CompletionRequest.model_validate({"prompt": "x"}).ignored_fields() == []
 
 
 def test_dotted_param():

@@ -69,7 +69,7 @@ def test_rows_are_independent_and_the_processor_reads_its_source():
 
 def test_params_validation():
     p = ContrastiveParams()
-    assert (p.amateur, p.alpha, p.beta, p.lame_prompt) == (None, 0.1, 0.5, None)
+    assert (p.amateur, p.alpha, p.beta, p.lame_prompt) == (None, 0.1, 1.0, None)
     for ok in ["self:8", "lame_prompt", "tiny-amateur", "smol_135m.v2"]:
         assert ContrastiveParams(amateur=ok).amateur == ok
     bad = [{"amateur": "self:x"}, {"amateur": "self:0"}, {"amateur": "a b"}, {"amateur": ""},

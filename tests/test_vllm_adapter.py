@@ -262,6 +262,57 @@ def test_deal_matches_the_native_engine(tok, lm, commit):
     assert ctx.tally.lookahead > 0 and ctx.candidates_scored > 0
 
 
+# ---- the segment searches: speculative_rejection, particle_filter ------------------------------
+
+@pytest.mark.parametrize("strategy, params", [
+    ("speculative_rejection", {"candidates": 4, "segment": 3, "keep": 0.5}),
+    ("particle_filter", {"candidates": 4, "segment": 3, "keep": 0.75}),
+    ("particle_filter", {"candidates": 3, "segment": "entropy", "max_segment": 4,
+                         "entropy_threshold": 0.5}),
+])
+def test_segment_searches_match_the_native_engine(tok, lm, strategy, params):
+    """Greedy particles make the search deterministic, so both engines must agree token for
+    token: the rounds' truncate / fork / extend / generate mean the same on vLLM."""
+    rewards = [{"name": "keywords", "weight": 1.0, "keywords": ["ocean", "the"]}]
+    kw = {"params": params, "rewards": rewards, "max_tokens": 9, "temperature": 0}
+    engine, fake = make(tok, lm)
+    _, events = run(drive(engine, request(engine, strategy, **kw)))
+    (nevents,) = on_native(tok, lm, (strategy, kw, None))
+    (mine,), (theirs,) = finals(events), finals(nevents)
+    assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
+    assert mine.reward == pytest.approx(theirs.reward)
+    assert mine.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-3)
+    assert events[-1].search == nevents[-1].search  # the same rounds, pruning and cuts
+    assert events[-1].search["rounds"] >= 2
+    assert fake.live_rows == 0 and not engine._inflight and not engine._states
+
+
+def test_speculative_rejection_on_vllm_prunes_by_partial_reward(tok, lm):
+    """Sampled candidates on vLLM: each round's population is the kept fraction, the survivors
+    are the best by partial reward, and the answer is reproducible with a seed."""
+    rewards = [{"name": "keywords", "keywords": ["the", "a", "of"]}]
+    params = {"candidates": 8, "segment": 2, "keep": 0.5}
+
+    def once():
+        engine, fake = make(tok, lm)
+        req = request(engine, "speculative_rejection", params=params, rewards=rewards,
+                      max_tokens=10, seed=4, temperature=1.0)
+        ctx, events = run(drive(engine, req))
+        return ctx, events, fake
+
+    ctx, events, fake = once()
+    search = events[-1].search
+    going = [8] + search["population"]
+    # each selection keeps half of the particles still going (those that finished left first)
+    for before, after in zip(going, search["population"]):
+        assert after <= max(1, math.ceil(before / 2))
+    assert search["pruned"] > 0 and fake.requests[0].params.n == 8
+    (final,) = finals(events)
+    (again,) = finals(once()[1])
+    assert (again.text, again.token_ids) == (final.text, final.token_ids)  # seeded
+    assert ctx.tally.decode < 8 * 10  # pruning spent less than 8 whole candidates
+
+
 def test_logits_is_an_exact_top_k_view_and_rollouts_prefill_it(tok, lm):
     engine, fake = make(tok, lm, logits_top_k=8)
 
@@ -753,3 +804,51 @@ def test_extended_tokens_count_by_kind_when_vllm_computes_them(tok, lm):
     (seen,) = fake.requests
     assert seen.prompt_ids == ids + [11, 12, 13] and seen.params.max_tokens == 1
     assert (tally.prefill, tally.lookahead, tally.decode) == (len(ids), 3, 0)
+
+
+# ---- prompt log-probs and logit_bias (issue 16) -----------------------------------------------
+
+def test_prompt_logprobs_and_logit_bias_map_to_vllm(tok, lm):
+    """prefill/extend with prompt_logprobs ask vLLM for `prompt_logprobs` (a one-token request);
+    the numbers are the native engine's with the same weights. logit_bias goes to vLLM's
+    SamplingParams and steers its sampling."""
+    import alignserve.decoding  # noqa: F401
+    from alignserve.decoding.batch import PromptLogprobs, run_prompts
+
+    engine, fake = make(tok, lm)
+    reqs = [request(engine, "sample", max_tokens=3, temperature=0.0, prompt_logprobs=2,
+                    messages=[{"role": "user", "content": c}])
+            for c in ("Tell me about the ocean.", "Tell me about the desert.")]
+    forced = engine.encode(" whale")[0]
+    for r in reqs:
+        r.sampling.logit_bias = {forced: 100.0}
+
+    async def go(eng):
+        await eng.start()
+        tally = TokenTally()
+        ctxs = [DecodeContext(engine=eng, request=r, tally=tally) for r in reqs]
+        events = [ev async for ev in run_prompts(STRATEGIES["sample"], ctxs)]
+        if hasattr(eng, "kv"):
+            await eng.close()
+        return events
+
+    got = run(go(engine))
+    want = run(go(native(tok, lm)))
+    for events in (got, want):
+        outs = finals(events)
+        assert [f.index for f in outs] == [0, 1]
+        assert all(set(f.token_ids) == {forced} for f in outs)  # +100 wins every step
+    scored = [e for e in got if isinstance(e, PromptLogprobs)]
+    native_scored = [e for e in want if isinstance(e, PromptLogprobs)]
+    assert [s.prompt for s in scored] == [0, 1]
+    for s, w, r in zip(scored, native_scored, reqs):
+        assert len(s.entries) == len(r.prompt_ids) and s.entries[0] is None
+        for a, b, t in zip(s.entries[1:], w.entries[1:], r.prompt_ids[1:]):
+            assert a["token_id"] == b["token_id"] == t
+            # one model in fp32, a full forward here and the engine's paged path there
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+            assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+    plp = [q for q in fake.requests if q.params.prompt_logprobs is not None]
+    assert plp and all(q.params.max_tokens == 1 for q in plp)
+    sampled = [q for q in fake.requests if q.params.prompt_logprobs is None]
+    assert sampled and all(q.params.logit_bias == {forced: 100.0} for q in sampled)

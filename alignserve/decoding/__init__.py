@@ -4,7 +4,9 @@ from alignserve.decoding import (  # noqa: F401  (registration)
     best_of_n,
     contrastive,
     deal,
+    particle_filter,
     sample,
+    speculative_rejection,
     vas,
 )
 from alignserve.decoding.base import (

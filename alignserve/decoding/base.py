@@ -80,6 +80,7 @@ class RequestSummary:
     reward_seconds: float
     seconds: float
     tally: TokenTally
+    search: dict[str, Any] | None = None  # a pruning search's report (rounds, pruned, ...)
 
 
 DecodeEvent = ChoiceDelta | ChoiceFinal | RequestSummary
@@ -96,8 +97,11 @@ class DecodeContext:
     started: float = field(default_factory=time.perf_counter)
     reward_seconds: float = 0.0
     candidates_scored: int = 0
+    # The prompt already computed (a batch's shared prefix, or prompt log-probs): a pending
+    # sequence the strategy takes over instead of prefilling (decoding.common.take_root).
+    root: Any = None
 
-    def summary(self, completion_tokens: int) -> RequestSummary:
+    def summary(self, completion_tokens: int, search: dict[str, Any] | None = None) -> RequestSummary:
         return RequestSummary(
             strategy=self.request.strategy,
             candidates_scored=self.candidates_scored,
@@ -107,6 +111,7 @@ class DecodeContext:
             reward_seconds=self.reward_seconds,
             seconds=time.perf_counter() - self.started,
             tally=self.tally,
+            search=search,
         )
 
 

@@ -11,10 +11,19 @@ from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, De
 from alignserve.engine.protocol import SeqHandle
 
 
+async def take_root(ctx: DecodeContext) -> SeqHandle:
+    """The request's prompt as a sequence with pending logits: the one the server computed
+    already (ctx.root, now the caller's to release), or a fresh prefill."""
+    root, ctx.root = ctx.root, None
+    if root is not None:
+        return root
+    return await ctx.engine.prefill(ctx.request.prompt_ids, ctx.tally)
+
+
 async def prefill_branches(ctx: DecodeContext, k: int) -> list[SeqHandle]:
     """Prefill the prompt once and branch it k ways; the k branches share its KV."""
     engine = ctx.engine
-    root = await engine.prefill(ctx.request.prompt_ids, ctx.tally)
+    root = await take_root(ctx)
     if k == 1:
         return [root]
     try:
@@ -94,10 +103,11 @@ async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=No
         await gen.aclose()
 
 
-async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
-                  processor=None) -> AsyncIterator[DecodeEvent]:
+async def best_of(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
+                  pick=None) -> AsyncIterator[DecodeEvent]:
     """Decode every candidate (through `processor`, if any), score them in one batch and return
     the best n: by total reward, then log-likelihood (by log-likelihood alone without rewards).
+    `pick(rewards, n)`, if given, chooses the n indices instead (best_of_n's soft selection).
     The winners stream whole, once chosen. Shared by best_of_n and vas with `candidates`."""
     req = ctx.request
     # Candidates are read once finished: the engine may decode each once instead of per token.
@@ -111,7 +121,10 @@ async def best_of(ctx: DecodeContext, seqs: list[SeqHandle],
         total = scores[i].total if scores[i] is not None else None
         return (total or 0.0, seqs[i].cumulative_logprob)
 
-    best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
+    if pick is None:
+        best = sorted(range(len(seqs)), key=rank, reverse=True)[: req.n]
+    else:
+        best = pick([rank(i)[0] for i in range(len(seqs))], req.n)
     for out_index, i in enumerate(best):
         choice = final_choice(ctx, out_index, seqs[i], scores[i], streamed=req.stream)
         if req.stream:

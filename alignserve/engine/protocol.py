@@ -36,6 +36,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # token id -> value added to its logit before sampling (OpenAI's logit_bias, -100..100);
+    # the chosen tokens' logprobs stay the model's own, as vLLM reports them
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # k: the prompt's own tokens get log-probs too (plus the top k), as vLLM's `prompt_logprobs`;
+    # engines read it at prefill/extend (`prompt_logprobs=`), not while generating
+    prompt_logprobs: int | None = None
     # False: the caller reads each sequence's text only once it has finished (best_of_n ranks
     # finished candidates), so an engine may skip per-token detokenization and decode once at
     # the end; events then carry empty text deltas until the last. Ignored when `stop` is set
@@ -102,6 +108,9 @@ class SeqHandle:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[dict] = field(default_factory=list)  # per output token when asked
+    # per prompt token when prefill/extend was asked for them: the first is None (nothing
+    # predicts it), then {"token_id", "logprob", "top": [(id, logprob)]}
+    prompt_logprobs: list[dict | None] = field(default_factory=list)
     user: Any = None  # free slot for the strategy
 
     @property
@@ -117,7 +126,8 @@ class SeqHandle:
         (and no strategy `user` slot)."""
         return SeqHandle(key=key, prompt_len=self.prompt_len, token_ids=list(self.token_ids),
                          cumulative_logprob=self.cumulative_logprob, text=self.text,
-                         logprobs=list(self.logprobs))
+                         logprobs=list(self.logprobs),
+                         prompt_logprobs=list(self.prompt_logprobs))
 
 
 @dataclass
@@ -168,18 +178,22 @@ class Engine(Protocol):
     vocab_size: int
 
     async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
-                      early_layer: int | None = None) -> SeqHandle:
+                      early_layer: int | None = None,
+                      prompt_logprobs: int | None = None) -> SeqHandle:
         """Compute the prompt once; its next-token logits become pending. With `early_layer`
-        the sequence and its forks also keep the logits of the first `early_layer` layers."""
+        the sequence and its forks also keep the logits of the first `early_layer` layers.
+        With `prompt_logprobs` (k) the handle's `prompt_logprobs` gets each prompt token's."""
 
     async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
         """n children sharing all of `seq`'s KV and its pending logits; `seq` stays usable."""
 
     async def extend(
         self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
-        kind: str = "decode",
+        kind: str = "decode", prompt_logprobs: int | None = None,
     ) -> None:
-        """Feed the given tokens (any number per sequence) and make new logits pending."""
+        """Feed the given tokens (any number per sequence) and make new logits pending.
+        With `prompt_logprobs` (k) each fed token's log-prob is appended to the handle's
+        `prompt_logprobs` (a prompt continued in pieces: shared prefix, then its own rest)."""
 
     async def logits(self, seqs: list[SeqHandle]) -> torch.Tensor:
         """The pending next-token logits, float32 [len(seqs), vocab] on CPU."""

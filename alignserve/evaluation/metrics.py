@@ -8,13 +8,15 @@ server's reward report, which the evaluation records beside them).
 - `sentiment`: VADER compound c mapped to [0, 1] as (c + 1) / 2 (the `sentiment` reward);
 - `repetition(text, n)`: the share of a text's n-grams that repeat an earlier n-gram of the same
   text, 1 - unique/total (Welleck et al.'s seq-rep-n; 0 for a text with no repeats);
-- `distinct(text, n)`: unique/total n-grams of one text (Li et al.'s distinct-n, per text).
+- `distinct(text, n)`: unique/total n-grams of one text (Li et al.'s distinct-n, per text);
+- `perplexity(logprobs)`: exp(-mean) of the returned tokens' log-probs.
   n-grams are over lower-cased words (letters, digits, inner apostrophes); punctuation is
   not a token. A text with fewer than n words has no n-grams: both give None (left out of means).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -73,6 +75,12 @@ def distinct(text: str, n: int) -> float | None:
     if not grams:
         return None
     return len(set(grams)) / len(grams)
+
+
+def perplexity(logprobs: Sequence[float | None] | None) -> float | None:
+    """exp(-mean log-prob) of a text's tokens; None without any."""
+    kept = [float(lp) for lp in logprobs or () if lp is not None and math.isfinite(lp)]
+    return math.exp(-sum(kept) / len(kept)) if kept else None
 
 
 def mean(values: Iterable[float | None]) -> float | None:

@@ -66,6 +66,34 @@ def aggregate(records: Sequence[dict[str, Any]], walls: Sequence[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------ goals
+DEAL_COVERAGE = 0.95  # issue 17: deal at its defaults
+SEARCH_REWARD_GAP, SEARCH_TOKEN_SHARE = 0.03, 0.4  # issue 17: sr / pf against best_of_16
+CONTRASTIVE_REP4_SHARE = 0.5  # issue 17: contrastive's rep4 against greedy's
+
+
+def _search_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pruning searches with 16 candidates against best_of_16, per task: within
+    SEARCH_REWARD_GAP of its reward at no more than SEARCH_TOKEN_SHARE of its model tokens."""
+    out = []
+    for r in rows:
+        if r["strategy_name"] not in ("speculative_rejection", "particle_filter") \
+                or (r.get("alignment") or {}).get("candidates") != 16 \
+                or r["requests"] == r["errors"] or r["reward"] is None:
+            continue
+        base = _row(rows, r["task"], "best_of_16")
+        if base is None or base["reward"] is None or not base["model_tokens"]:
+            continue
+        share = r["model_tokens"] / base["model_tokens"]
+        gap = base["reward"] - r["reward"]
+        out.append({"goal": f"{r['strategy']} on {r['task']} reaches best_of_16's reward within "
+                            f"{SEARCH_REWARD_GAP} at <= {SEARCH_TOKEN_SHARE}x its model tokens",
+                    "measured": f"reward {r['reward']:.3f} vs {base['reward']:.3f} (gap "
+                                f"{gap:+.3f}); model tokens {r['model_tokens']:.0f} vs "
+                                f"{base['model_tokens']:.0f} ({share:.2f}x)",
+                    "met": gap <= SEARCH_REWARD_GAP and share <= SEARCH_TOKEN_SHARE})
+    return out
+
+
 def _row(rows: Sequence[dict[str, Any]], task: str, label: str) -> dict[str, Any] | None:
     for r in rows:
         if r["task"] == task and r["strategy"] == label and r["requests"] > r["errors"]:
@@ -108,8 +136,8 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     curve = _best_of_n_curve(rows, "keywords")
     for d in deals:
         cov, tok = d["metrics"].get("coverage"), d["model_tokens"]
-        out.append({"goal": f"{d['strategy']} reaches at least 0.9 keyword coverage",
-                    "measured": f"coverage {cov:.3f}", "met": cov >= 0.9})
+        out.append({"goal": f"{d['strategy']} reaches at least {DEAL_COVERAGE} keyword coverage",
+                    "measured": f"coverage {cov:.3f}", "met": cov >= DEAL_COVERAGE})
         if curve and tok:
             ref, bracketed = interpolate_log(curve, tok)
             if bracketed:
@@ -128,6 +156,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 met = True if cov > curve[0][1] else None
             out.append({"goal": f"{d['strategy']} beats best_of_n at equal model tokens on "
                                 "keyword coverage", "measured": note, "met": met})
+    out += _search_goals(rows)
     bo16 = _row(rows, "sentiment", "best_of_16")
     vases = [r for r in rows if r["task"] == "sentiment" and r["strategy_name"] == "vas"
              and r["requests"] > r["errors"] and r["reward"] is not None]
@@ -145,8 +174,11 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if greedy and cd and greedy["metrics"].get("rep4") is not None \
             and cd["metrics"].get("rep4") is not None:
         g, c = greedy["metrics"]["rep4"], cd["metrics"]["rep4"]
-        out.append({"goal": "contrastive cuts greedy's 4-gram repetition rate",
-                    "measured": f"rep4 {c:.3f} vs greedy {g:.3f}", "met": c < g})
+        out.append({"goal": "contrastive cuts greedy's 4-gram repetition rate to <= "
+                            f"{CONTRASTIVE_REP4_SHARE}x",
+                    "measured": f"rep4 {c:.3f} vs greedy {g:.3f} ({c / g:.2f}x)" if g else
+                                f"rep4 {c:.3f} vs greedy {g:.3f}",
+                    "met": c <= CONTRASTIVE_REP4_SHARE * g})
     return out
 
 
@@ -219,7 +251,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"- {r['strategy']}: {r['errors']} failed, e.g. {r['first_error']}")
         lines.append("")
     if result.get("goals"):
-        lines += ["## Goals (issue 3)", "", "| goal | measured | met |", "|---|---|---|"]
+        lines += ["## Goals (issues 3 and 17)", "", "| goal | measured | met |", "|---|---|---|"]
         for g in result["goals"]:
             met = {True: "yes", False: "no", None: "n/a"}[g["met"]]
             lines.append(f"| {g['goal']} | {g['measured']} | {met} |")

@@ -88,6 +88,11 @@ class Runner:
             kw["messages"] = [{"role": "user", "content": item.prompt}]
         else:
             kw["prompt"] = item.prompt
+        if pair.task.wants_logprobs:
+            if pair.task.endpoint == "chat":
+                kw["logprobs"] = True
+            else:
+                kw["logprobs"] = 0
         return kw
 
     def request(self, pair: Pair, item: TaskItem) -> dict[str, Any]:
@@ -112,13 +117,16 @@ class Runner:
             text = (choice.get("message") or {}).get("content") or ""
         else:
             text = choice.get("text") or ""
+        metrics = pair.task.score(item, text)
+        if pair.task.wants_logprobs:
+            metrics.update(pair.task.score_logprobs(_token_logprobs(choice)))
         report = body.get("alignment") or {}
         scored = choice.get("alignment") or {}
         usage = body.get("usage") or {}
         record.update({
             "text": text,
             "finish_reason": choice.get("finish_reason"),
-            "metrics": pair.task.score(item, text),
+            "metrics": metrics,
             "reward": scored.get("reward"),
             "components": scored.get("components") or {},
             "model_tokens": report.get("model_tokens"),
@@ -155,6 +163,16 @@ class Runner:
                               "requests": len(pair.items),
                               "wall_seconds": time.perf_counter() - start})
         return records, walls
+
+
+def _token_logprobs(choice: dict[str, Any]) -> list[float] | None:
+    """The chosen tokens' log-probs of a chat or completions choice, if it carries them."""
+    lp = choice.get("logprobs") or {}
+    if lp.get("token_logprobs") is not None:  # completions
+        return lp["token_logprobs"]
+    if lp.get("content") is not None:  # chat
+        return [t["logprob"] for t in lp["content"]]
+    return None
 
 
 # ------------------------------------------------------------------------------ --spawn

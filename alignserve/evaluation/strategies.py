@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 REWARD_TASKS = ("keywords", "length", "sentiment")
+SEARCH_TASKS = ("keywords", "sentiment")  # where the pruning searches' goal is measured
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ CONFIGS: dict[str, StrategyConfig] = {c.label: c for c in (
                    "the better by reward is returned"),
     StrategyConfig("vas_c3", {"strategy": "vas", "candidates": 3}, "sampled", ("sentiment",),
                    "VAS composed with best-of-3 (about a quarter of best_of_16's tokens)"),
+    StrategyConfig("best_of_16_soft", {"strategy": "best_of_n", "candidates": 16,
+                                       "selection": "soft"}, "sampled", ("keywords",),
+                   "soft best-of-16: the winner drawn from softmax(reward / lambda)"),
+    StrategyConfig("sr_16", {"strategy": "speculative_rejection", "candidates": 16}, "sampled",
+                   SEARCH_TASKS, "speculative rejection from 16 candidates at the server's "
+                   "defaults (the issue's goal: best_of_16's reward at <= 0.4x its tokens)"),
+    StrategyConfig("pf_16", {"strategy": "particle_filter", "candidates": 16}, "sampled",
+                   SEARCH_TASKS, "particle filtering with 16 particles at the server's defaults"),
     StrategyConfig("contrastive", {"strategy": "contrastive"}, "greedy", ("continuation",),
                    "contrastive decoding with the server's default amateur, greedy"),
 )}

@@ -48,6 +48,7 @@ class TaskItem:
 class Task:
     name: str = ""
     endpoint: str = "chat"  # "chat" or "completions"
+    wants_logprobs: bool = False  # ask for the chosen tokens' log-probs (score_logprobs reads them)
     description: str = ""
     metrics: tuple[Metric, ...] = ()
 
@@ -79,6 +80,10 @@ class Task:
 
     def score(self, item: TaskItem, text: str) -> dict[str, float | None]:
         raise NotImplementedError
+
+    def score_logprobs(self, logprobs: list[float] | None) -> dict[str, float | None]:
+        """Metrics read from the returned tokens' log-probs (tasks with wants_logprobs)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "endpoint": self.endpoint, "description": self.description,
@@ -142,9 +147,14 @@ class ContinuationTask(Task):
     name = "continuation"
     endpoint = "completions"
     description = "Continue a story or news opening (raw completion, no reward)."
+    wants_logprobs = True
     metrics = (Metric("rep4", False, "share of repeated 4-grams"),
                Metric("distinct2", True, "unique/total 2-grams"),
-               Metric("distinct3", True, "unique/total 3-grams"))
+               Metric("distinct3", True, "unique/total 3-grams"),
+               Metric("expert_ppl", False, "the expert's perplexity of the text, exp(-mean "
+                      "token log-prob) from the log-probs the server returns (contrastive "
+                      "reports the expert's; sampled decoding's are of its sampling "
+                      "distribution): low repetition with a sane perplexity is not gibberish"))
 
     @classmethod
     def make_item(cls, entry: dict[str, Any]) -> TaskItem:
@@ -157,6 +167,9 @@ class ContinuationTask(Task):
     def score(self, item: TaskItem, text: str) -> dict[str, float | None]:
         return {"rep4": m.repetition(text, 4), "distinct2": m.distinct(text, 2),
                 "distinct3": m.distinct(text, 3)}
+
+    def score_logprobs(self, logprobs: list[float] | None) -> dict[str, float | None]:
+        return {"expert_ppl": m.perplexity(logprobs)}
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (KeywordsTask, LengthTask, SentimentTask,

@@ -94,6 +94,31 @@ class ComposedReward:
         return [RewardScore(total=t, components=c) for t, c in zip(totals, components)]
 
 
+    def score_partial(self, texts: list[str], prompt: str,
+                      tokens_left: list[int]) -> list[RewardScore]:
+        """Scores of unfinished texts, each reward by its partial rule (see
+        rewardmodels.partial): with a positive weight the bound is the best reachable value,
+        with a negative one the worst, so that a text is never pruned for what it may still
+        become nor kept for what it may still lose."""
+        from alignserve.rewardmodels.partial import partial_scores
+
+        if not self.items:
+            return [RewardScore(total=None, components={}) for _ in texts]
+        components: list[dict[str, float]] = [{} for _ in texts]
+        totals = [0.0] * len(texts)
+        for item in self.items:
+            start = time.perf_counter()
+            values = partial_scores(item.reward, list(texts), prompt, tokens_left,
+                                    optimistic=item.weight >= 0)
+            elapsed = time.perf_counter() - start
+            name = item.reward.name
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            for i, value in enumerate(values):
+                components[i][item.label] = float(value)
+                totals[i] += item.weight * float(value)
+        return [RewardScore(total=t, components=c) for t, c in zip(totals, components)]
+
+
 def _param_path(prefix: str, loc: tuple[Any, ...]) -> str:
     path = prefix
     for part in loc:

@@ -58,6 +58,11 @@ class KeywordsReward:
         n = len(self._patterns)
         return [sum(1 for p in self._patterns if p.search(t)) / n for t in texts]
 
+    def score_partial(self, texts: list[str], prompt: str, tokens_left: list[int],
+                      optimistic: bool = True) -> list[float]:
+        """Coverage so far: a keyword present now stays present (see rewardmodels.partial)."""
+        return self.score(texts, prompt)
+
 
 def _build_keywords(args: KeywordsArgs, param: str) -> KeywordsReward:
     for i, keyword in enumerate(args.keywords):
@@ -133,6 +138,26 @@ class LengthReward:
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         return [self.score_words(count_words(t)) for t in texts]
+
+    def reachable(self, words: int, more_words: int, optimistic: bool = True) -> float:
+        """Best (worst, when not optimistic) score_words over [words, words + more_words]: the
+        value a text of `words` words could reach once finished. score_words is unimodal (peak
+        at the target or over the range), so the extremes are at the ends or the peak's points
+        clamped into the range."""
+        hi = words + max(0, more_words)
+        points = {words, hi}
+        for peak in (self.target, self.lo, self.hi):
+            if peak is not None:
+                points.add(min(max(peak, words), hi))
+        values = [self.score_words(w) for w in points]
+        return max(values) if optimistic else min(values)
+
+    def score_partial(self, texts: list[str], prompt: str, tokens_left: list[int],
+                      optimistic: bool = True) -> list[float]:
+        """The reachable bound: a token adds at most one word, so a text with `left` tokens to
+        go can end with any count in [words, words + left]."""
+        return [self.reachable(count_words(t), left, optimistic)
+                for t, left in zip(texts, tokens_left)]
 
 
 def _build_length(args: LengthArgs, param: str) -> LengthReward:

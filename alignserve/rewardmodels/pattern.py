@@ -56,6 +56,21 @@ class RegexReward:
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         return [1.0 if self._matches(t) else 0.0 for t in texts]
 
+    def _viable(self, text: str) -> bool:
+        """Whether some continuation of `text` matches: `regex`'s partial matching (a match that
+        reaches the end of the text counts). A timeout counts as not viable."""
+        match = self.compiled.fullmatch if self.mode == "fullmatch" else self.compiled.search
+        try:
+            return match(text, partial=True, timeout=self.timeout_s) is not None
+        except TimeoutError:
+            self.timeouts += 1
+            return False
+
+    def score_partial(self, texts: list[str], prompt: str, tokens_left: list[int],
+                      optimistic: bool = True) -> list[float]:
+        """1.0 while the text can still be extended into a match (prefix-valid), else 0.0."""
+        return [1.0 if self._viable(t) else 0.0 for t in texts]
+
 
 def compile_pattern(pattern: str, ignore_case: bool, param: str) -> regex.Pattern:
     flags = regex.IGNORECASE if ignore_case else 0

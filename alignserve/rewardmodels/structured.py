@@ -103,6 +103,7 @@ def compile_schema(schema: dict[str, Any], param: str) -> Any:
 
 _FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _MISSING = object()
+_FENCE_OPEN = re.compile(r"^\s*```[ \t]*(?:json)?[ \t]*\r?\n", re.IGNORECASE)
 
 
 def _loads(text: str) -> Any:
@@ -164,6 +165,22 @@ class JsonSchemaReward:
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         return [self._score_one(t) for t in texts]
+
+    def score_partial(self, texts: list[str], prompt: str, tokens_left: list[int],
+                      optimistic: bool = True) -> list[float]:
+        """Unfinished text: 1.0 while the JSON begun at its first '{' or '[' (or the whole
+        text, inside a ```json fence or not) can still be completed; text that has not begun
+        any JSON, or whose JSON is broken, gets its ordinary score. Syntax only: a prefix is
+        not checked against the schema."""
+        from alignserve.rewardmodels.partial import json_prefix_ok
+
+        out = []
+        for t in texts:
+            body = _FENCE_OPEN.sub("", t, count=1).lstrip()
+            start = min((body.find(c) for c in "{[" if c in body), default=-1)
+            viable = not body or (start >= 0 and json_prefix_ok(body[start:]))
+            out.append(SCORE_VALID if viable else self._score_one(t))
+        return out
 
 
 def _build_json_schema(args: JsonSchemaArgs, param: str) -> JsonSchemaReward:

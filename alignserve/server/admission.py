@@ -65,7 +65,14 @@ def kv_slots_needed(decode: DecodeRequest, page: int, prompt_len: int | None = N
         lame = getattr(p, "lame_prompt", None)
         extra = len(lame) if isinstance(lame, str) else 0  # a token is at least one character
         total = 2 * prompt_slots + branch(extra + 64) + 2 * n * branch(tokens)
-    else:  # sample, best_of_n, vas, and any strategy that branches its prompt
+    elif name == "particle_filter":
+        # a resampling forks survivors: each round's segment can start a leaf (whole pages) of
+        # its own per particle; an entropy segment holds up to max_segment tokens before its cut
+        width = max(n, int(p.candidates))
+        shortest, longest = int(p.shortest_segment), int(p.longest_segment)
+        rounds = math.ceil(tokens / shortest)
+        total = prompt_slots + width * (rounds * _pages(longest, page) * page + branch(longest))
+    else:  # sample, best_of_n, vas, speculative_rejection (it only prunes), any that branches
         width = max(n, int(getattr(p, "candidates", 0) or 0))
         width *= max(1, int(getattr(p, "beam", 1) or 1))
         total = prompt_slots + width * branch(tokens)

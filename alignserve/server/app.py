@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -170,6 +171,13 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     install_error_handlers(app)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics, lifecycle=lifecycle,
                        route_paths=lambda: {getattr(r, "path", "") for r in app.routes})
+    if settings.allowed_origins:
+        # Added last, so outermost: a browser's preflight (OPTIONS, no API key) is answered
+        # before the Gatekeeper asks for a key, and every answer, errors too, gets the headers.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=settings.allowed_methods or ["*"],
+                           allow_headers=settings.allowed_headers or ["*"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
 
     def limits() -> dict[str, int | float | None]:
         out: dict[str, int | float | None] = {
@@ -228,9 +236,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         run = start()
         try:
             got = await collect(run, request, settings.disconnect_poll_s)
-            if got.summary is None or len(got.finals) != prepared.decode.n:
+            if got.summary is None or len(got.finals) != prepared.choices:
                 raise RuntimeError(f"strategy {prepared.strategy.name} returned "
-                                   f"{len(got.finals)} choices for n={prepared.decode.n}"
+                                   f"{len(got.finals)} choices of {prepared.choices}"
                                    + ("" if got.summary else " and no summary"))
         except ClientGone:
             tracker.abort("disconnect")
@@ -243,7 +251,7 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         tracker.finish(got.summary, got.finals, run.reward_seconds())
         record.prompt_tokens = got.summary.prompt_tokens
         record.completion_tokens = sum(len(f.token_ids) for f in got.finals)
-        return JSONResponse(renderer.response(got.finals, got.summary))
+        return JSONResponse(renderer.response(got.finals, got.summary, got.prompt_logprobs))
 
     def request_id(request: Request) -> str:
         return str(request.scope.get("state", {}).get("request_id") or "")
@@ -258,10 +266,19 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serve(preparer.completion(body, request_id(request)), request)
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList, responses=LISTING_ERRORS)
     async def models() -> ModelList:
-        card = ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
+             responses={**LISTING_ERRORS, 404: _error("Unknown model")})
+    async def model(model_id: str) -> ModelCard:
+        if model_id != served:
+            raise APIError(f"The model `{model_id}` does not exist.", param="model", status=404)
+        return model_card()
 
     @app.get("/v1/alignment", response_model=AlignmentInfo, responses=LISTING_ERRORS)
     async def alignment() -> AlignmentInfo:

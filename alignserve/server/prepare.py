@@ -13,9 +13,11 @@ to the server, which then picks the most that fits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -39,6 +41,8 @@ from alignserve.server.protocol import (
 )
 from alignserve.server.settings import ServerSettings
 
+log = logging.getLogger("alignserve.server")
+
 Kind = Literal["chat", "completion"]
 
 # alignment keys held to a server limit: key -> settings field (flag --max-...)
@@ -59,10 +63,29 @@ class Prepared:
     created: int
     model: str
     strategy: Strategy
-    decode: DecodeRequest
+    decode: DecodeRequest  # the first prompt's (the only one but for a completions batch)
     include_usage: bool
-    echo: str = ""  # completions with echo=true: the prompt text put before each choice
     kv_slots: int = 0  # the KV slots admission reserves for it (0: not budgeted)
+    decodes: list[DecodeRequest] = field(default_factory=list)  # one per prompt
+    # completions with echo=true: each prompt's text, put before each of its choices
+    echoes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.decodes:
+            self.decodes = [self.decode]
+
+    @property
+    def choices(self) -> int:
+        """Choices in the response: n per prompt, prompt i's j-th numbered i*n + j."""
+        return self.decode.n * len(self.decodes)
+
+    def echo(self, index: int) -> str:
+        """The prompt text choice `index` starts with (completions with echo), else ""."""
+        return self.echoes[index // self.decode.n] if self.echoes else ""
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        return self.decode.sampling.prompt_logprobs is not None
 
 
 class Preparer:
@@ -93,36 +116,76 @@ class Preparer:
 
     def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)
-        if req.echo and req.logprobs is not None:
-            raise APIError("`echo` with `logprobs` (prompt logprobs) is not supported.",
-                           param="echo")
-        prompt = req.prompt_value()
-        if isinstance(prompt, str):
-            prompt_text, prompt_ids = prompt, list(self.engine.encode(prompt))
-        else:
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError("max_tokens 0 asks for nothing: it is allowed only with `echo: true` "
+                           "(the prompt, with its log-probs when `logprobs` is set).",
+                           param="max_tokens")
+        prompts = req.prompt_values()
+        texts, ids = [], []
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                texts.append(prompt)
+                ids.append(list(self.engine.encode(prompt)))
+                continue
             bad = [t for t in prompt if not 0 <= t < self.engine.vocab_size]
             if bad:
                 raise APIError(f"Token id {bad[0]} is outside the vocabulary "
-                               f"(0..{self.engine.vocab_size - 1}).", param="prompt")
-            prompt_ids = list(prompt)
-            prompt_text = self.engine.tokenizer.decode(prompt_ids)
-        prepared = self._finish("completion", req, prompt_text, prompt_ids, None, "prompt",
-                                request_id)
-        prepared.echo = prompt_text if req.echo else ""
+                               f"(0..{self.engine.vocab_size - 1}).", param=where)
+            ids.append(list(prompt))
+            texts.append(self.engine.tokenizer.decode(list(prompt)))
+        prepared = self._finish("completion", req, texts[0], ids[0], None,
+                                "prompt" if len(prompts) == 1 else "prompt[0]", request_id)
+        if len(prompts) > 1:
+            first = prepared.decode
+            for i, (text, prompt_ids) in enumerate(zip(texts[1:], ids[1:]), start=1):
+                where = f"prompt[{i}]"
+                max_tokens = self._max_tokens(req, "completion", len(prompt_ids), where)
+                prepared.decodes.append(dataclasses.replace(
+                    first, prompt_ids=prompt_ids, prompt_text=text,
+                    sampling=dataclasses.replace(first.sampling, max_tokens=max_tokens)))
+            prepared.kv_slots = sum(self._fit_kv(d, req) for d in prepared.decodes)
+            if self.kv is not None and prepared.kv_slots > self.kv[0]:
+                raise APIError(f"These {len(prompts)} prompts can need up to "
+                               f"{prepared.kv_slots} KV cache slots at once, more than the "
+                               f"{self.kv[0]} this server's whole KV cache holds "
+                               "(--kv-cache-gib); send fewer prompts per request.",
+                               param="prompt")
+        prepared.echoes = texts if req.echo else []
         return prepared
 
     # -- shared steps
 
     def _check_common(self, req: SamplingFields) -> None:
-        if req.model is not None and req.model != self.served_model_name:
+        # "" names the served model too, as vLLM reads it (clients that leave it blank)
+        if req.model and req.model != self.served_model_name:
             raise APIError(f"The model `{req.model}` does not exist.", param="model", status=404)
+        if req.stream_options is not None and not req.stream:
+            # OpenAI and vLLM answer 400: the options describe a stream that will not happen
+            raise APIError("`stream_options` is only allowed with `stream: true`.",
+                           param="stream_options")
         if req.n > self.settings.max_n:
-            raise APIError(f"n is {req.n}; this server allows at most {self.settings.max_n}.",
-                           param="n")
-        bad = [t for t in req.stop_token_ids or () if t >= self.engine.vocab_size]
+            raise APIError(f"n is {req.n}; this server allows at most {self.settings.max_n} "
+                           "(--max-n).", param="n")
+        vocab = self.engine.vocab_size
+        bad = [t for t in req.stop_token_ids or () if t >= vocab]
         if bad:
             raise APIError(f"Token id {bad[0]} is outside the vocabulary "
-                           f"(0..{self.engine.vocab_size - 1}).", param="stop_token_ids")
+                           f"(0..{vocab - 1}).", param="stop_token_ids")
+        bad = [t for t in req.bias() if t >= vocab]
+        if bad:
+            raise APIError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
+                           f"(0..{vocab - 1}).", param="logit_bias")
+        if req.bias() and req.alignment_or_default().strategy == "deal":
+            # deal ranks its actions by the model's own log-probs; a bias there would be
+            # applied to some tokens and not others
+            raise APIError("logit_bias is not supported with strategy `deal`.",
+                           param="logit_bias")
+        ignored = req.ignored_fields() + [
+            f"stream_options.{f}" for f in (req.stream_options.ignored_fields()
+                                            if req.stream_options else [])]
+        if ignored:
+            log.debug("accepted and ignored: %s", ", ".join(ignored))
 
     def _strategy(self, spec: AlignmentRequest, n: int) -> tuple[Strategy, StrategyParams]:
         strategy = STRATEGIES.get(spec.strategy)
@@ -185,6 +248,10 @@ class Preparer:
                                    param=f"{where}.schema")
 
     def _reward(self, spec: AlignmentRequest) -> Any:
+        most = self.settings.max_rewards
+        if isinstance(spec.rewards, list) and len(spec.rewards) > most:
+            raise APIError(f"alignment.rewards has {len(spec.rewards)} items; this server "
+                           f"allows at most {most} (--max-rewards).", param="alignment.rewards")
         self._check_reward_limits(spec.rewards)
         try:
             reward = self.rewards.build(spec.rewards, max_rewards=self.settings.max_rewards)
@@ -244,8 +311,8 @@ class Preparer:
         name = ("max_completion_tokens" if getattr(req, "max_completion_tokens", None)
                 else "max_tokens")
         if requested > limit:
-            raise APIError(f"{name} is {requested}; this server allows at most {limit}.",
-                           param=name)
+            raise APIError(f"{name} is {requested}; this server allows at most {limit} "
+                           "(--max-tokens-limit).", param=name)
         if prompt_len + requested > ctx:
             raise APIError(f"This model's maximum context length is {ctx} tokens. However, you "
                            f"requested {prompt_len + requested} tokens ({prompt_len} in the "

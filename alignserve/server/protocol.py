@@ -9,9 +9,16 @@ strategy's params model. Each request model converts itself into engine Sampling
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from alignserve.engine.protocol import SamplingParams
 
@@ -22,6 +29,24 @@ class RequestModel(BaseModel):
     # strict: a JSON value of the wrong type is an error, never coerced (`"n": "2"` or
     # `"min_p": true` are 400s, as the schema says), except ints where floats go.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`null` where OpenAI allows it means the field's default (`"n": null` is n=1), as
+        OpenAI and vLLM read it. Fields are declared `X | None` so the schema says so."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and fields[k].default is not None)}
+
+    # Spec fields this server accepts and ignores (each logged at debug level when sent);
+    # the README lists them. A value that would change what comes back is refused instead.
+    IGNORED: ClassVar[tuple[str, ...]] = ()
+
+    def ignored_fields(self) -> list[str]:
+        return [name for name in self.IGNORED if getattr(self, name, None) is not None]
 
 
 class AlignmentRequest(BaseModel):
@@ -37,24 +62,74 @@ class AlignmentRequest(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # padding against side channels: nothing to pad
+
+    IGNORED = ("include_obfuscation",)
 
 
 class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # a hint for OpenAI's cache
+
+    IGNORED = ("prompt_cache_breakpoint",)
+
+
+class RefusalContentPart(RequestModel):
+    """An assistant turn's refusal, as OpenAI returned it; fed back as plain text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+def _empty_only(what: str) -> Any:
+    """A tool-calling field: accepted only where it asks for nothing (null, [] or "none")."""
+
+    def check(cls: Any, value: Any) -> Any:
+        if value not in (None, [], "none"):
+            raise ValueError(f"{what} is not supported by this server")
+        return value
+
+    return classmethod(check)
 
 
 class ChatMessage(RequestModel):
     # Tool and function roles need tool calling, which this server does not offer.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
-    name: str | None = None
+    content: str | list[TextContentPart | RefusalContentPart] | None = None
+    name: str | None = None  # accepted and ignored (chat templates have no place for it)
+    # assistant turns, as clients send their history back
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+    IGNORED = ("name",)
+
+    _no_tool_calls = field_validator("tool_calls")(_empty_only("Tool calls (`tool_calls`)"))
+    _no_function_call = field_validator("function_call")(_empty_only("`function_call`"))
+    _no_audio = field_validator("audio")(_empty_only("Audio (`audio`)"))
+
+    @model_validator(mode="after")
+    def _content_by_role(self) -> ChatMessage:
+        if self.role != "assistant":
+            if self.content is None:
+                raise ValueError("`content` is required for this role")
+            if isinstance(self.content, list) and any(
+                    isinstance(p, RefusalContentPart) for p in self.content):
+                raise ValueError("refusal parts belong to assistant messages")
+        elif self.content is None and self.refusal is None:
+            raise ValueError("an assistant message needs `content` or `refusal`")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(p.text if isinstance(p, TextContentPart) else p.refusal
+                         for p in self.content)
 
     def for_template(self) -> dict[str, str]:
         # Chat templates know "system"; OpenAI's "developer" is the same thing by a newer name.
@@ -80,37 +155,44 @@ class ResponseFormat(RequestModel):
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# OpenAI documents the seed as a signed 64-bit integer; vLLM answers 400 outside it.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 
 
 class SamplingFields(RequestModel):
     """Sampling fields shared by chat and completions (OpenAI's plus vLLM's extras)."""
 
-    model: str | None = None  # None: the served model, as vLLM allows
-    n: Annotated[int, Field(ge=1)] = 1
-    stream: bool = False
+    model: str | None = None  # None or "": the served model, as vLLM allows
+    n: Annotated[int, Field(ge=1)] | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    seed: Seed | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0 disable (vLLM uses -1)
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] | None = 0
+    ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT)]] | None = None
     alignment: AlignmentRequest | None = None
+
+    IGNORED = ("user",)
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
+    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # Keys are token ids written as strings (JSON keys); the vocabulary is checked later.
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError(f"keys are token ids; '{key[:40]}' is not one")
         return value
 
     @field_validator("stop")
@@ -135,11 +217,18 @@ class SamplingFields(RequestModel):
         """None: no logprobs; 0: the chosen token's; k: plus the top k."""
         raise NotImplementedError
 
+    def prompt_logprobs_k(self) -> int | None:
+        """Log-probs of the prompt's own tokens (completions with echo): None for none."""
+        return None
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def alignment_or_default(self) -> AlignmentRequest:
         return self.alignment or AlignmentRequest()
+
+    def bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items() if v}
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's view of this request; `max_tokens` is resolved by the caller."""
@@ -150,14 +239,16 @@ class SamplingFields(RequestModel):
             min_p=self.min_p or 0.0,
             seed=self.seed,
             max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
+            min_tokens=self.min_tokens or 0,
             stop=self.stop_list(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
+            ignore_eos=bool(self.ignore_eos),
             logprobs=self.logprobs_k(),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.bias(),
+            prompt_logprobs=self.prompt_logprobs_k(),
         )
 
 
@@ -173,18 +264,61 @@ def _unsupported(what: str) -> Any:
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | None = None  # meaningful only with tools
     functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    # accepted and ignored (see IGNORED): none of them changes the text that comes back
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+
+    IGNORED = ("user", "store", "metadata", "service_tier", "reasoning_effort", "verbosity",
+               "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+               "safety_identifier", "prediction", "web_search_options", "moderation",
+               "parallel_tool_calls")
 
     _no_tools = field_validator("tools")(_unsupported("Tool calling (`tools`)"))
     _no_functions = field_validator("functions")(_unsupported("Function calling (`functions`)"))
-    _no_function_call = field_validator("function_call")(_unsupported("`function_call`"))
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: Any) -> Any:
+        if value not in (None, "none", "auto"):  # a function named: that is function calling
+            raise ValueError("`function_call` naming a function is not supported by this server")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value and "audio" in value:
+            raise ValueError("audio output is not supported by this server; only ['text']")
+        return value
+
+    _no_audio = field_validator("audio")(_unsupported("Audio output (`audio`)"))
+
+    def ignored_fields(self) -> list[str]:
+        out = super().ignored_fields()
+        for i, message in enumerate(self.messages):
+            out += [f"messages[{i}].{f}" for f in message.ignored_fields()]
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                out += [f"messages[{i}].content[{j}].{f}" for f in part.ignored_fields()]
+        return out
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
@@ -198,12 +332,16 @@ class ChatCompletionRequest(SamplingFields):
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+MAX_PROMPTS = 64  # prompts in one completions request (each is decoded n times)
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
+    # 0 only with `echo`: the prompt's own log-probs, nothing generated (how eval harnesses
+    # score log-likelihoods)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -218,21 +356,26 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        batched = isinstance(value, list) and value and isinstance(value[0], (str, list))
-        if batched and len(value) != 1:
-            raise ValueError("one prompt per request (batched prompts are not supported)")
+    def _prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt list is empty")
+        batched = isinstance(value, list) and isinstance(value[0], (str, list))
+        if batched and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
 
-    def prompt_value(self) -> str | list[int]:
-        """The single prompt, as text or token ids."""
+    def prompt_logprobs_k(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def prompt_values(self) -> list[str | list[int]]:
+        """The prompts, each as text or token ids (one request may carry several)."""
         value = self.prompt
         if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            return value[0]
-        return value
+            return list(value)
+        return [value]
 
 
 # ---------------------------------------------------------------------------- responses
@@ -263,6 +406,16 @@ class AlignmentReport(ResponseModel):
     model_tokens: int
     reward_seconds: float
     seconds: float
+    # what a pruning search did (speculative_rejection, particle_filter): rounds, pruned, ...;
+    # left out of the body for the strategies that report none
+    search: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_search(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
 
 
 class TopLogprob(ResponseModel):

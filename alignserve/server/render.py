@@ -66,6 +66,58 @@ def parse_logprob(entry: Any) -> tuple[int, float, list[tuple[int, float]]]:
     return int(token_id), _finite(logprob), [(int(t), _finite(lp)) for t, lp in pairs]
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2 and its descendants) spells every byte as one printable
+    character; this maps each of those characters back to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenBytes:
+    """A token's own bytes, which its decoded text loses when the token holds part of a
+    multi-byte character (decoding gives U+FFFD): clients rebuild text from these."""
+
+    _BYTE_LEVEL = _byte_alphabet()
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        vocab = getattr(tokenizer, "get_vocab", dict)()
+        self.byte_level = "\u0120" in "".join(list(vocab)[:50000]) if vocab else False
+        self.cache: dict[int, list[int]] = {}
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        out = self.cache.get(token_id)
+        if out is None:
+            out = self.cache[token_id] = self._raw(token_id, text)
+        return out
+
+    def _raw(self, token_id: int, text: str) -> list[int]:
+        try:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # noqa: BLE001  (no piece: the text is all there is)
+            piece = None
+        if not isinstance(piece, str):
+            return list(text.encode())
+        if self.byte_level and all(c in self._BYTE_LEVEL for c in piece):
+            return [self._BYTE_LEVEL[c] for c in piece]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:  # SentencePiece byte fallback
+                return [int(piece[3:5], 16)]
+            except ValueError:
+                pass
+        if "\ufffd" in text:  # SentencePiece's piece is its text, with ▁ for a space
+            return list(piece.replace("\u2581", " ").encode())
+        return list(text.encode())
+
+
 def choice_alignment(final: ChoiceFinal) -> ChoiceAlignment:
     reward = None if final.reward is None else float(final.reward)
     return ChoiceAlignment(reward=reward,
@@ -76,7 +128,7 @@ def report(summary: RequestSummary) -> AlignmentReport:
     return AlignmentReport(strategy=summary.strategy, candidates_scored=summary.candidates_scored,
                            model_tokens=summary.model_tokens,
                            reward_seconds=round(summary.reward_seconds, 6),
-                           seconds=round(summary.seconds, 6))
+                           seconds=round(summary.seconds, 6), search=summary.search)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -90,10 +142,14 @@ class Renderer:
     def __init__(self, prepared: Prepared, tokenizer: Any) -> None:
         self.p = prepared
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.offsets: dict[int, int] = {}  # completions: text_offset reached per choice
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def _bytes(self, token_id: int, text: str) -> list[int]:
+        return self.token_bytes(token_id, text)
 
     # -- logprobs
 
@@ -105,32 +161,58 @@ class Renderer:
             token_id, logprob, top = parse_logprob(entry)
             text = self._token(token_id)
             content.append(ChatLogprobToken(
-                token=text, logprob=logprob, bytes=list(text.encode()),
+                token=text, logprob=logprob, bytes=self._bytes(token_id, text),
                 top_logprobs=[TopLogprob(token=(t := self._token(i)), logprob=lp,
-                                         bytes=list(t.encode())) for i, lp in top]))
+                                         bytes=self._bytes(i, t)) for i, lp in top]))
         return ChatChoiceLogprobs(content=content)
 
-    def completion_logprobs(self, index: int, entries: list[Any]) -> CompletionLogprobs | None:
+    def completion_logprobs(self, index: int, entries: list[Any],
+                            prompt: list[Any] | None = None) -> CompletionLogprobs | None:
+        """`prompt`: the echoed prompt's own entries (the first None), put first as vLLM does."""
         if self.p.decode.sampling.logprobs is None:
             return None
         out = CompletionLogprobs()
-        offset = self.offsets.get(index, len(self.p.echo))
+        if prompt is not None:
+            offset = 0
+            for entry in prompt:
+                if entry is None:  # nothing predicts a sequence's first token
+                    token_id = self.p.decodes[index // self.p.decode.n].prompt_ids[0]
+                    text = self._token(token_id)
+                    out.tokens.append(text)
+                    out.token_logprobs.append(None)
+                    out.top_logprobs.append(None)
+                    out.text_offset.append(offset)
+                    offset += len(text)
+                    continue
+                offset = self._completion_entry(out, entry, offset)
+            self.offsets[index] = len(self.p.echo(index))
+        offset = self.offsets.get(index, len(self.p.echo(index)))
         for entry in entries:
-            token_id, logprob, top = parse_logprob(entry)
-            text = self._token(token_id)
-            out.tokens.append(text)
-            out.token_logprobs.append(logprob)
-            out.text_offset.append(offset)
-            ranked = {self._token(i): lp for i, lp in top}
-            ranked.setdefault(text, logprob)  # vLLM lists the chosen token among the top ones
-            out.top_logprobs.append(ranked)
-            offset += len(text)
+            offset = self._completion_entry(out, entry, offset)
         self.offsets[index] = offset
         return out
 
+    def _completion_entry(self, out: CompletionLogprobs, entry: Any, offset: int) -> int:
+        token_id, logprob, top = parse_logprob(entry)
+        text = self._token(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(logprob)
+        out.text_offset.append(offset)
+        ranked = {self._token(i): lp for i, lp in top}
+        ranked.setdefault(text, logprob)  # vLLM lists the chosen token among the top ones
+        out.top_logprobs.append(ranked)
+        return offset + len(text)
+
     # -- whole responses
 
-    def response(self, finals: list[ChoiceFinal], summary: RequestSummary) -> dict[str, Any]:
+    def prompt_entries(self, index: int, prompts: dict[int, list]) -> list | None:
+        """The echoed prompt's log-prob entries for choice `index` (None: not asked for)."""
+        return prompts.get(index // self.p.decode.n) if self.p.prompt_logprobs else None
+
+    def response(self, finals: list[ChoiceFinal], summary: RequestSummary,
+                 prompt_logprobs: dict[int, list] | None = None) -> dict[str, Any]:
+        """`prompt_logprobs`: prompt index -> its own entries (completions, echo + logprobs)."""
+        prompts = prompt_logprobs or {}
         use = usage(summary.prompt_tokens, sum(len(f.token_ids) for f in finals))
         common: dict[str, Any] = {"id": self.p.request_id, "created": self.p.created,
                                   "model": self.p.model, "usage": use,
@@ -141,8 +223,10 @@ class Renderer:
                                        finish_reason=f.finish_reason,
                                        alignment=choice_alignment(f)) for f in finals]
             return ChatCompletionResponse(choices=chat_choices, **common).model_dump()
-        text_choices = [CompletionChoice(index=f.index, text=self.p.echo + f.text,
-                                         logprobs=self.completion_logprobs(f.index, f.logprobs),
+        text_choices = [CompletionChoice(index=f.index, text=self.p.echo(f.index) + f.text,
+                                         logprobs=self.completion_logprobs(
+                                             f.index, f.logprobs,
+                                             self.prompt_entries(f.index, prompts)),
                                          finish_reason=f.finish_reason,
                                          alignment=choice_alignment(f)) for f in finals]
         return CompletionResponse(choices=text_choices, **common).model_dump()
@@ -156,13 +240,16 @@ class Renderer:
         return CompletionChunk(id=self.p.request_id, created=self.p.created, model=self.p.model,
                                choices=choices)
 
-    def opening(self, index: int) -> Chunk | None:
-        """Chat: the assistant role, as vLLM sends first; completions: the echoed prompt."""
+    def opening(self, index: int, prompt: list | None = None) -> Chunk | None:
+        """Chat: the assistant role, as vLLM sends first; completions: the echoed prompt,
+        with its own log-probs (`prompt`) when they were asked for."""
         if self.p.kind == "chat":
             return self._chunk([ChatStreamChoice(
                 index=index, delta=DeltaMessage(role="assistant", content=""))])
-        if self.p.echo:
-            return self._chunk([CompletionStreamChoice(index=index, text=self.p.echo)])
+        if self.p.echo(index):
+            logprobs = self.completion_logprobs(index, [], prompt) if prompt is not None else None
+            return self._chunk([CompletionStreamChoice(index=index, text=self.p.echo(index),
+                                                       logprobs=logprobs)])
         return None
 
     def delta(self, index: int, text: str, logprobs: list[Any]) -> Chunk:

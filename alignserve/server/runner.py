@@ -30,7 +30,8 @@ from alignserve.decoding.base import (
     DecodeEvent,
     RequestSummary,
 )
-from alignserve.engine.protocol import Engine
+from alignserve.decoding.batch import PromptLogprobs, run_prompts
+from alignserve.engine.protocol import Engine, TokenTally
 from alignserve.server.admission import Ticket
 from alignserve.server.errors import APIError
 from alignserve.server.metrics import RequestTracker
@@ -91,7 +92,11 @@ class DecodeRun:
         self.started = False  # the strategy began (the ticket was granted)
         self.ended_by: str | None = None  # why it stopped early: timeout | disconnect | abort
         self._abort: BaseException | None = None
-        self.ctx = DecodeContext(engine=engine, request=prepared.decode, resources=resources)
+        # one context per prompt (a completions batch has several), counting into one tally
+        tally = TokenTally()
+        self.ctxs = [DecodeContext(engine=engine, request=d, resources=resources, tally=tally)
+                     for d in prepared.decodes]
+        self.ctx = self.ctxs[0]
         self.queue: asyncio.Queue[DecodeEvent | _End | _Failure] = asyncio.Queue()
         self._began = False
         self.task = asyncio.create_task(self._produce(), name=prepared.request_id)
@@ -110,8 +115,9 @@ class DecodeRun:
                 if self.ticket is not None:
                     await self.ticket.acquire()
                 self.started = True
-                self.ctx.started = time.perf_counter()
-                agen = self.prepared.strategy.run(self.ctx)
+                for ctx in self.ctxs:
+                    ctx.started = time.perf_counter()
+                agen = run_prompts(self.prepared.strategy, self.ctxs)
                 async with contextlib.aclosing(agen):
                     async for event in agen:
                         if _is_output(event):
@@ -185,6 +191,7 @@ class DecodeRun:
 class Collected:
     finals: list[ChoiceFinal] = field(default_factory=list)
     summary: RequestSummary | None = None
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)  # prompt index -> entries
 
 
 async def collect(run: DecodeRun, request: Request, poll_s: float) -> Collected:
@@ -202,5 +209,7 @@ async def collect(run: DecodeRun, request: Request, poll_s: float) -> Collected:
             out.finals.append(event)
         elif isinstance(event, RequestSummary):
             out.summary = event
+        elif isinstance(event, PromptLogprobs):
+            out.prompt_logprobs[event.prompt] = event.entries
     out.finals.sort(key=lambda f: f.index)
     return out

@@ -89,6 +89,24 @@ class ServerSettings:
     protect_metrics: bool = field(
         default=False, metadata={"help": "also require the API key on /metrics and /health"}
     )
+    # -- CORS (browser clients): off unless --allowed-origins is given
+    allowed_origins: list[str] = field(
+        default_factory=list,
+        metadata={"help": "origins browsers may call this server from, e.g. "
+                  "https://app.example.com or * (repeatable; env: comma-separated; default: "
+                  "none, CORS off)", "flag": "--allowed-origins", "metavar": "ORIGIN"},
+    )
+    allowed_methods: list[str] = field(
+        default_factory=list,
+        metadata={"help": "HTTP methods allowed cross-origin (repeatable; default with "
+                  "--allowed-origins: all)", "flag": "--allowed-methods", "metavar": "METHOD"},
+    )
+    allowed_headers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "request headers allowed cross-origin (repeatable; default with "
+                  "--allowed-origins: all, Authorization included)",
+                  "flag": "--allowed-headers", "metavar": "HEADER"},
+    )
     # -- limits (each listed by GET /v1/alignment; over a limit is a 400 naming it)
     max_tokens_limit: int = field(
         default=4096, metadata={"help": "largest max_tokens a request may ask for"}

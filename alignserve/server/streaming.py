@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, RequestSummary
+from alignserve.decoding.batch import PromptLogprobs
 from alignserve.server.errors import api_error_body, as_api_error
 from alignserve.server.metrics import RequestTracker
 from alignserve.server.render import Chunk, Renderer, dump_chunk, report, usage
@@ -46,12 +47,19 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
     held: Chunk | None = None  # the newest finish chunk: the last one carries the report
     completed = False
     try:
-        for index in range(run.prepared.decode.n):
-            opening = renderer.opening(index)
-            if opening is not None:
-                yield _sse_chunk(opening)
+        n = run.prepared.decode.n
+        if not run.prepared.prompt_logprobs:  # else each opens once its prompt is scored
+            for index in range(run.prepared.choices):
+                opening = renderer.opening(index)
+                if opening is not None:
+                    yield _sse_chunk(opening)
         async for event in run.events():
-            if isinstance(event, ChoiceDelta):
+            if isinstance(event, PromptLogprobs):
+                for index in range(event.prompt * n, event.prompt * n + n):
+                    opening = renderer.opening(index, event.entries)
+                    if opening is not None:
+                        yield _sse_chunk(opening)
+            elif isinstance(event, ChoiceDelta):
                 if not event.text and not event.logprobs:
                     continue
                 if held is not None:

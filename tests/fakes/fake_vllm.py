@@ -64,6 +64,8 @@ class FakeSamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
     output_kind: Any = "CUMULATIVE"
     detokenize: bool = True
     skip_special_tokens: bool = True
@@ -111,6 +113,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int | None = None
+    # vLLM: on the first output when asked; None for the first token, then a dict per position
+    # (the prompt's token plus the top `prompt_logprobs`)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass
@@ -373,9 +378,28 @@ class FakeAsyncLLM:
                 if len(c.output) < c.params.min_tokens:
                     for t in self._stop_ids(c):
                         logits[i, t] = float("-inf")
+            for i, c in enumerate(self._rows):  # vLLM's logit_bias, also before sampling
+                for t, v in (c.params.logit_bias or {}).items():
+                    logits[i, t] += v
             if self.core is not None:
                 logits = self.core.apply(logits)
             self._sample_and_emit(raw, logits)
+
+    def _prompt_logprobs(self, c: _Child) -> list[dict[int, Logprob] | None]:
+        """As vLLM: position i > 0 gets the prompt token's raw log-prob and rank, plus the
+        top k of the logits before it."""
+        k = c.params.prompt_logprobs or 0
+        out: list[dict[int, Logprob] | None] = [None]
+        for pos in range(1, len(c.prompt)):
+            lps = torch.log_softmax(self.lm.logits(c.prompt[:pos]), dim=-1)
+            tok = c.prompt[pos]
+            entry = {tok: Logprob(float(lps[tok]), int((lps > lps[tok]).sum()) + 1)}
+            if k:
+                vals, idx = torch.topk(lps, k)
+                for r, (t, v) in enumerate(zip(idx.tolist(), vals.tolist())):
+                    entry.setdefault(t, Logprob(v, r + 1))
+            out.append(entry)
+        return out
 
     def _stop_ids(self, c: _Child) -> set[int]:
         ids = set(c.params.stop_token_ids or ())
@@ -424,9 +448,11 @@ class FakeAsyncLLM:
             c.text = full
             out = CompletionOutput(c.index, delta, [tok], c.cumulative if sp.logprobs is not None else None,
                                    [entry] if entry is not None else None, reason)
-            cached = None
+            cached, scored = None, None
             if not c.reported_cached:
                 cached, c.reported_cached = c.cached, True
+                if sp.prompt_logprobs is not None:
+                    scored = self._prompt_logprobs(c)
             if reason is not None:
                 c.done = True
                 self._rows[i] = None
@@ -437,7 +463,8 @@ class FakeAsyncLLM:
             finished = reason is not None and all(s.done for s in siblings)
             if finished:
                 self._children.pop(c.request_id, None)
-            c.queue.put_nowait(RequestOutput(c.request_id, c.prompt, [out], finished, cached))
+            c.queue.put_nowait(RequestOutput(c.request_id, c.prompt, [out], finished, cached,
+                                             scored))
 
 
 # vLLM's own metrics ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
-from alignserve.engine.native.sampler import sample_rows
+from alignserve.engine.native.sampler import prompt_logprob_entries, sample_rows
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import (
     CapacityError,
@@ -55,6 +55,7 @@ class _Feed:
     tally: TokenTally | None
     kind: str
     done: list[int] = field(default_factory=list)  # tokens fed so far, per sequence
+    prompt_logprobs: int | None = None  # k: record each fed token's log-prob (top k too)
 
     def __post_init__(self) -> None:
         self.done = [0] * len(self.states)
@@ -165,14 +166,16 @@ class NativeEngine(TextCodec):
         return st
 
     async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
-                      early_layer: int | None = None) -> SeqHandle:
+                      early_layer: int | None = None,
+                      prompt_logprobs: int | None = None) -> SeqHandle:
         check_prefill(prompt_ids, early_layer, self.max_model_len, self.cfg.num_layers)
         if len(prompt_ids) + 16 > self.kv.num_slots:
             raise CapacityError("prompt larger than the KV cache")
         st = self._new_state([])
         st.handle.prompt_len = len(prompt_ids)
         st.early_layer = early_layer
-        feed = _Feed([st], [list(prompt_ids)], asyncio.get_running_loop().create_future(), tally, "prefill")
+        feed = _Feed([st], [list(prompt_ids)], asyncio.get_running_loop().create_future(), tally,
+                     "prefill", prompt_logprobs=prompt_logprobs)
         st.busy = True
         self._prefills.append((feed, False))
         self._wake.set()
@@ -198,7 +201,7 @@ class NativeEngine(TextCodec):
             return children
 
     async def extend(self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
-                     kind: str = "decode") -> None:
+                     kind: str = "decode", prompt_logprobs: int | None = None) -> None:
         if len(seqs) != len(tokens):
             raise EngineError("one token list per sequence")
         states = [self._state(s) for s in seqs]
@@ -207,7 +210,8 @@ class NativeEngine(TextCodec):
                 raise CapacityError("extension beyond the model's context")
         for st in states:
             st.busy = True
-        feed = _Feed(states, [list(t) for t in tokens], asyncio.get_running_loop().create_future(), tally, kind)
+        feed = _Feed(states, [list(t) for t in tokens], asyncio.get_running_loop().create_future(), tally, kind,
+                     prompt_logprobs=prompt_logprobs)
         self._feeds.append(feed)
         self._wake.set()
         await feed.future
@@ -375,7 +379,8 @@ class NativeEngine(TextCodec):
     @torch.inference_mode()
     def _step(self, prefills: list[_Feed], feeds: list[_Feed], gen: list[SeqState]) -> _StepResult:
         result = _StepResult()
-        single = [f for f in feeds if all(len(t) == 1 for t in f.tokens)]
+        # A feed that wants its tokens' log-probs needs every row's logits: the extend pass.
+        single = [f for f in feeds if all(len(t) == 1 for t in f.tokens) and f.prompt_logprobs is None]
         multi = [f for f in feeds if f not in single]
         self._run_extends(prefills, multi, result)
         decode_rows: list[tuple[SeqState, int]] = []
@@ -408,6 +413,7 @@ class NativeEngine(TextCodec):
             return
         contexts, counts, slots, tokens, positions = [], [], [], [], []
         ok = []
+        scored = []  # (state, first row in the batch, tokens, k): feeds that want log-probs
         for feed, i, toks in work:
             st = feed.states[i]
             if not toks:
@@ -422,6 +428,8 @@ class NativeEngine(TextCodec):
                 result.failed.append((feed.future, EngineError(f"out of KV memory: {exc}")))
                 continue
             contexts.append(st.chain[:-1] + [before])
+            if feed.prompt_logprobs is not None:
+                scored.append((st, len(tokens), toks, feed.prompt_logprobs))
             counts.append(len(toks))
             slots.extend(new)
             tokens.extend(toks)
@@ -431,7 +439,7 @@ class NativeEngine(TextCodec):
             plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale)
             ends = [e - 1 for e in itertools.accumulate(counts)]
             fed = [feed.states[i] for feed, i, toks in ok if toks]  # in the batch's order
-            self._forward(tokens, positions, plan, fed, ends)
+            self._forward(tokens, positions, plan, fed, ends, scored=scored)
         failed = {id(f) for f, _ in result.failed}
         for feed, i, toks in ok:
             if id(feed.future) in failed:
@@ -526,7 +534,7 @@ class NativeEngine(TextCodec):
             self._count(g.tally, g.kind, n)
 
     def _forward(self, tokens: list[int], positions: list[int], plan, states: list[SeqState],
-                 rows: list[int], decode: bool = False) -> None:
+                 rows: list[int], decode: bool = False, scored: list | None = None) -> None:
         """One forward pass; states[i] gets the logits (and hidden state) of token rows[i].
         A decode step (one token per state, rows in order) goes through the piecewise CUDA
         graph runner when there is one and the batch fits a bucket; early-layer captures come
@@ -541,6 +549,8 @@ class NativeEngine(TextCodec):
             normed, logits = runner.run(tok, pos, plan, capture or None)
         else:
             hidden = self.model.hidden_states(tok, pos, plan, capture or None)
+            if scored:
+                self._score_fed_tokens(hidden, scored)
             normed, logits = self.model.head(hidden if index is None else hidden.index_select(0, index))
         for st, row_logits, row_hidden in zip(states, logits.unbind(0), normed.unbind(0)):
             st.logits, st.hidden = row_logits, row_hidden
@@ -550,6 +560,23 @@ class NativeEngine(TextCodec):
             early = self.model.logits(h.index_select(0, torch.tensor(at, device=self.device)))
             for st_index, row_logits in zip(picks, early.unbind(0)):
                 states[st_index].early_logits = row_logits
+
+    _SCORE_ROWS = 256  # rows of full-vocabulary logits held at once while scoring a prompt
+
+    def _score_fed_tokens(self, hidden: torch.Tensor, scored: list) -> None:
+        """Prompt log-probs: each fed token's log-prob under the logits before it. The first
+        token of a chunk is scored by the sequence's pending logits (the previous chunk's, or
+        a fork parent's); a sequence's very first token has none (None, as vLLM)."""
+        for st, start, toks, k in scored:
+            out = st.handle.prompt_logprobs
+            if st.logits is not None:
+                out.extend(prompt_logprob_entries(st.logits.view(1, -1), toks[:1], k))
+            elif not out:
+                out.append(None)
+            for a in range(0, len(toks) - 1, self._SCORE_ROWS):
+                b = min(a + self._SCORE_ROWS, len(toks) - 1)
+                _, logits = self.model.head(hidden[start + a : start + b])
+                out.extend(prompt_logprob_entries(logits, toks[a + 1 : b + 1], k))
 
     def _out_of_memory(self, st: SeqState, result: _StepResult) -> None:
         """No KV left to go on: the sequence ends here rather than the server failing."""

@@ -30,6 +30,31 @@ def apply_penalties(logits: torch.Tensor, states: list[SeqState], params) -> tor
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's logit moves by its value, in every row."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    values = torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    logits = logits.clone()
+    logits[:, ids] += values
+    return logits
+
+
+def prompt_logprob_entries(logits: torch.Tensor, next_ids: list[int], k: int) -> list[dict]:
+    """Log-probs of `next_ids[i]` under row i of `logits` (plus each row's top k), as the
+    engine's logprob entries {"token_id", "logprob", "top": [(id, logprob)]}."""
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, device=lps.device)
+    chosen = lps.gather(1, ids.view(-1, 1)).squeeze(1).tolist()
+    tops: list[list] = [[] for _ in next_ids]
+    if k:
+        vals, idx = torch.topk(lps, min(k, lps.shape[1]), dim=-1)
+        tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
+    return [{"token_id": t, "logprob": lp, "top": top}
+            for t, lp, top in zip(next_ids, chosen, tops)]
+
+
 def step_inputs(states: list[SeqState]) -> StepInputs:
     def stack(values):
         return torch.stack(values).float() if values and all(v is not None for v in values) else None
@@ -50,6 +75,7 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
     if group.processor is not None:
         logits = group.processor([st.handle for st in states], logits, step_inputs(states))
     logits = apply_penalties(logits, states, params)
+    logits = apply_logit_bias(logits, params.logit_bias)
     early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens]
     if early and group.stop_ids:
         logits = logits.clone() if logits is raw else logits

@@ -393,10 +393,13 @@ class VllmEngine(TextCodec):
         return st
 
     async def prefill(self, prompt_ids: Sequence[int], tally: TokenTally | None = None,
-                      early_layer: int | None = None) -> SeqHandle:
+                      early_layer: int | None = None,
+                      prompt_logprobs: int | None = None) -> SeqHandle:
         check_prefill(prompt_ids, early_layer, self.max_model_len, self.num_layers)
         h = SeqHandle(key=next(self._ids), prompt_len=len(prompt_ids), token_ids=list(prompt_ids))
-        self._states[h.key] = _Seq(h, early_layer=early_layer, tally=tally)
+        self._states[h.key] = st = _Seq(h, early_layer=early_layer, tally=tally)
+        if prompt_logprobs is not None:
+            await self._score_prompt(st, prompt_logprobs, tally)
         return h
 
     async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
@@ -411,7 +414,7 @@ class VllmEngine(TextCodec):
         return out
 
     async def extend(self, seqs: list[SeqHandle], tokens: list[list[int]], tally: TokenTally | None = None,
-                     kind: str = "decode") -> None:
+                     kind: str = "decode", prompt_logprobs: int | None = None) -> None:
         if len(seqs) != len(tokens):
             raise EngineError("one token list per sequence")
         states = [self._state(s) for s in seqs]
@@ -427,6 +430,45 @@ class VllmEngine(TextCodec):
                 st.handle.token_ids.extend(int(t) for t in toks)
             if tally is not None:
                 st.tally = tally
+        if prompt_logprobs is not None:
+            await asyncio.gather(*(self._score_prompt(st, prompt_logprobs, tally)
+                                   for st in states))
+
+    # prompt log-probs: vLLM's `prompt_logprobs` on a one-token request --------------------------
+    async def _score_prompt(self, st: _Seq, k: int, tally: TokenTally | None) -> None:
+        """Append the log-probs of st's tokens not scored yet (a fork inherits its parent's)
+        to its handle. vLLM computes them with the prompt, so a request for one greedy token
+        brings them; the prefix cache keeps that prompt for the request that follows."""
+        h = st.handle
+        ids = list(h.token_ids)
+        sp = self.api.params(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=k,
+                             detokenize=False, output_kind=self.api.delta_kind)
+        req = self._register([st], len(ids))
+        scored, cached = None, None
+        try:
+            async for out in self.llm.generate(self.api.prompt(ids), sp, req.id):
+                if scored is None:
+                    scored = getattr(out, "prompt_logprobs", None)
+                    cached = getattr(out, "num_cached_tokens", None)
+                if getattr(out, "finished", False):
+                    break
+        except Exception as exc:  # noqa: BLE001  (vLLM's errors, as the engine's)
+            raise self._wrap(exc) from None
+        finally:
+            self._unregister(req)
+        if scored is None or len(scored) != len(ids):
+            raise EngineError("vLLM returned no prompt log-probs")
+        start = st.computed if cached is None else min(int(cached), len(ids))
+        self._count_prompt(st, tally or st.tally, start, len(ids))
+        st.computed = max(st.computed, len(ids))
+        for pos in range(len(h.prompt_logprobs), len(ids)):
+            entry = scored[pos]
+            if pos == 0 or entry is None:
+                h.prompt_logprobs.append(None)
+                continue
+            chosen = entry[ids[pos]]
+            h.prompt_logprobs.append({"token_id": ids[pos], "logprob": float(chosen.logprob),
+                                      "top": self._top(entry, k) if k else []})
 
     async def truncate(self, seq: SeqHandle, length: int) -> None:
         st = self._state(seq)
@@ -582,6 +624,7 @@ class VllmEngine(TextCodec):
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
             "repetition_penalty": params.repetition_penalty,
+            "logit_bias": dict(params.logit_bias) or None,
             "output_kind": self.api.delta_kind,
             # Without stop strings a caller that reads text only at the end (best_of_n, deal's
             # rollouts) spares vLLM's output processor its per-token detokenization; the text

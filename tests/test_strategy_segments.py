@@ -1,0 +1,220 @@
+"""The segment searches (speculative_rejection, particle_filter) and best_of_n's soft selection:
+their arithmetic on fixed inputs, the driver on a bigram fake engine, and both strategies end to
+end on the live server (the real model, the official client)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+from collections import Counter
+
+import pytest
+from fakes.fake_engine import FakeEngine
+from pydantic import ValidationError
+
+from alignserve.decoding.base import (
+    STRATEGIES,
+    ChoiceDelta,
+    ChoiceFinal,
+    DecodeContext,
+    DecodeRequest,
+    RequestSummary,
+)
+from alignserve.decoding.best_of_n import soft_pick
+from alignserve.decoding.particle_filter import (
+    ParticleFilterParams,
+    softmax_weights,
+    systematic_counts,
+)
+from alignserve.decoding.segments import entropy_boundary, kept_count, row_entropy
+from alignserve.decoding.speculative_rejection import SpeculativeRejectionParams
+from alignserve.engine.protocol import SamplingParams
+from alignserve.rewardmodels.compose import RewardRegistry
+
+# ---- arithmetic ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights, draws", [([0.5, 0.3, 0.2], 10), ([0.97, 0.01, 0.02], 4),
+                                            ([0.25] * 4, 3), ([1.0], 5)])
+def test_systematic_counts_are_floor_or_ceil_of_the_expected_draws(weights, draws):
+    for u in (0.0, 0.3, 0.999):
+        counts = systematic_counts(weights, draws, u)
+        assert sum(counts) == draws
+        for c, w in zip(counts, weights):
+            assert math.floor(draws * w) - 1e-9 <= c <= math.ceil(draws * w) + 1e-9
+
+
+def test_softmax_weights_follow_the_temperature():
+    assert softmax_weights([1.0, 0.0], 1.0) == pytest.approx([1 / (1 + math.e ** -1),
+                                                               1 / (1 + math.e)])
+    sharp = softmax_weights([1.0, 0.5, 0.0], 0.01)
+    assert sharp[0] == pytest.approx(1.0) and sum(sharp) == pytest.approx(1.0)
+    assert softmax_weights([0.3, 0.3], 0.1) == [0.5, 0.5]
+
+
+def test_kept_count_and_entropy_boundary():
+    assert [kept_count(16, 0.5, 1), kept_count(3, 0.5, 1), kept_count(2, 0.25, 2),
+            kept_count(5, 1.0, 1)] == [8, 2, 2, 5]
+    # the boundary is the first token at or after the 2nd whose entropy reaches the threshold
+    assert entropy_boundary([3.0, 0.1, 0.2, 2.5, 3.0], 2.0) == 3
+    assert entropy_boundary([3.0, 3.0, 0.2], 2.0) is None
+    import torch
+
+    uniform = torch.zeros(1, 8)
+    peaked = torch.tensor([[0.0] + [float("-inf")] * 7])
+    assert row_entropy(torch.cat([uniform, peaked])).tolist() == pytest.approx([math.log(8), 0.0])
+
+
+def test_soft_pick_is_seeded_tends_to_argmax_and_to_uniform():
+    rewards = [0.2, 0.9, 0.5, 0.1]
+    assert soft_pick(rewards, 2, 0.1, random.Random(7)) == soft_pick(rewards, 2, 0.1,
+                                                                     random.Random(7))
+    assert soft_pick(rewards, 1, 1e-4, random.Random(1)) == [1]
+    picks = sorted(soft_pick(rewards, 4, 0.1, random.Random(3)))
+    assert picks == [0, 1, 2, 3]  # without replacement
+    # lambda 0.2: P(index 1) = e^(0.9/0.2) / sum = 0.802; 4000 draws give a standard error of
+    # 0.0063, so 0.03 is over 4 of them
+    rng = random.Random(11)
+    counts = Counter(soft_pick(rewards, 1, 0.2, rng)[0] for _ in range(4000))
+    expected = softmax_weights(rewards, 0.2)
+    for i in range(4):
+        assert counts[i] / 4000 == pytest.approx(expected[i], abs=0.03)
+
+
+def test_params_bounds_and_defaults():
+    sr = SpeculativeRejectionParams()
+    pf = ParticleFilterParams.model_validate({"segment": "entropy", "resample_temperature": 0.5})
+    assert (sr.segment, sr.keep, ParticleFilterParams().keep) == (4, 0.5, 0.5)
+    assert (sr.candidates, pf.segment, pf.resample_temperature) == (16, "entropy", 0.5)
+    for bad in [{"segment": 0}, {"segment": "words"}, {"keep": 0}, {"keep": 1.5},
+                {"candidates": 65}, {"max_segment": 1}, {"entropy_threshold": 0}, {"beam": 2}]:
+        with pytest.raises(ValidationError):
+            SpeculativeRejectionParams.model_validate(bad)
+    with pytest.raises(ValidationError):
+        ParticleFilterParams.model_validate({"resample_temperature": 0})
+
+
+# ---- the driver on a bigram fake engine ----------------------------------------------------------
+
+# a chain whose greedy path is " a b c d" then EOS: tokens 0 EOS, 1-4 a-d, 5 "Q:", 6 " z"
+CHAIN_WORDS = ["", " a", " b", " c", " d", "Q:", " z"]
+CHAIN = {5: [0, .6, 0, 0, 0, 0, .4], 1: [0, 0, .6, 0, 0, 0, .4], 2: [0, 0, 0, .6, 0, 0, .4],
+         3: [0, 0, 0, 0, .6, 0, .4], 4: [.6, 0, 0, 0, 0, 0, .4], 6: [.3, .25, .2, .1, .1, 0, .05],
+         0: [1, 0, 0, 0, 0, 0, 0]}
+
+
+def _run(engine, strategy, params, rewards=None, n=1, stream=False, max_tokens=8):
+    spec = STRATEGIES[strategy]
+    req = DecodeRequest("r", [5], "Q:", SamplingParams(temperature=0, max_tokens=max_tokens), n,
+                        strategy, spec.params.model_validate(params),
+                        RewardRegistry.default().build(rewards), stream=stream)
+    ctx = DecodeContext(engine=engine, request=req)
+
+    async def go():
+        async with contextlib.aclosing(spec.run(ctx)) as agen:
+            return [e async for e in agen]
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("strategy, params, population", [
+    ("speculative_rejection", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
+    ("particle_filter", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
+    ("particle_filter", {"candidates": 3, "segment": 2, "keep": 1.0}, [3, 3]),
+])
+def test_driver_rounds_prune_and_release_everything(strategy, params, population):
+    eng = FakeEngine(CHAIN_WORDS, CHAIN)
+    rewards = [{"name": "keywords", "keywords": ["d"]}]
+    events = _run(eng, strategy, params, rewards, stream=True)
+    finals = [e for e in events if isinstance(e, ChoiceFinal)]
+    summary = events[-1]
+    assert isinstance(summary, RequestSummary)
+    (final,) = finals
+    # greedy: every particle follows " a b c d" EOS; segments of 2 tokens end at a b | c d | EOS
+    assert (final.text, final.token_ids, final.finish_reason) == (" a b c d", [1, 2, 3, 4, 0],
+                                                                 "stop")
+    assert final.reward == 1.0 and final.cumulative_logprob == pytest.approx(5 * math.log(.6))
+    assert summary.search["rounds"] == 3 and summary.search["population"] == population
+    start = params["candidates"]
+    assert summary.search["pruned"] == start - population[-1]
+    # every particle's tokens after the first segment are fed once: a segment's last token by
+    # `extend` at the next round, the others inside `generate`
+    deltas = [e for e in events if isinstance(e, ChoiceDelta)]
+    assert "".join(d.text for d in deltas) == final.text and final.streamed
+    assert not eng.live  # every sequence released
+
+
+# ---- live server -----------------------------------------------------------------------------------
+
+DOG = [{"role": "user", "content": "Write one sentence that uses all of these words: dog, ball, "
+        "park, throw."}]
+DOG_REWARD = [{"name": "keywords", "keywords": ["dog", "ball", "park", "throw"]}]
+
+
+def _chat(client, model, strategy, stream=False, max_tokens=24, seed=5, **keys):
+    return client.chat.completions.create(
+        model=model, messages=DOG, max_tokens=max_tokens, temperature=0.8, seed=seed,
+        stream=stream, extra_body={"alignment": {"strategy": strategy, "rewards": DOG_REWARD,
+                                                 **keys}})
+
+
+@pytest.mark.parametrize("strategy, keys", [
+    ("speculative_rejection", {"candidates": 8, "segment": 4, "keep": 0.5}),
+    ("particle_filter", {"candidates": 8, "segment": 4, "keep": 0.5}),
+    ("particle_filter", {"candidates": 6, "segment": "entropy", "max_segment": 8}),
+])
+def test_live_segment_search_reports_its_pruning_and_is_seeded(client, model_name, strategy,
+                                                               keys):
+    first = _chat(client, model_name, strategy, **keys).model_dump()
+    again = _chat(client, model_name, strategy, **keys).model_dump()
+    choice = first["choices"][0]
+    text = choice["message"]["content"]
+    assert text == again["choices"][0]["message"]["content"]  # the seed fixes the search
+    report = first["alignment"]
+    assert report["strategy"] == strategy
+    search = report["search"]
+    assert search["candidates"] == keys["candidates"] and search["rounds"] >= 2
+    assert search["finished"] >= 1 and len(search["population"]) >= 1
+    # the reported reward is the reward of the returned text
+    (score,) = RewardRegistry.default().build(DOG_REWARD).score([text])
+    assert choice["alignment"]["reward"] == pytest.approx(score.total)
+    if keys.get("keep", 1.0) < 1:
+        assert search["pruned"] > 0 and search["population"][0] <= keys["candidates"] // 2
+    # a streamed search sends the same text: the agreed prefix as it is agreed, then the rest
+    chunks = list(_chat(client, model_name, strategy, stream=True, **keys))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_live_speculative_rejection_spends_less_than_best_of_n(client, model_name):
+    """The same candidates, pruned by half every 4 tokens, cost fewer model tokens than all of
+    them decoded to the end (each sampled with the same seed)."""
+    sr = _chat(client, model_name, "speculative_rejection", candidates=8, segment=4, keep=0.5,
+               max_tokens=32).model_dump()["alignment"]
+    bon = _chat(client, model_name, "best_of_n", candidates=8, max_tokens=32
+                ).model_dump()["alignment"]
+    assert sr["model_tokens"] < bon["model_tokens"]
+
+
+def test_live_soft_best_of_n_is_seeded_and_tiny_lambda_is_argmax(client, model_name):
+    soft = [_chat(client, model_name, "best_of_n", candidates=6, selection="soft", seed=s,
+                  **{"lambda": 0.5}).model_dump()["choices"][0] for s in (9, 9)]
+    assert soft[0]["message"]["content"] == soft[1]["message"]["content"]
+    argmax = _chat(client, model_name, "best_of_n", candidates=6, seed=9).model_dump()
+    sharp = _chat(client, model_name, "best_of_n", candidates=6, seed=9, selection="soft",
+                  **{"lambda": 1e-4}).model_dump()
+    assert sharp["choices"][0]["alignment"]["reward"] == argmax["choices"][0]["alignment"]["reward"]
+
+
+@pytest.mark.parametrize("keys, param", [
+    ({"strategy": "particle_filter", "segment": 0}, "alignment.segment"),
+    ({"strategy": "speculative_rejection", "keep": 0}, "alignment.keep"),
+    ({"strategy": "best_of_n", "selection": "random"}, "alignment.selection"),
+])
+def test_live_bad_keys_name_the_field(client, model_name, keys, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=DOG, max_tokens=4,
+                                       extra_body={"alignment": keys})
+    assert e.value.body["param"] == param
