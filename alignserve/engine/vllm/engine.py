@@ -439,17 +439,17 @@ class VllmEngine(TextCodec):
         """Append the log-probs of st's tokens not scored yet (a fork inherits its parent's)
         to its handle. vLLM computes them with the prompt, so a request for one greedy token
         brings them; the prefix cache keeps that prompt for the request that follows."""
+        await self._ready()
         h = st.handle
         ids = list(h.token_ids)
         sp = self.api.params(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=k,
                              detokenize=False, output_kind=self.api.delta_kind)
         req = self._register([st], len(ids))
-        scored, cached = None, None
+        scored = None
         try:
             async for out in self.llm.generate(self.api.prompt(ids), sp, req.id):
                 if scored is None:
                     scored = getattr(out, "prompt_logprobs", None)
-                    cached = getattr(out, "num_cached_tokens", None)
                 if getattr(out, "finished", False):
                     break
         except Exception as exc:  # noqa: BLE001  (vLLM's errors, as the engine's)
@@ -458,8 +458,8 @@ class VllmEngine(TextCodec):
             self._unregister(req)
         if scored is None or len(scored) != len(ids):
             raise EngineError("vLLM returned no prompt log-probs")
-        start = st.computed if cached is None else min(int(cached), len(ids))
-        self._count_prompt(st, tally or st.tally, start, len(ids))
+        # model_tokens: the lineage's tokens not counted before (as `_prompt_computed`)
+        self._count_prompt(st, tally or st.tally, st.computed, len(ids))
         st.computed = max(st.computed, len(ids))
         for pos in range(len(h.prompt_logprobs), len(ids)):
             entry = scored[pos]
