@@ -114,9 +114,10 @@ def test_greedy_n_children_are_served(vllm_client):
 
 
 def test_the_largest_seed_serves_every_child(vllm_client):
-    # child i samples with seed + i (and vLLM adds i again): within vLLM's uint64, never a 503
+    # the largest seed the API takes (int64): child i samples with seed + i, and vLLM adds i
+    # again; the sums stay within vLLM's uint64, never a 503
     r = vllm_client.completions.create(model="SmolLM2-135M-Instruct", prompt="The sea is",
-                                       max_tokens=4, n=2, temperature=1, seed=2**64 - 1)
+                                       max_tokens=4, n=2, temperature=1, seed=2**63 - 1)
     assert len(r.choices) == 2
 
 
