@@ -60,12 +60,15 @@ def padded_attention_lse_reference(
 def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of two partial attentions over disjoint key sets."""
+    """Exact merge of two partial attentions over disjoint key sets.
+
+    Part a's weight exp(lse_a - lse) is sigmoid(lse_a - lse_b), and out = lerp(out_b, out_a,
+    that weight): five ops instead of eleven (a CPU decode step merges once per layer and
+    shared segment). An empty part (lse -inf) gets weight 0 exactly; two empty parts give nan,
+    which becomes 0.5 of two zero outputs: out 0, lse -inf."""
     lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    wa = torch.exp(lse_a - safe).unsqueeze(-1)
-    wb = torch.exp(lse_b - safe).unsqueeze(-1)
-    return out_a * wa + out_b * wb, lse
+    wa = torch.sigmoid(lse_a - lse_b).nan_to_num_(0.5).unsqueeze(-1)
+    return torch.lerp(out_b, out_a, wa), lse
 
 
 def merge_attention_into_reference(

@@ -70,22 +70,34 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out, lse[0].view(kvh, m, g).permute(1, 0, 2).reshape(m, h)
 
 
+def padded_mask(lengths: torch.Tensor, lmax: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(additive mask [B, 1, 1, lmax], rows of length 0 as a bool [B] or None when there are
+    none) for `padded_attention_lse`. It depends only on the lengths, so a decode step builds
+    it once for all its layers."""
+    empty = lengths == 0
+    valid = torch.arange(lmax, device=lengths.device)[None, :] < lengths.clamp(min=1)[:, None]
+    mask = torch.zeros(lengths.shape[0], 1, 1, lmax, dtype=dtype, device=lengths.device)
+    mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return mask, (empty if bool(empty.any()) else None)
+
+
 def padded_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float,
+                         prepared: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """padded_attention_lse_reference's result (CPU): q [B, H, D] over k/v [B, Lmax, KVH, D],
-    row b reading its first lengths[b] keys; a row of length 0 gets out 0 and lse -inf."""
+    row b reading its first lengths[b] keys; a row of length 0 gets out 0 and lse -inf.
+    `prepared`: `padded_mask`'s result for these lengths (else built here)."""
     b, h, d = q.shape
     _, lmax, kvh, _ = k.shape
     g = h // kvh
-    lengths = lengths.to(q.device)
-    empty = lengths == 0
-    valid = torch.arange(lmax, device=q.device)[None, :] < lengths.clamp(min=1)[:, None]
-    mask = torch.zeros(b, 1, 1, lmax, dtype=torch.promote_types(q.dtype, k.dtype), device=q.device)
-    mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
+    mask, empty = prepared or padded_mask(lengths.to(q.device), lmax,
+                                          torch.promote_types(q.dtype, k.dtype))
     out, lse = _call(q.view(b, kvh, g, d), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), scale,
                      False, mask)
     out, lse = out.reshape(b, h, d), lse.reshape(b, h)
-    if bool(empty.any()):
+    if empty is not None:
         out = out.masked_fill(empty[:, None, None], 0.0)
         lse = lse.masked_fill(empty[:, None], float("-inf"))
     return out, lse

@@ -25,11 +25,14 @@ def row_seed(seed: int, *salts: int) -> int:
 
 
 def exponential_noise(seeds: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    rows = []
-    for s in seeds:
-        g = torch.Generator(device="cpu").manual_seed(s)
-        rows.append(torch.empty(vocab).exponential_(generator=g))
-    return torch.stack(rows).to(device)
+    """Exp(1) noise [len(seeds), vocab], one seeded stream per row, as -log(U) of uniform U:
+    torch's CPU `exponential_` took 17 ms for 16 rows of 49,152 where uniform draws and one
+    log take ~4 (a 16-row CPU decode step spent more on its noise than on its attention).
+    U = 0 (2**-24 per draw) gives +inf noise, which only keeps that token from being chosen."""
+    noise = torch.empty(len(seeds), vocab)
+    for row, s in zip(noise, seeds):
+        row.uniform_(generator=torch.Generator(device="cpu").manual_seed(s))
+    return noise.log_().neg_().to(device)
 
 
 def filter_logits_reference(

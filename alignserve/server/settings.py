@@ -46,10 +46,10 @@ class ServerSettings:
         "help": "replay the native engine's decode step from CUDA graphs (default: on with "
         "--device cuda; the graphs need CUDA)"})
     cpu_bf16_decode: bool | None = field(default=None, metadata={
-        "help": "steps of at most 4 rows use bf16 copies of the weights (native engine on CPU; "
-        "default: on there): the model's linears ~2.4x faster for one sequence, a single "
-        "sample ~1.3x end to end (bench/cpu_decode.py); logits within bf16 rounding of fp32; "
-        "--no-cpu-bf16-decode for exact fp32"})
+        "help": "the linears use bf16 copies of the weights (native engine on CPU; default: on "
+        "there): at every row count, and prompt attention in bf16 too, where the CPU has bf16 "
+        "units (avx512_bf16 / amx_bf16), else steps of at most 4 rows (bench/native_cpu.py); "
+        "logits within bf16 rounding of fp32; --no-cpu-bf16-decode for exact fp32"})
     # -- vllm engine only
     tensor_parallel_size: int = field(
         default=1, metadata={"help": "devices each layer is split over (vllm engine)"})

@@ -20,6 +20,7 @@ from alignserve.kernels.attention import merge_attention
 # The narrowest leaf table a graph-laid step uses: a best-of-N's candidates keep one layout for
 # their first 256 tokens, then for each doubling.
 MIN_GRAPH_LEAF_WIDTH = 256
+_UNSET = object()
 
 
 def _segment_kv(cache: KVCache, layer: int, seg: Segment) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,11 +93,16 @@ class DecodePlan:
                 (seg.id, len(seg), t.data_ptr(), tuple(rs))
                 for (seg, rs), t in zip(self._group_rows, self.segment_tensors)))
         self.write: torch.Tensor | None = None
+        # Groups that hold every row in order; their merge needs no gather and scatter (used
+        # off the Triton path, where in-place merges into graph buffers do not matter).
+        self._whole = [rs == list(range(self.batch)) for _, rs in self._group_rows]
+        self._gather = _UNSET
 
     def bind(self, packed: torch.Tensor) -> DecodePlan:
         """Derive the step's device tensors from `packed` (a device copy of `host`). Inside a
         CUDA graph capture these few ops are recorded and rerun on each replay."""
         b = self.batch
+        self._gather = _UNSET
         self.write = packed[:b].long()
         self.leaf_lengths = packed[b : 2 * b]
         at = 2 * b
@@ -115,10 +121,18 @@ class DecodePlan:
         c = self.cache
         c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+        if self._gather is _UNSET:  # what every layer's leaf gather shares: built once a step
+            self._gather = dispatch.leaf_gather(q, c.k[layer], self.leaf_table, self.leaf_lengths)
         out, lse = dispatch.leaf_attention(
-            q, c.k[layer], c.v[layer], self.leaf_table, self.leaf_lengths, self.scale
+            q, c.k[layer], c.v[layer], self.leaf_table, self.leaf_lengths, self.scale,
+            gather=self._gather,
         )
-        for seg, rows in self.groups:
+        for (seg, rows), whole in zip(self.groups, self._whole):
+            if whole and self._gather is not None:
+                # Every row in order (n samples of one prompt): no row selection, no scatter.
+                o, l = attend_segment(c, layer, q, seg, self.scale)
+                out, lse = dispatch.merge_attention(out, lse, o, l)
+                continue
             o, l = attend_segment(c, layer, q.index_select(0, rows), seg, self.scale)
             dispatch.merge_attention_into(out, lse, rows, o, l)
         return out
@@ -128,8 +142,10 @@ class ExtendPlan:
     """New tokens for several sequences, laid out one after another in the batch."""
 
     def __init__(self, cache: KVCache, contexts: list[list[Segment]], counts: list[int],
-                 new_slots: list[int], scale: float):
-        self.cache, self.scale = cache, scale
+                 new_slots: list[int], scale: float, *, dtype: torch.dtype | None = None):
+        """`dtype`: what a sequence without earlier KV computes its causal attention in (None:
+        the queries' dtype; the engine passes bf16 when the model's linears run in bf16)."""
+        self.cache, self.scale, self.dtype = cache, scale, dtype
         self.contexts, self.counts = contexts, counts
         self.write = torch.tensor(new_slots, dtype=torch.int64, device=cache.device)
 
@@ -139,6 +155,10 @@ class ExtendPlan:
         start = 0
         for segs, n in zip(self.contexts, self.counts):
             qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
+            if not any(len(seg) for seg in segs):  # nothing before: no merge, no lse needed
+                outs.append(dispatch.causal_attention(qs, ks, vs, self.scale, dtype=self.dtype))
+                start += n
+                continue
             out, lse = dispatch.attention(qs, ks, vs, self.scale, causal=True)
             for seg in segs:
                 if len(seg):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native import cpu_linear
 from alignserve.engine.native.cpu_linear import use_bf16_for_few_rows
 from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
@@ -91,7 +92,9 @@ class NativeEngine(TextCodec):
         self.kv = KVCache(cfg.num_layers, int(gib * 2**30) // per_token, cfg.num_kv_heads, cfg.head_dim,
                           dtype, device)
         self.scale = cfg.head_dim ** -0.5
-        self.prefill_chunk = prefill_chunk or (512 if device.type == "cpu" else 8192)
+        # A CPU pass of 2048 tokens takes about a second; one chunk per prompt up to that
+        # length skips the chunks' merges and lets its attention run without log-sum-exp.
+        self.prefill_chunk = prefill_chunk or (2048 if device.type == "cpu" else 8192)
         self._ids = itertools.count(1)
         self._states: dict[int, SeqState] = {}
         self._chains: dict[int, list[Segment]] = {}
@@ -436,7 +439,9 @@ class NativeEngine(TextCodec):
             positions.extend(range(st.length, st.length + len(toks)))
             ok.append((feed, i, toks))
         if tokens:
-            plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale)
+            bf16 = len(tokens) <= cpu_linear.bf16_rows(self.model)  # attention follows the linears
+            plan = ExtendPlan(self.kv, contexts, counts, slots, self.scale,
+                              dtype=torch.bfloat16 if bf16 else None)
             ends = [e - 1 for e in itertools.accumulate(counts)]
             fed = [feed.states[i] for feed, i, toks in ok if toks]  # in the batch's order
             self._forward(tokens, positions, plan, fed, ends, scored=scored)
