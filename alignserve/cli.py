@@ -67,8 +67,7 @@ def load_engine(settings: Any) -> Any:
         from alignserve.engine.vllm.engine import VllmEngine
 
         try:
-            return VllmEngine.load(settings.model, settings.tensor_parallel_size,
-                                   **vllm_load_kwargs(settings))
+            return VllmEngine.load(settings.model, **vllm_load_kwargs(settings))
         except EngineError as e:
             raise ValueError(str(e)) from e
     from alignserve.engine.native.engine import NativeEngine
@@ -87,6 +86,11 @@ def vllm_load_kwargs(settings: Any) -> dict[str, Any]:
     ALIGNSERVE_VLLM_ENGINE_ARGS)."""
     kw: dict[str, Any] = {
         "served_model_name": settings.served_model_name,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "data_parallel_size": settings.data_parallel_size,
+        "kv_cache_gib": settings.kv_cache_gib,
+        "compile": settings.vllm_compile,
         # deal's actions come from the top-k view of the logits: keep it exact to --max-top-k
         "logits_top_k": max(32, settings.max_top_k),
         "amateur_paths": dict(settings.amateur_pairs()),
@@ -144,6 +148,27 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_serve)
 
 
+def _model_path(args: argparse.Namespace) -> int:
+    from alignserve.engine.native.loader import model_folder
+
+    try:
+        folder, _ = model_folder(args.model)
+    except (OSError, ValueError) as e:
+        print(f"alignserve model-path: {e}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+def _add_model_path(sub: Any) -> None:
+    p = sub.add_parser("model-path", help="print the Hugging Face folder both engines load",
+                       description="Print the Hugging Face model folder that the native engine "
+                       "and vLLM load for --model (default: the embedded SmolLM2-135M-Instruct), "
+                       "converting a GGUF file into it on first use (~40 s, then cached).")
+    p.add_argument("--model", default=None, help="a .gguf file or a model folder")
+    p.set_defaults(func=_model_path)
+
+
 def _add_eval(sub: Any) -> None:
     from alignserve.evaluation.command import add_arguments, main
 
@@ -157,7 +182,8 @@ def _add_eval(sub: Any) -> None:
 
 
 # Each entry adds one subcommand; others add train-value, eval and bench here.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_eval, _add_train_value]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_eval, _add_train_value,
+                                            _add_model_path]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,3 +101,40 @@ def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
 def http(live_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.base_url, timeout=180) as c:
         yield c
+
+
+# ---- real vLLM (its CPU build): one `serve --engine vllm` process per test session --------------
+
+@dataclass
+class VllmServer:
+    process: Any  # vllm_live.ServerProcess
+    base_url: str
+    folder: str  # the Hugging Face folder vLLM serves (the embedded model, converted)
+    amateur: str  # the name of the served amateur (`--amateur`)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory) -> Iterator[VllmServer]:
+    from vllm_live import require_vllm, start_server
+
+    require_vllm()
+    from alignserve.engine.native.loader import model_folder
+
+    folder, _ = model_folder(None)
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    # the expert's folder doubles as a served amateur: contrastive with a named model runs
+    # its own side model in vLLM's engine core
+    proc = start_server(["--engine", "vllm", "--amateur", f"small={folder}", "--max-n", "8",
+                         "--kv-cache-gib", "1", "--shutdown-grace", "5", "--log-level", "info"],
+                        log_path)
+    yield VllmServer(proc, proc.url, folder, "small")
+    code = proc.stop()
+    assert code == 0, proc.log_tail()
+
+
+@pytest.fixture(scope="session")
+def vllm_client(vllm_server: VllmServer) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=vllm_server.base_url + "/v1", api_key="x", max_retries=0,
+                      timeout=300)
+    yield c
+    c.close()

@@ -158,15 +158,14 @@ def test_sample_n_children_share_one_vllm_request(tok, lm):
         streamed = "".join(e.text for e in events if isinstance(e, ChoiceDelta) and e.index == f.index)
         assert streamed == f.text
     assert len({tuple(f.token_ids) for f in outs}) > 1  # children sample independently
-    # the prompt counts what vLLM computed: the first child all of it, the others what their
-    # prefix-cache hit left over
-    computed = sum(len(req.prompt_ids) - fake.cached[(seen.request_id, i)] for i in range(4))
-    assert computed < 4 * len(req.prompt_ids)
-    assert ctx.tally.prefill == computed
+    # model_tokens as API.md defines it for both engines: the shared prompt counts once,
+    # whatever vLLM's prefix cache recomputed for the other children
+    assert any(len(req.prompt_ids) - fake.cached[(seen.request_id, i)] > 0 for i in range(1, 4))
+    assert ctx.tally.prefill == len(req.prompt_ids)
     assert ctx.tally.decode == 4 * (6 - 1)  # a child's last token is never fed back
     summary = events[-1]
     assert isinstance(summary, RequestSummary) and summary.model_tokens == ctx.tally.total
-    assert engine.stats().prefill_tokens == computed
+    assert engine.stats().prefill_tokens == len(req.prompt_ids)
 
 
 def test_sample_logprobs_and_seeds_map_to_vllm(tok, lm):

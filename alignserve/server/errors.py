@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignserve.decoding.base import StrategyInputError
-from alignserve.engine.protocol import CapacityError, EngineError
+from alignserve.engine.protocol import CapacityError, EngineError, RequestError
 
 log = logging.getLogger("alignserve.server")
 
@@ -135,6 +135,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(exc.message, param=exc.param)
     if isinstance(exc, CapacityError):  # can never fit: the client must ask for less
         return APIError(f"The request does not fit in this server's KV cache: {exc}")
+    if isinstance(exc, RequestError):  # the engine's own validation of the parameters
+        return APIError(f"The engine refused the request: {exc}")
     if isinstance(exc, EngineError):  # e.g. out of KV memory right now: retry later
         return APIError(f"The engine cannot serve this request now: {exc}", status=503,
                         headers={"Retry-After": "1"})

@@ -623,6 +623,8 @@ def install_fake_vllm(monkeypatch: Any, make_llm: Callable[[FakeVllmConfig], Any
         "vllm.v1": {},
         "vllm.v1.engine": {},
         "vllm.v1.engine.async_llm": {"AsyncLLM": FakeAsyncLLMFactory},
+        # the GPU build (the CPU build's set-up is tested on real vLLM: test_vllm_live.py)
+        "vllm.platforms": {"current_platform": types.SimpleNamespace(is_cpu=lambda: False)},
     }
     for name, attrs in mods.items():
         mod = types.ModuleType(name)

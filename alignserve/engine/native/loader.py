@@ -53,23 +53,58 @@ def load_tokenizer(directory: str, gguf: str | None) -> Any:
     return AutoTokenizer.from_pretrained(directory, local_files_only=True, **kw)
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
-               random_weights: bool = False, *, read_cache: bool = True) -> tuple[CausalLM, Any, str]:
-    """Returns (model, tokenizer, served name). `random_weights` keeps only the shapes. A GGUF
-    model is read from its conversion cache (`gguf_cache`) when there is one that fits, else
-    converted and cached (`read_cache=False`: convert in any case, replacing the entry)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_folder(model: str | None) -> tuple[str, str]:
+    """(Hugging Face folder, served name) for a --model argument: a GGUF file (the embedded one
+    by default) is converted once into its cache folder (`gguf_cache`), a folder is itself."""
+    directory, gguf, name = resolve(model)
+    if gguf is None:
+        return directory, name
+    return str(gguf_cache.hf_folder(directory, gguf)), name
 
+
+def read_hf_weights(folder: str) -> dict[str, torch.Tensor] | None:
+    """The folder's safetensors weights under transformers' names; None without safetensors."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
+               random_weights: bool = False) -> tuple[CausalLM, Any, str]:
+    """Returns (model, tokenizer, served name). `random_weights` keeps only the shapes. A GGUF
+    model loads from its Hugging Face folder (`model_folder`), converted on first use; a
+    folder whose files fail to read is converted again. Where no folder can be written (a
+    read-only cache), the GGUF is read directly, as slowly as transformers reads it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, gguf, name = resolve(model)
+    if gguf is None:
+        return _load(directory, None, name, device, dtype, random_weights)
+    try:
+        folder = str(gguf_cache.hf_folder(directory, gguf))
+    except OSError as exc:
+        log.warning("cannot write the converted model (%s); reading the GGUF directly", exc)
+        return _load(directory, gguf, name, device, dtype, random_weights)
+    try:
+        return _load(folder, None, name, device, dtype, random_weights)
+    except Exception as exc:  # noqa: BLE001  (a damaged folder: convert again, once)
+        log.warning("the converted model at %s failed to load (%s); converting again", folder, exc)
+        folder = str(gguf_cache.convert(directory, gguf, replace=True))
+        return _load(folder, None, name, device, dtype, random_weights)
+
+
+def _load(directory: str, gguf: str | None, name: str, device: torch.device, dtype: torch.dtype,
+          random_weights: bool) -> tuple[CausalLM, Any, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     kw = {"gguf_file": gguf} if gguf else {}
-    entry = gguf_cache.entry_for(directory, gguf) if gguf else None
-    cached = gguf_cache.read(entry) if entry is not None and read_cache else None
-    if cached is not None:
-        hf_cfg, tokenizer, state = cached
-    else:
-        tokenizer = load_tokenizer(directory, gguf)
-        hf_cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
+    tokenizer = load_tokenizer(directory, gguf)
+    hf_cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
     if hf_cfg.model_type not in SUPPORTED:
         raise ValueError(f"unsupported model type {hf_cfg.model_type!r}; supported: {sorted(SUPPORTED)}")
     cfg = ModelConfig.from_hf(hf_cfg)
@@ -85,17 +120,17 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype,
             layer.input_norm.weight.data.fill_(1.0)
             layer.post_norm.weight.data.fill_(1.0)
         ours.norm.weight.data.fill_(1.0)
-    elif cached is not None:
-        if not gguf_cache.load_into(ours, state, entry):  # damaged: convert the GGUF again
-            return load_model(model, device, dtype, random_weights, read_cache=False)
     else:
-        hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32, **kw)
-        load_hf_state(ours, hf.state_dict())
-        del hf
+        state = None if gguf else read_hf_weights(directory)
+        if state is None:  # a GGUF, or a folder of PyTorch .bin files: transformers reads it
+            hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                      dtype=torch.float32, **kw)
+            state = hf.state_dict()
+            del hf
+        load_hf_state(ours, {k: v.float() for k, v in state.items()})
+        del state
     if cfg.tie_word_embeddings:
         ours.lm_head.weight = ours.embed.weight
-    if entry is not None and cached is None and not random_weights:
-        gguf_cache.write(entry, hf_cfg, tokenizer, ours)
     ours = ours.to(device=device, dtype=dtype).eval()
     ours.inv_freq = ours.inv_freq.float()
     log.info("loaded %s: %d layers, hidden %d, vocab %d", name, cfg.num_layers, cfg.hidden_size, cfg.vocab_size)

@@ -28,11 +28,10 @@ class CoreAmateur:
         """Reads the model's config only (the weights load in the engine core on first use)."""
         from transformers import AutoConfig
 
-        from alignserve.engine.native.loader import resolve
+        from alignserve.engine.native.loader import model_folder
 
-        directory, gguf, _ = resolve(path)
-        kw = {"gguf_file": gguf} if gguf else {}
-        cfg = AutoConfig.from_pretrained(directory, local_files_only=True, **kw)
+        path, _ = model_folder(path)  # the engine core loads the converted folder, once
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         cfg = getattr(cfg, "text_config", None) or cfg
         return cls(name, path, int(cfg.vocab_size), int(cfg.max_position_embeddings))
 

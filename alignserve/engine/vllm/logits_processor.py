@@ -340,7 +340,20 @@ def _vllm_base() -> type:
         return object
 
 
-class AlignLogitsProcessor(_vllm_base()):  # type: ignore[misc]
+def __getattr__(name: str) -> Any:
+    """`AlignLogitsProcessor` is built on first access (PEP 562): it subclasses vLLM's
+    LogitsProcessor, and importing vLLM takes ~15 s on CPU, which neither the native engine
+    nor the adapter's process should pay for a name it only passes to vLLM as a string."""
+    if name != "AlignLogitsProcessor":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = type("AlignLogitsProcessor", (_AlignLogitsProcessorMethods, _vllm_base()),
+               {"__module__": __name__,
+                "__doc__": _AlignLogitsProcessorMethods.__doc__})
+    globals()[name] = cls
+    return cls
+
+
+class _AlignLogitsProcessorMethods:
     """What vLLM loads: the V1 LogitsProcessor interface over `AlignProcessorCore`."""
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool = False):
