@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -329,8 +330,21 @@ class ChatCompletionRequest(SamplingFields):
         return any(m.role == "tool" or m.tool_calls for m in self.messages)
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
 MAX_PROMPTS = 64  # prompts in one completions request (each is decoded n times)
+# What the schema promises (and schema-driven clients and fuzzers generate): non-empty texts,
+# token ids >= 0, non-empty lists. Validation stays in code (`_prompts`, the vocabulary check
+# in prepare) so each refusal keeps its own message and param.
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+Prompt = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema({"anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_PROMPTS},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+    ]}),
+]
 
 
 class CompletionRequest(SamplingFields):
