@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from alignserve.decoding.base import (
     RequestSummary,
     Strategy,
 )
+from alignserve.decoding.common import common_prefix
 
 # Below this many shared tokens each prompt is prefilled on its own: a fork and a separate
 # extend for the rest would cost more bookkeeping than the few tokens it saves.
@@ -43,21 +44,11 @@ class PromptLogprobs:
     entries: list[dict | None]
 
 
-def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    first = prompts[0]
-    n = min(len(p) for p in prompts)
-    for i in range(n):
-        t = first[i]
-        if any(p[i] != t for p in prompts):
-            return i
-    return n
-
-
 async def prefill_roots(ctxs: list[DecodeContext], prompt_logprobs: int | None) -> None:
     """Give every context a root: its whole prompt computed, logits pending."""
     engine, tally = ctxs[0].engine, ctxs[0].tally
     prompts = [ctx.request.prompt_ids for ctx in ctxs]
-    shared = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    shared = common_prefix(prompts) if len(prompts) > 1 else 0
     if shared < MIN_SHARED_PREFIX:
         async def one(ctx: DecodeContext) -> None:
             ctx.root = await engine.prefill(ctx.request.prompt_ids, tally,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, DecodeEvent
 from alignserve.engine.protocol import SeqHandle
@@ -131,3 +131,15 @@ async def best_of(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
             yield ChoiceDelta(out_index, choice.text, choice.token_ids, choice.logprobs)
         yield choice
     yield ctx.summary(sum(seqs[i].num_output for i in best))
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares (0 for none given)."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n

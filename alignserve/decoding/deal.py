@@ -70,7 +70,7 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import format_logprobs, score_texts, take_root
+from alignserve.decoding.common import common_prefix, format_logprobs, score_texts, take_root
 from alignserve.engine.protocol import Engine, SamplingParams, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.rewardmodels.lexical import LengthReward, count_words
@@ -416,16 +416,6 @@ class _Search:
         finished = finished or c.rollout_stopped or n_total >= self.max_tokens
         return beam, full.text, finished, n_total
 
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
 
 
 async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:

@@ -47,7 +47,7 @@ from alignserve.decoding.base import (
     DecodeEvent,
     StrategyParams,
 )
-from alignserve.decoding.common import format_logprobs
+from alignserve.decoding.common import common_prefix, format_logprobs
 from alignserve.engine.protocol import EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
 
@@ -298,16 +298,6 @@ class SegmentSearch:
                 "population": self.population, "cut_tokens": self.cut_tokens,
                 "finished": len(self.archive), **strategy_keys}
 
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
 
 
 def _choice(engine: Any, index: int, p: Particle, want_logprobs: bool,
