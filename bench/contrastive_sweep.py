@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance
+from common import provenance, write_result
 
 DEFAULT_CONFIGS = "greedy;;beta=1.0;beta=2.0;alpha=0.05,beta=1.0;amateur=self:4,beta=1.0"
 
@@ -98,9 +96,7 @@ def main() -> int:
                    help="';'-separated: greedy, or contrastive keys k=v,... (empty: defaults)")
     args = p.parse_args()
     rows = asyncio.run(sweep(args))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"contrastive-sweep-{stamp}.json"
-    out.write_text(json.dumps({**provenance(), "settings": vars(args), "rows": rows}, indent=1))
+    out = write_result("contrastive-sweep", {**provenance(), "settings": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance
+from common import provenance, write_result
 
 NAMES = {"sr": "speculative_rejection", "pf": "particle_filter", "bon": "best_of_n"}
 DEFAULT_CONFIGS = ("bon:candidates=16;sr:segment=4,keep=0.5;sr:segment=4,keep=0.25;"
@@ -106,9 +104,7 @@ def main() -> int:
                    "unless given; put bon first: ratios are to it")
     args = p.parse_args()
     rows = asyncio.run(sweep(args))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"segment-sweep-{stamp}.json"
-    out.write_text(json.dumps({**provenance(), "settings": vars(args), "rows": rows}, indent=1))
+    out = write_result("segment-sweep", {**provenance(), "settings": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0
 
