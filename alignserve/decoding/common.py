@@ -143,3 +143,13 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[i] != first[i] for s in seqs[1:]):
             return i
     return n
+
+
+def agreed_delta(engine, shown, leader, sent: int, agreed: int, want_logprobs: bool) -> ChoiceDelta:
+    """Choice 0's next delta in a search that streams what every branch agrees on: tokens
+    sent..agreed, read from `leader` (any branch holding them), pushed through `shown`."""
+    toks = leader.tokens[sent:agreed]
+    for t in toks:
+        shown.push(t)
+    lps = format_logprobs(engine, leader.entries[sent:agreed]) if want_logprobs else []
+    return ChoiceDelta(0, shown.delta(final=False), toks, lps)

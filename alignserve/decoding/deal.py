@@ -70,7 +70,13 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import common_prefix, format_logprobs, score_texts, take_root
+from alignserve.decoding.common import (
+    agreed_delta,
+    common_prefix,
+    format_logprobs,
+    score_texts,
+    take_root,
+)
 from alignserve.engine.protocol import Engine, SamplingParams, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.rewardmodels.lexical import LengthReward, count_words
@@ -433,12 +439,7 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
             if stream:
                 agreed = common_prefix([b.tokens for b in beams])
                 if agreed > sent:
-                    toks = beams[0].tokens[sent:agreed]
-                    for t in toks:
-                        shown.push(t)
-                    lps = (format_logprobs(engine, beams[0].entries[sent:agreed])
-                           if want_logprobs else [])
-                    yield ChoiceDelta(0, shown.delta(final=False), toks, lps)
+                    yield agreed_delta(engine, shown, beams[0], sent, agreed, want_logprobs)
                     sent = agreed
         best = sorted(beams, key=lambda b: -b.rank)[: req.n]
         for i, b in enumerate(best):

@@ -47,7 +47,7 @@ from alignserve.decoding.base import (
     DecodeEvent,
     StrategyParams,
 )
-from alignserve.decoding.common import common_prefix, format_logprobs
+from alignserve.decoding.common import agreed_delta, common_prefix, format_logprobs
 from alignserve.engine.protocol import EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
 
@@ -335,12 +335,8 @@ async def run_search(ctx: DecodeContext, params: SegmentParams, policy: Policy,
             if stream:
                 agreed = common_prefix([p.tokens for p in pool + search.archive])
                 if agreed > sent:
-                    first = (pool + search.archive)[0]
-                    toks = first.tokens[sent:agreed]
-                    for t in toks:
-                        shown.push(t)
-                    lps = format_logprobs(engine, first.entries[sent:agreed]) if want_logprobs else []
-                    yield ChoiceDelta(0, shown.delta(final=False), toks, lps)
+                    leader = (pool + search.archive)[0]
+                    yield agreed_delta(engine, shown, leader, sent, agreed, want_logprobs)
                     sent = agreed
         best = sorted(search.archive, key=rank_key, reverse=True)[: req.n]
         for i, p in enumerate(best):
