@@ -24,13 +24,16 @@ import torch
 from alignserve.kernels import dispatch
 from alignserve.kernels.logits_ops import (
     Contrastive,
+    LogitBias,
     Penalties,
     ValueGuidance,
+    apply_bitmask_reference,
     apply_penalties_reference,
     contrastive_reference,
     process_logits_reference,
     sample_processed_reference,
     sampling_probs_reference,
+    unpack_bitmask,
     vas_reference,
 )
 from alignserve.kernels.sampling import filter_logits_reference, row_seed
@@ -124,6 +127,31 @@ if not CHILD:
         assert torch.equal(out, want)
         assert torch.equal(x, torch.tensor([[2.0, -1.0, 0.5, 3.0]]))  # not in place
 
+    def test_bitmask_and_bias_reference_on_a_fixed_table():
+        """xgrammar's packing (bit j of word w: token 32 w + j; -1 allows all 32), -inf where
+        disallowed; the bias adds per row; masking first leaves the plausibility cut among the
+        allowed tokens, and a bias cannot revive a masked token."""
+        v = 40
+        packed = torch.tensor([[-1, -1], [0b1010, 1]], dtype=torch.int32)  # row 1: 1, 3 and 32
+        allowed = unpack_bitmask(packed, v)
+        assert allowed[0].all()
+        assert allowed[1].nonzero().flatten().tolist() == [1, 3, 32]
+        x = torch.zeros(2, v)
+        out = apply_bitmask_reference(x, packed)
+        assert torch.isinf(out[1, ~allowed[1]]).all() and torch.equal(out[0], x[0])
+        bias = LogitBias(torch.tensor([[0, -1], [5, 3]]), torch.tensor([[2.0, 9.0], [100.0, 1.0]]))
+        scores = process_logits_reference(x, bias=bias, allowed=packed)
+        assert scores[0, 0] == 2.0 and scores[0, 1:].eq(0).all()
+        assert scores[1, 5] == -INF and scores[1, 3] == 1.0 and scores[1, 1] == 0.0
+        # contrastive: the expert's best token (0) is masked in row 1, so the cut is taken
+        # among 1, 3 and 32 instead of leaving no plausible token
+        expert = torch.full((2, v), -10.0)
+        expert[:, 0], expert[:, 3] = 5.0, 1.0
+        cd = Contrastive(torch.zeros(1, v), torch.tensor([0, 0]), _rows(0.5, 2), _rows(1.0, 2))
+        scores = process_logits_reference(expert, contrastive=cd, allowed=packed)
+        assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [3]
+        assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [0]
+
     def test_empty_vas_support_under_contrastive_drops_the_contrastive_part():
         expert, amateur = _table()
         cd = Contrastive(amateur, torch.tensor([0]), torch.tensor([0.5]), torch.tensor([1.0]))
@@ -179,7 +207,7 @@ if not CHILD:
         types = {"logits_ptr": "*bf16", "am_ptr": "*bf16", "seed_ptr": "*i64", "out_ptr": "*i64",
                  "topk_ptr": "*i32", "am_idx_ptr": "*i32", "vas_ids_ptr": "*i32",
                  "vas_mask_ptr": "*i32", "pen_ids_ptr": "*i32", "pen_cnt_ptr": "*i32",
-                 "vas_on_ptr": "*i32"}
+                 "vas_on_ptr": "*i32", "mask_ptr": "*i32", "bias_ids_ptr": "*i32"}
 
         def build(fn, consts, warps):
             sig = {}
@@ -195,13 +223,15 @@ if not CHILD:
             return tcompile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": warps, "enable_fp_fusion": True})
 
-        for has_cd, has_vas in ((False, False), (True, True)):
-            consts = {"HAS_CD": has_cd, "HAS_VAS": has_vas, "ROWS": 1, "BLOCK_V": 2048,
+        for has_cd, has_vas, has_mask in ((False, False, False), (True, True, True)):
+            consts = {"HAS_CD": has_cd, "HAS_VAS": has_vas, "HAS_MASK": has_mask, "ROWS": 1,
+                      "BLOCK_V": 2048,
                       "BLOCK_K": 16, "BLOCK_KB": 16, "GUMBEL_MAX": st._GUMBEL_MAX,
                       "MAX_ITERS": st._MAX_ITERS}
             assert build(st._sample_kernel, consts, 8).asm["cubin"]
         assert build(st._sparse_update_kernel,
-                     {"HAS_PEN": True, "HAS_VAS": True, "BLOCK": 64}, 4).asm["cubin"]
+                     {"HAS_PEN": True, "HAS_VAS": True, "HAS_BIAS": True, "BLOCK": 64},
+                     4).asm["cubin"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,3 +426,54 @@ if CHILD:
         a = dispatch.sample(logits.clone(), *args, contrastive=cd, vas=vas, force="triton")
         b = sample_processed_reference(logits, *args, contrastive=cd, vas=vas)
         assert torch.equal(a, b)
+
+    def _random_bitmask(b, v, g, p_allowed=0.6):
+        """A packed int32 bitmask [b, ceil(v / 32)] (xgrammar's layout) and its bool form; every
+        row keeps at least one token."""
+        allowed = torch.rand(b, v, generator=g) < p_allowed
+        allowed[torch.arange(b), torch.randint(0, v, (b,), generator=g)] = True
+        words = (v + 31) // 32
+        padded = torch.zeros(b, words * 32, dtype=torch.int64)
+        padded[:, :v] = allowed.long()
+        packed = (padded.view(b, words, 32) << torch.arange(32)).sum(-1)
+        packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+        return packed, allowed
+
+    def test_triton_bitmask_and_bias_match_the_reference_token_for_token():
+        """The allowed-token bitmask (an extra load beside each expert logit) and the logit bias
+        (in the sparse update) against `process_logits_reference`, alone and with penalties,
+        contrastive and VAS in one launch."""
+        g = torch.Generator().manual_seed(7)
+        b, v, k = 200, 70, 5
+        logits = torch.randn(b, v, generator=g) * 2
+        temp, tk, tp, mp, seeds = _random_params(b, g)
+        packed, allowed = _random_bitmask(b, v, g)
+        assert torch.equal(unpack_bitmask(packed, v), allowed)
+        bids = torch.stack([torch.randperm(v, generator=g)[:4] for _ in range(b)]).int()
+        bids[torch.rand(b, 4, generator=g) < 0.3] = -1
+        bias = LogitBias(bids, torch.randn(b, 4, generator=g) * 5)
+        am_idx = torch.arange(b).int()
+        am_idx[torch.rand(b, generator=g) < 0.5] = -1
+        cd = Contrastive(torch.randn(b, v, generator=g) * 2, am_idx,
+                         torch.rand(b, generator=g) * 0.5 + 0.01, torch.rand(b, generator=g))
+        # VAS candidates among the allowed tokens (as the native sampler picks them)
+        masked = torch.where(allowed, logits, torch.full_like(logits, -INF))
+        ids = torch.topk(masked, k, dim=1).indices.int()
+        ids[~torch.isfinite(torch.topk(masked, k, dim=1).values)] = -1
+        vas = ValueGuidance(ids, torch.randn(b, k, generator=g), torch.rand(b, generator=g),
+                            (torch.rand(b, generator=g) < 0.5) & (am_idx < 0))
+        pids = torch.stack([torch.randperm(v, generator=g)[:3] for _ in range(b)]).int()
+        pen = Penalties(pids, torch.randint(0, 3, (b, 3), generator=g),
+                        1 + torch.rand(b, generator=g), torch.rand(b, generator=g) * 0.5,
+                        torch.rand(b, generator=g) * 0.5)
+        for kw in ({"allowed": packed}, {"bias": bias}, {"allowed": packed, "bias": bias},
+                   {"allowed": packed, "contrastive": cd},
+                   {"allowed": packed, "bias": bias, "penalties": pen, "contrastive": cd,
+                    "vas": vas}):
+            tokens = st.sample_triton(logits.clone(), temp, tk, tp, mp, seeds, block_v=16, **kw)
+            scores = process_logits_reference(logits, kw.get("penalties"), kw.get("contrastive"),
+                                              kw.get("vas"), kw.get("bias"), kw.get("allowed"))
+            want = _expected_tokens(scores, temp, tk, tp, mp, seeds)
+            assert torch.equal(tokens, want), (sorted(kw), (tokens != want).nonzero().tolist())
+            if "allowed" in kw:
+                assert bool(allowed[torch.arange(b), tokens].all()), sorted(kw)

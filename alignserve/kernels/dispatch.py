@@ -18,8 +18,11 @@ flash attention serves where it can, `attention_fused.py`, and the plain referen
 with k_pool / v_pool [num_slots, KVH, D]; outputs fp32, lse natural-log, -inf for an empty part.
 
 Sampling (see `logits_ops.py` for the order of operations):
-    sample(logits [B,V], temperature, top_k, top_p, min_p, seeds, *, penalties, contrastive, vas)
-        -> token ids [B] int64
+    sample(logits [B,V], temperature, top_k, top_p, min_p, seeds, *, penalties, bias,
+           contrastive, vas, allowed) -> token ids [B] int64
+Each sampling call leaves a `SampleCall` summary in `LAST_SAMPLE` (which path ran, which
+inputs were given) and counts itself in `SAMPLE_CALLS`: the tests read them to show that the
+engine's steering reaches this fused pass.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ import torch
 
 from . import attention as _attn
 from . import attention_fused as _fused_attn
-from .logits_ops import Contrastive, Penalties, ValueGuidance, sample_processed_reference
+from .logits_ops import (
+    Contrastive,
+    LogitBias,
+    Penalties,
+    ValueGuidance,
+    sample_processed_reference,
+)
 
 __all__ = [
-    "FORCE", "Contrastive", "LeafGather", "Penalties", "ValueGuidance", "attention",
+    "FORCE", "LAST_SAMPLE", "SAMPLE_CALLS", "Contrastive", "LeafGather", "LogitBias",
+    "Penalties", "SampleCall", "ValueGuidance", "attention",
     "causal_attention", "leaf_attention",
     "leaf_gather", "merge",
     "merge_attention", "merge_attention_into",
@@ -245,26 +255,57 @@ def _unsupported_by_triton(contrastive: Contrastive | None, vas: ValueGuidance |
     return bool((keep & with_am).any())
 
 
+@dataclass(frozen=True)
+class SampleCall:
+    """What one `sample` call was given (what the tests read to see production steering)."""
+
+    path: str  # "triton" | "reference"
+    rows: int
+    penalties: bool
+    bias: bool
+    contrastive: bool
+    vas: bool
+    allowed: bool
+
+
+LAST_SAMPLE: SampleCall | None = None
+SAMPLE_CALLS = 0
+
+
+def _record(path: str, rows: int, penalties, bias, contrastive, vas, allowed) -> None:
+    global LAST_SAMPLE, SAMPLE_CALLS
+    LAST_SAMPLE = SampleCall(path, rows, penalties is not None, bias is not None,
+                             contrastive is not None, vas is not None, allowed is not None)
+    SAMPLE_CALLS += 1
+
+
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, seeds: Sequence[int] | torch.Tensor, *,
     penalties: Penalties | None = None, contrastive: Contrastive | None = None,
-    vas: ValueGuidance | None = None, force: str | None = None,
+    vas: ValueGuidance | None = None, bias: LogitBias | None = None,
+    allowed: torch.Tensor | None = None, force: str | None = None,
 ) -> torch.Tensor:
     """Token ids [B] (int64) for logits [B, V], every parameter per row.
 
     temperature [B] (<= 1e-5: greedy, the argmax of the processed scores), top_k [B] (int, 0 =
     off), top_p [B] (1 = off), min_p [B] (0 = off), seeds [B] (ints; one draw stream per row:
-    derive them with `sampling.row_seed(request_seed, row, step)`). `logits` is scratch: the
-    Triton path writes the penalties (and VAS values of rows that keep the non-candidates) into
-    it. Both paths are reproducible for given seeds and sample the same distribution; their
-    noise differs (torch.Generator per row vs a counter-based hash in the kernel)."""
+    derive them with `sampling.row_seed(request_seed, row, step)`). penalties, bias,
+    contrastive, vas: `logits_ops`' per-row inputs; allowed: a packed int32 bitmask [B,
+    ceil(V / 32)] of the tokens a row may take (grammar, min_tokens), or None. `logits` is
+    scratch: the Triton path writes the penalties, the bias (and VAS values of rows that keep
+    the non-candidates) into it. Both paths are reproducible for given seeds and sample the
+    same distribution; their noise differs (torch.Generator per row vs a counter-based hash in
+    the kernel)."""
     if uses_triton(logits, force) and not _unsupported_by_triton(contrastive, vas):
         from .sampling_triton import sample_triton
 
+        _record("triton", logits.shape[0], penalties, bias, contrastive, vas, allowed)
         return sample_triton(logits, temperature, top_k, top_p, min_p,
                              _seed_tensor(seeds, logits.device), penalties=penalties,
-                             contrastive=contrastive, vas=vas)
+                             contrastive=contrastive, vas=vas, bias=bias, allowed=allowed)
+    _record("reference", logits.shape[0], penalties, bias, contrastive, vas, allowed)
     return sample_processed_reference(logits, temperature, top_k, top_p, min_p,
                                       _seed_list(seeds), penalties=penalties,
-                                      contrastive=contrastive, vas=vas)
+                                      contrastive=contrastive, vas=vas, bias=bias,
+                                      allowed=allowed)

@@ -28,9 +28,13 @@ reference. The first candidate is kept with probability >= the kept mass, so typ
 reference keeps the first ones in its sort order).
 
 Sparse inputs are applied before, in place on the logits, by `_sparse_update_kernel`: the
-penalties, and the VAS values of rows that keep the non-candidates (rows that also have an
+penalties, the logit bias, and the VAS values of rows that keep the non-candidates (rows that also have an
 amateur fall back to the reference in `dispatch`). VAS rows that mask the non-candidates are
 sampled over their K candidates only (pairwise comparisons instead of passes over the vocab).
+
+The allowed-token mask (a packed int32 bitmask [B, ceil(V / 32)], xgrammar's layout: a grammar,
+min_tokens' banned stop tokens) is one more load beside each expert logit: a disallowed token
+reads as -inf, in the plausibility max too, as `logits_ops` step 0 defines it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logits_ops import Contrastive, Penalties, ValueGuidance
+from .logits_ops import Contrastive, LogitBias, Penalties, ValueGuidance
 
 _GUMBEL_MAX = 17.0  # an upper bound of the noise of `_gumbel` (16.64 and rounding)
 _MAX_ITERS = 64  # a safety cap; each candidate test strictly raises the candidate's score
@@ -50,9 +54,11 @@ def _sparse_update_kernel(
     logits_ptr, stride_l, V,
     pen_ids_ptr, pen_cnt_ptr, stride_pi, stride_pc, P, rep_ptr, freq_ptr, pres_ptr,
     vas_ids_ptr, vas_vals_ptr, stride_vi, stride_vv, K, vas_beta_ptr, vas_on_ptr,
-    HAS_PEN: tl.constexpr, HAS_VAS: tl.constexpr, BLOCK: tl.constexpr,
+    bias_ids_ptr, bias_vals_ptr, stride_bi, stride_bv, NB,
+    HAS_PEN: tl.constexpr, HAS_VAS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per row, in place: penalties on the generated tokens, then VAS values where flagged."""
+    """Per row, in place: penalties on the generated tokens, the logit bias, then VAS values
+    where flagged."""
     row = tl.program_id(0).to(tl.int64)
     l_row = logits_ptr + row * stride_l
     if HAS_PEN:
@@ -70,6 +76,16 @@ def _sparse_update_kernel(
             xf = tl.where(xf > 0, xf / rep, xf * rep)
             xf = xf - freq * cnt - pres
             tl.store(l_row + ids, xf.to(x.dtype), mask=valid)
+    if HAS_BIAS:
+        for b0 in range(0, NB, BLOCK):
+            bb = b0 + tl.arange(0, BLOCK)
+            ok = bb < NB
+            ids = tl.load(bias_ids_ptr + row * stride_bi + bb, mask=ok, other=-1)
+            vals = tl.load(bias_vals_ptr + row * stride_bv + bb, mask=ok, other=0.0)
+            valid = ok & (ids >= 0) & (ids < V)
+            x = tl.load(l_row + ids, mask=valid, other=0.0)
+            tl.store(l_row + ids, (x.to(tl.float32) + vals.to(tl.float32)).to(x.dtype),
+                     mask=valid)
     if HAS_VAS:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if tl.load(vas_on_ptr + row) != 0:
             beta = tl.load(vas_beta_ptr + row).to(tl.float32)
@@ -115,11 +131,21 @@ def _gumbel(key, offs):
 
 
 @triton.jit
-def _scores(l_row, a_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t, any_cd,
-            HAS_CD: tl.constexpr):
+def _expert(l_row, m_row, cols, ok, HAS_MASK: tl.constexpr):
+    """The expert's logits [ROWS, N] of tokens `cols`, -inf where masked off or not `ok`."""
+    e = tl.load(l_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        word = tl.load(m_row + (cols >> 5), mask=ok, other=0)
+        e = tl.where(((word >> (cols & 31)) & 1) != 0, e, float("-inf"))
+    return e
+
+
+@triton.jit
+def _scores(l_row, a_row, m_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t, any_cd,
+            HAS_CD: tl.constexpr, HAS_MASK: tl.constexpr):
     """Processed, temperature-scaled scores [ROWS, N] of tokens `cols` (-inf past V)."""
     ok = row_ok & (cols < V)
-    e = tl.load(l_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    e = _expert(l_row, m_row, cols, ok, HAS_MASK)
     x = e
     if HAS_CD:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if any_cd:
@@ -142,9 +168,9 @@ def _pick(x, y, cols, best_y, best_i, best_x):
 
 @triton.jit
 def _full_rows(
-    l_row, a_row, V, r_mask, key, greedy, inv_t, log_mp, kk, top_p,
+    l_row, a_row, m_row, V, r_mask, key, greedy, inv_t, log_mp, kk, top_p,
     cd_on, cd_cut, cd_beta, any_cd,
-    HAS_CD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_CD: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     GUMBEL_MAX: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
     """Streaming path: pass 1, then candidate tests until each row's candidate is kept."""
@@ -158,7 +184,8 @@ def _full_rows(
     best_x = tl.full([ROWS], float("-inf"), tl.float32)
     for t0 in range(0, V, BLOCK_V):
         cols = t0 + vb
-        x = _scores(l_row, a_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t, any_cd, HAS_CD)
+        x = _scores(l_row, a_row, m_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t, any_cd,
+                    HAS_CD, HAS_MASK)
         tmax = tl.max(x, axis=1)
         m_new = tl.maximum(m, tmax)
         z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -192,8 +219,8 @@ def _full_rows(
         bq_x = tl.full([ROWS], float("-inf"), tl.float32)
         for t0 in range(0, V, BLOCK_V):
             cols = t0 + vb
-            x = _scores(l_row, a_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t, any_cd,
-                        HAS_CD)
+            x = _scores(l_row, a_row, m_row, cols, V, row_ok, cd_on, cd_cut, cd_beta, inv_t,
+                        any_cd, HAS_CD, HAS_MASK)
             live = active & (tl.max(x, axis=1) > c_x)  # rows with a token above the candidate
             if tl.max(live.to(tl.int32), axis=0) > 0:
                 y = x + _gumbel(key[:, None], cols)
@@ -222,10 +249,10 @@ def _full_rows(
 
 
 @triton.jit
-def _cand_scores(l_row, a_row, ids, vals, valid, cd_on, cd_cut, cd_beta, v_beta, inv_t, any_cd,
-                 HAS_CD: tl.constexpr):
+def _cand_scores(l_row, a_row, m_row, ids, vals, valid, cd_on, cd_cut, cd_beta, v_beta, inv_t,
+                 any_cd, HAS_CD: tl.constexpr, HAS_MASK: tl.constexpr):
     """Scores [ROWS, N] of VAS candidates `ids` (gathered): contrastive, + beta * value, / T."""
-    e = tl.load(l_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
+    e = _expert(l_row, m_row, ids, valid, HAS_MASK)
     x = e
     if HAS_CD:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if any_cd:
@@ -238,23 +265,23 @@ def _cand_scores(l_row, a_row, ids, vals, valid, cd_on, cd_cut, cd_beta, v_beta,
 
 @triton.jit
 def _cand_rows(
-    l_row, a_row, vk_ids, vk_vals, K, row_ok, key, greedy, inv_t, log_mp, kk, top_p,
+    l_row, a_row, m_row, vk_ids, vk_vals, K, row_ok, key, greedy, inv_t, log_mp, kk, top_p,
     cd_on, cd_cut, cd_beta, v_beta, any_cd,
-    HAS_CD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KB: tl.constexpr,
+    HAS_CD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KB: tl.constexpr,
 ):
     """VAS rows that mask the non-candidates: their support is K candidates, compared pairwise."""
     kb = tl.arange(0, BLOCK_K)[None, :]
     ids_i = tl.load(vk_ids + kb, mask=row_ok & (kb < K), other=-1)
     valid_i = ids_i >= 0
     vals_i = tl.load(vk_vals + kb, mask=valid_i, other=0.0).to(tl.float32)
-    x_i = _cand_scores(l_row, a_row, ids_i, vals_i, valid_i, cd_on, cd_cut, cd_beta, v_beta,
-                       inv_t, any_cd, HAS_CD)
+    x_i = _cand_scores(l_row, a_row, m_row, ids_i, vals_i, valid_i, cd_on, cd_cut, cd_beta,
+                       v_beta, inv_t, any_cd, HAS_CD, HAS_MASK)
     if HAS_CD:
         # a row whose candidates are all outside the plausible set drops the contrastive part
         empty = tl.max(x_i, axis=1) == float("-inf")
         cd_on = cd_on & (~empty[:, None])
-        x_i = _cand_scores(l_row, a_row, ids_i, vals_i, valid_i, cd_on, cd_cut, cd_beta, v_beta,
-                           inv_t, any_cd, HAS_CD)
+        x_i = _cand_scores(l_row, a_row, m_row, ids_i, vals_i, valid_i, cd_on, cd_cut, cd_beta,
+                           v_beta, inv_t, any_cd, HAS_CD, HAS_MASK)
     m = tl.max(x_i, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     z = tl.sum(tl.exp(x_i - m_safe[:, None]), axis=1)
@@ -265,8 +292,8 @@ def _cand_rows(
         ids_j = tl.load(vk_ids + jj, mask=row_ok & (jj < K), other=-1)
         valid_j = ids_j >= 0
         vals_j = tl.load(vk_vals + jj, mask=valid_j, other=0.0).to(tl.float32)
-        x_j = _cand_scores(l_row, a_row, ids_j, vals_j, valid_j, cd_on, cd_cut, cd_beta, v_beta,
-                           inv_t, any_cd, HAS_CD)
+        x_j = _cand_scores(l_row, a_row, m_row, ids_j, vals_j, valid_j, cd_on, cd_cut, cd_beta,
+                           v_beta, inv_t, any_cd, HAS_CD, HAS_MASK)
         above = x_j[:, None, :] > x_i[:, :, None]
         cnt += tl.sum(above.to(tl.int32), axis=2)
         w_j = tl.exp(x_j - m_safe[:, None])
@@ -286,7 +313,8 @@ def _sample_kernel(
     temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, out_ptr,
     am_ptr, stride_a, A, am_idx_ptr, cd_alpha_ptr, cd_beta_ptr,
     vas_ids_ptr, vas_vals_ptr, stride_vi, stride_vv, K, vas_beta_ptr, vas_mask_ptr,
-    HAS_CD: tl.constexpr, HAS_VAS: tl.constexpr, ROWS: tl.constexpr,
+    mask_ptr, stride_m,
+    HAS_CD: tl.constexpr, HAS_VAS: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KB: tl.constexpr,
     GUMBEL_MAX: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
@@ -294,6 +322,7 @@ def _sample_kernel(
     r_ok = rows < B
     row_ok = r_ok[:, None]
     l_row = (logits_ptr + rows * stride_l)[:, None]
+    m_row = (mask_ptr + rows * stride_m)[:, None]
     temp = tl.load(temp_ptr + rows, mask=r_ok, other=1.0).to(tl.float32)
     greedy = temp <= 1e-5
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-5))
@@ -323,8 +352,8 @@ def _sample_kernel(
             mvec = tl.full([ROWS, BLOCK_V], -1.0e30, tl.float32)
             for t0 in range(0, V, BLOCK_V):
                 cols = t0 + tl.arange(0, BLOCK_V)[None, :]
-                e = tl.load(l_row + cols, mask=cd_on & (cols < V), other=float("-inf"))
-                mvec = tl.maximum(mvec, e.to(tl.float32))
+                e = _expert(l_row, m_row, cols, cd_on & (cols < V), HAS_MASK)
+                mvec = tl.maximum(mvec, e)
             cd_cut = (log_alpha + tl.max(mvec, axis=1))[:, None]
 
     if HAS_VAS:
@@ -333,21 +362,21 @@ def _sample_kernel(
         if tl.max(vas_only.to(tl.int32), axis=0) > 0:
             v_beta = tl.load(vas_beta_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
             tok_c = _cand_rows(
-                l_row, a_row, (vas_ids_ptr + rows * stride_vi)[:, None],
+                l_row, a_row, m_row, (vas_ids_ptr + rows * stride_vi)[:, None],
                 (vas_vals_ptr + rows * stride_vv)[:, None], K, vas_only[:, None], key, greedy,
                 inv_t[:, None], log_mp, kk, top_p, cd_on, cd_cut, cd_beta, v_beta[:, None],
-                any_cd, HAS_CD, BLOCK_K, BLOCK_KB)
+                any_cd, HAS_CD, HAS_MASK, BLOCK_K, BLOCK_KB)
         streamed = r_ok & (~vas_only)
         tok_f = tl.zeros([ROWS], tl.int32)
         if tl.max(streamed.to(tl.int32), axis=0) > 0:
-            tok_f = _full_rows(l_row, a_row, V, streamed, key, greedy, inv_t[:, None],
+            tok_f = _full_rows(l_row, a_row, m_row, V, streamed, key, greedy, inv_t[:, None],
                                log_mp, kk, top_p, cd_on, cd_cut, cd_beta, any_cd,
-                               HAS_CD, ROWS, BLOCK_V, GUMBEL_MAX, MAX_ITERS)
+                               HAS_CD, HAS_MASK, ROWS, BLOCK_V, GUMBEL_MAX, MAX_ITERS)
         token = tl.where(vas_only, tok_c, tok_f)
     else:
-        token = _full_rows(l_row, a_row, V, r_ok, key, greedy, inv_t[:, None], log_mp, kk,
-                           top_p, cd_on, cd_cut, cd_beta, any_cd,
-                           HAS_CD, ROWS, BLOCK_V, GUMBEL_MAX, MAX_ITERS)
+        token = _full_rows(l_row, a_row, m_row, V, r_ok, key, greedy, inv_t[:, None], log_mp,
+                           kk, top_p, cd_on, cd_cut, cd_beta, any_cd,
+                           HAS_CD, HAS_MASK, ROWS, BLOCK_V, GUMBEL_MAX, MAX_ITERS)
     tl.store(out_ptr + rows, token.to(tl.int64), mask=r_ok)
 
 
@@ -408,15 +437,16 @@ def vas_keeping_rows(vas: ValueGuidance) -> torch.Tensor:
 
 def apply_sparse_updates_triton(
     logits: torch.Tensor, penalties: Penalties | None, vas: ValueGuidance | None = None,
-    vas_rows: torch.Tensor | None = None,
+    vas_rows: torch.Tensor | None = None, bias: LogitBias | None = None,
 ) -> torch.Tensor:
-    """In place on `logits` [B, V] (last dim contiguous): the penalties, then for the rows flagged
-    by `vas_rows` the VAS values (beta * value added to each candidate)."""
+    """In place on `logits` [B, V] (last dim contiguous): the penalties, the logit bias, then
+    for the rows flagged by `vas_rows` the VAS values (beta * value added to each candidate)."""
     b, v = logits.shape
     dev = logits.device
     has_pen = penalties is not None and penalties.ids.numel() > 0
     has_vas = vas is not None and vas_rows is not None and vas.ids.numel() > 0
-    if b == 0 or not (has_pen or has_vas):
+    has_bias = bias is not None and bias.ids.numel() > 0
+    if b == 0 or not (has_pen or has_vas or has_bias):
         return logits
     i32, f32 = torch.int32, torch.float32
     if has_pen:
@@ -446,11 +476,22 @@ def apply_sparse_updates_triton(
         k = 0
         vbeta = torch.zeros((b,), dtype=f32, device=dev)
         von = torch.zeros((b,), dtype=i32, device=dev)
+    if has_bias:
+        _check_rows(bias.ids, b, "bias.ids")
+        _check_rows(bias.values, b, "bias.values")
+        bids = bias.ids.to(device=dev, dtype=i32).contiguous()
+        bvals = bias.values.to(device=dev, dtype=f32).contiguous()
+        nb = bids.shape[1]
+    else:
+        bids = torch.zeros((b, 1), dtype=i32, device=dev)
+        bvals = torch.zeros((b, 1), dtype=f32, device=dev)
+        nb = 0
     _sparse_update_kernel[(b,)](
         logits, logits.stride(0), v, pids, pcnt, pids.stride(0), pcnt.stride(0), p, rep, freq,
         pres, vids, vvals, vids.stride(0), vvals.stride(0), k, vbeta, von,
-        HAS_PEN=has_pen, HAS_VAS=has_vas, BLOCK=min(256, max(16, _next_pow2(max(p, k)))),
-        num_warps=4,
+        bids, bvals, bids.stride(0), bvals.stride(0), nb,
+        HAS_PEN=has_pen, HAS_VAS=has_vas, HAS_BIAS=has_bias,
+        BLOCK=min(256, max(16, _next_pow2(max(p, k, nb)))), num_warps=4,
     )
     return logits
 
@@ -459,12 +500,14 @@ def sample_triton(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, seeds: torch.Tensor, *, penalties: Penalties | None = None,
     contrastive: Contrastive | None = None, vas: ValueGuidance | None = None,
+    bias: LogitBias | None = None, allowed: torch.Tensor | None = None,
     block_v: int | None = None, rows_per_program: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Token ids [B] (int64). `logits` [B, V] (any float dtype) is scratch: penalties and the VAS
-    values of rows that keep the non-candidates are written into it. `seeds` [B] (int64): the
-    noise key of each row. Rows with both an amateur and VAS keep_others are not supported here
+    """Token ids [B] (int64). `logits` [B, V] (any float dtype) is scratch: penalties, the bias
+    and the VAS values of rows that keep the non-candidates are written into it. `seeds` [B]
+    (int64): the noise key of each row. `allowed`: a packed int32 bitmask [B, ceil(V / 32)]
+    of the tokens each row may take, or None. Rows with both an amateur and VAS keep_others are not supported here
     (`dispatch.sample` sends such batches to the reference)."""
     b, v = logits.shape
     dev = logits.device
@@ -481,7 +524,7 @@ def sample_triton(
         with_am = _rows_of(contrastive.amateur_index, b, i32, dev) >= 0
         if bool((with_am & keep_rows).any()):
             raise NotImplementedError("a row with an amateur and VAS keep_others")
-    apply_sparse_updates_triton(logits, penalties, vas, keep_rows)
+    apply_sparse_updates_triton(logits, penalties, vas, keep_rows, bias)
     temp = _rows_of(temperature, b, f32, dev)
     tk = _rows_of(top_k, b, i32, dev)
     tp = _rows_of(top_p, b, f32, dev)
@@ -510,6 +553,17 @@ def sample_triton(
         stride_vi, stride_vv = vids.stride(0), vvals.stride(0)
     else:
         vids, vvals, k, vbeta, vmask, stride_vi, stride_vv = tk, tp, 0, tp, tk, 0, 0
+    has_mask = allowed is not None
+    if has_mask:
+        words = (v + 31) // 32
+        if allowed.dim() != 2 or allowed.shape[0] != b or allowed.shape[1] < words:
+            raise ValueError(f"allowed must be [{b}, >= {words}], got {tuple(allowed.shape)}")
+        mask = allowed.to(device=dev, dtype=i32)
+        if mask.stride(1) != 1:
+            mask = mask.contiguous()
+        stride_m = mask.stride(0)
+    else:
+        mask, stride_m = tk, 0
     if dev.type == "cuda":
         # one row per program for a real vocabulary, 16-byte loads of bf16 (8 per thread);
         # configurations checked free of register spills by ptxas for sm_90
@@ -527,8 +581,9 @@ def sample_triton(
     _sample_kernel[(triton.cdiv(b, rows_per_program),)](
         logits, logits.stride(0), v, b, temp, tk, tp, mp, sd, out,
         am, stride_a, n_am, am_idx, cd_alpha, cd_beta,
-        vids, vvals, stride_vi, stride_vv, k, vbeta, vmask,
-        HAS_CD=has_cd, HAS_VAS=has_vas, ROWS=rows_per_program, BLOCK_V=block_v,
+        vids, vvals, stride_vi, stride_vv, k, vbeta, vmask, mask, stride_m,
+        HAS_CD=has_cd, HAS_VAS=has_vas, HAS_MASK=has_mask, ROWS=rows_per_program,
+        BLOCK_V=block_v,
         BLOCK_K=block_k, BLOCK_KB=block_kb, GUMBEL_MAX=_GUMBEL_MAX, MAX_ITERS=_MAX_ITERS,
         num_warps=num_warps,
     )
