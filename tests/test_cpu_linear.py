@@ -83,7 +83,7 @@ def test_embedded_model_decodes_within_bf16_rounding_of_fp32(live_server, max_ro
                 return logits
 
             async for _ in engine.generate([seq], SamplingParams(temperature=0, max_tokens=6,
-                                                                 ignore_eos=True), processor=keep):
+                                                                 ignore_eos=True), observer=keep):
                 pass
             await engine.release([seq])
             return seq.output_ids, steps

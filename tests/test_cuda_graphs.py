@@ -277,11 +277,13 @@ def _engine(cuda_graphs, device="cpu", dtype=torch.float32, model=None):
 
 
 def _generate_run(engine, n=5, max_tokens=6, early_layer=2, steer=None):
-    """Prefill, fork n, greedy generate with a processor that records what it is given;
-    `steer(step, logits)`, when given, may then change the logits (EOS is honoured then)."""
+    """Prefill, fork n, greedy generate with an observer that records what it is given;
+    `steer(step, logits)`, when given, may then change the logits in place (a test-only lever:
+    the engine samples a group without steering from the tensor its observer is shown; EOS is
+    honoured then)."""
     seen = []
 
-    def processor(seqs, logits, inputs):
+    def observer(seqs, logits, inputs):
         seen.append((logits.clone(), inputs.hidden.clone(), inputs.early_logits.clone()))
         if steer is not None:
             steer(len(seen) - 1, logits)
@@ -293,7 +295,7 @@ def _generate_run(engine, n=5, max_tokens=6, early_layer=2, steer=None):
             root = await engine.prefill(list(range(3, 40)), early_layer=early_layer)
             seqs = await engine.fork(root, n)
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=steer is None)
-            async for _ in engine.generate(seqs, params, processor=processor):
+            async for _ in engine.generate(seqs, params, observer=observer):
                 pass
             out = [s.output_ids for s in seqs]
             await engine.release(seqs + [root])

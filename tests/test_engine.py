@@ -195,42 +195,57 @@ def test_extend_and_truncate(engine):
     torch.testing.assert_close(lc, ld, **model_tol(engine.cfg))
 
 
-def test_processor_sees_early_layer_logits_and_follower_logits(engine, hf_model):
+def test_observer_sees_early_layer_logits_and_an_amateur_prompt_steers(engine, hf_model):
+    """Steering as data: the engine opens the amateur prompt's context itself, feeds it every
+    token, and its fused pass combines the two; each greedy token is the best of the reference
+    combination computed outside the engine (transformers' logits on both contexts)."""
+    from alignserve.engine.steering import AmateurPrompt, ContrastiveSteer, Steering
+    from alignserve.kernels import dispatch
+    from alignserve.kernels.logits_ops import Contrastive, process_logits_reference
+
     lead_ids = engine.encode_chat([{"role": "user", "content": "Tell me about cats."}])[1]
     follow_ids = engine.encode("Tell me about cats.")
     seen = []
 
-    def processor(seqs, logits, inputs):
-        seen.append((inputs.early_logits.clone(), inputs.follower_logits.clone(), inputs.hidden.shape))
-        return logits
+    def observer(seqs, logits, inputs):
+        seen.append((logits.clone(), inputs.early_logits.clone(), inputs.hidden.shape))
+
+    steer = Steering(contrastive=ContrastiveSteer(AmateurPrompt(tuple(follow_ids)), alpha=0.1,
+                                                  beta=1.0))
 
     async def go():
+        used = engine.kv.used_slots
         lead = await engine.prefill(lead_ids, early_layer=10)
-        follower = await engine.prefill(follow_ids)
-        await _generate_with(engine, [lead], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-                             processor, [follower])
-        fresh = await engine.prefill(follower.token_ids)
-        fresh_logits = await engine.logits([fresh])
-        await engine.release([lead, follower, fresh])
-        return lead, follower, fresh_logits
+        calls = dispatch.SAMPLE_CALLS
+        async for _ in engine.generate([lead], SamplingParams(temperature=0, max_tokens=6,
+                                                              ignore_eos=True),
+                                       steering=steer, observer=observer):
+            pass
+        summary = (dispatch.SAMPLE_CALLS - calls, dispatch.LAST_SAMPLE)
+        await engine.release([lead])
+        return lead, summary, engine.kv.used_slots - used
 
-    lead, follower, fresh_logits = run(engine, go())
-    assert len(seen) == 6
-    # the follower was fed exactly the leader's tokens (all but the last, which ends the run)
-    assert follower.token_ids == follow_ids + lead.output_ids[:-1]
+    lead, (calls, last), leaked = run(engine, go())
+    assert len(seen) == 6 and calls == 6 and last.contrastive and last.rows == 1
+    assert leaked == 0  # the amateur's context was released with the call
     with torch.no_grad():
         out = hf_model(torch.tensor([lead_ids]), output_hidden_states=True)
         early_ref = hf_model.lm_head(hf_model.model.norm(out.hidden_states[10][0, -1]))
-    torch.testing.assert_close(seen[0][0][0], early_ref, **model_tol(engine.cfg))
+    torch.testing.assert_close(seen[0][1][0], early_ref, **model_tol(engine.cfg))
     assert seen[0][2] == (1, engine.cfg.hidden_size)
-    # at the last step the follower's logits were those of its whole context
-    ctx_ids = follow_ids + lead.output_ids[:-1]
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([ctx_ids])).logits[0, -1]
-    torch.testing.assert_close(seen[-1][1][0], ref, **model_tol(engine.cfg))
-    assert fresh_logits.shape[1] == engine.vocab_size
-
-
-async def _generate_with(engine, seqs, params, processor, followers):
-    async for _ in engine.generate(seqs, params, processor=processor, followers=followers):
-        pass
+    tokens = lead.output_ids
+    contrasted = 0
+    for t in range(6):
+        with torch.no_grad():
+            e = hf_model(torch.tensor([lead_ids + tokens[:t]])).logits[0, -1]
+            a = hf_model(torch.tensor([follow_ids + tokens[:t]])).logits[0, -1]
+        tol = model_tol(engine.cfg, context=len(lead_ids) + t)
+        torch.testing.assert_close(seen[t][0][0], e, **tol)
+        scores = process_logits_reference(
+            e[None], contrastive=Contrastive(a[None], torch.tensor([0]), torch.tensor([0.1]),
+                                             torch.tensor([1.0])))[0]
+        # the scores are (1 + beta) e - beta a: their error is 3x the logits' at most
+        slack = 3 * (tol["atol"] + tol["rtol"] * float(e.abs().max()))
+        assert float(scores[tokens[t]]) >= float(scores.max()) - slack, t
+        contrasted += int(scores.argmax()) != int(e.argmax())
+    assert contrasted > 0  # the amateur changed at least one choice

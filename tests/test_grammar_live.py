@@ -1,7 +1,7 @@
-"""The grammar on the real embedded model, without touching engine code: a logits processor
-keeps one GrammarState per sequence (forked from the prompt's, as a strategy's branches are),
-syncs it with the sequence's output before each step and masks the logits. Every sampled
-answer must then parse, validate against the schema and end by the stop token."""
+"""The grammar on the real embedded model: `SamplingParams.grammar` on forked sequences (as a
+strategy's branches are); the engine keeps one GrammarState per sequence and masks the logits
+in its fused pass. Every sampled answer must then parse, validate against the schema and end by
+the stop token (a matcher replayed on each answer afterwards accepts it and terminates)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ import json
 
 import jsonschema
 
-from alignserve.engine.grammar import (
-    GrammarSpec,
-    TokenizerGrammars,
-    ToolDef,
-    canonical_json,
-    mask_logits,
-    new_bitmask,
-)
+from alignserve.engine.grammar import GrammarSpec, TokenizerGrammars, ToolDef, canonical_json
 from alignserve.engine.protocol import SamplingParams
 
 SCHEMA = {
@@ -31,19 +24,6 @@ SCHEMA = {
 }
 
 
-def grammar_processor(states: dict, vocab: int):
-    """A processor for `engine.generate`: rows follow `states[handle.key]`."""
-    buffer = new_bitmask(16, vocab)
-
-    def processor(seqs, logits, inputs):
-        rows = [states[s.key] for s in seqs]
-        for s, state in zip(seqs, rows):
-            state.sync(s.output_ids)
-        return mask_logits(rows, logits, buffer)
-
-    return processor
-
-
 def sample_constrained(engine, messages, spec, n=4, max_tokens=96, seed=7):
     grammars = TokenizerGrammars(engine.tokenizer, engine.vocab_size)
     compiled = grammars.compile(spec)
@@ -52,14 +32,13 @@ def sample_constrained(engine, messages, spec, n=4, max_tokens=96, seed=7):
     async def go():
         root = await engine.prefill(prompt)
         seqs = await engine.fork(root, n)
-        root_state = compiled.new_state()
-        states = {s.key: st for s, st in zip(seqs, root_state.fork(n))}
-        params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed)
+        params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed,
+                                grammar=compiled)
         try:
-            async for _ in engine.generate(seqs, params,
-                                           processor=grammar_processor(states, engine.vocab_size)):
+            async for _ in engine.generate(seqs, params):
                 pass
-            for s in seqs:  # the last token (the stop) comes after the last processor call
+            states = {s.key: compiled.new_state() for s in seqs}
+            for s in seqs:  # replayed: every token was allowed, the last one ends the grammar
                 states[s.key].sync(s.output_ids)
             return [(s.output_ids, s.text, s.finish_reason) for s in seqs], states
         finally:

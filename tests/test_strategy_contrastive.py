@@ -1,6 +1,6 @@
 """`contrastive`: the combination on fixed logit tables, amateur resolution and validation, the
-strategy on a fake engine (self:L and a served amateur in lockstep), and end to end on the live
-server."""
+steering the strategy hands the engine, the strategy on a fake engine (self:L and a served
+amateur), and end to end on the live server (the native engine runs the amateur itself)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,25 @@ from pydantic import ValidationError
 
 from alignserve.decoding.base import DecodeContext, DecodeRequest, StrategyInputError
 from alignserve.decoding.contrastive import (
+    LAME,
     STRATEGY,
+    Amateur,
     ContrastiveParams,
     contrast_scores,
     default_self_layer,
     lame_prompt_ids,
-    make_processor,
     resolve_amateur,
+    steering,
 )
 from alignserve.decoding.resources import DecodingResources
-from alignserve.engine.protocol import SamplingParams, StepInputs
+from alignserve.engine.protocol import SamplingParams
+from alignserve.engine.steering import (
+    AmateurPrompt,
+    ContrastiveSteer,
+    EarlyLayers,
+    ServedAmateur,
+    Steering,
+)
 from alignserve.rewardmodels.compose import RewardRegistry
 
 L = math.log
@@ -54,17 +63,25 @@ def test_mask_and_scores_by_hand():
     assert torch.isfinite(got1).tolist() == [[True, False, False, False]]
 
 
-def test_rows_are_independent_and_the_processor_reads_its_source():
+def test_rows_are_independent():
     expert = torch.log(torch.tensor([[0.6, 0.4], [0.4, 0.6]]))
     amateur = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5]]))
     got = contrast_scores(expert, amateur, alpha=0.5, beta=1.0)
     want = [[2 * L(0.6) - L(0.9), 2 * L(0.4) - L(0.1)], [2 * L(0.4) - L(0.5), 2 * L(0.6) - L(0.5)]]
     torch.testing.assert_close(got, torch.tensor(want))
-    for source in ("early_logits", "follower_logits"):
-        proc = make_processor(source, 0.5, 1.0)
-        torch.testing.assert_close(proc([], expert, StepInputs(**{source: amateur})), got)
-    with pytest.raises(RuntimeError):
-        make_processor("early_logits", 0.5, 1.0)([], expert, StepInputs())
+
+
+def test_each_amateur_becomes_the_engines_steering_data():
+    """The strategy hands the engine data, the same on every engine: which amateur, alpha, beta."""
+    params = ContrastiveParams(alpha=0.5, beta=2.0)
+    served = object()
+    for amateur, source in [
+        (Amateur("self", "self:3", layer=3), EarlyLayers(3)),
+        (Amateur(LAME, LAME, lame_ids=[7, 8]), AmateurPrompt((7, 8))),
+        (Amateur("model", "small", engine=served), ServedAmateur("small", served)),
+    ]:
+        assert steering(amateur, params) == Steering(
+            contrastive=ContrastiveSteer(source, alpha=0.5, beta=2.0))
 
 
 def test_params_validation():
@@ -150,7 +167,7 @@ def test_self_amateur_and_served_amateur_decode_the_hand_computed_tokens():
     greedy = FakeEngine(WORDS, EXPERT, early_table=AMATEUR)
     (g,) = _finals(_run(greedy, _request({"beta": 0.0, "alpha": 1.0, "amateur": "self:2"})))
     assert g.text == " the cat" and g.token_ids == [1, 2, 0]  # beta 0, alpha 1: greedy
-    # self:L: the engine's early-exit logits (here the AMATEUR table) through the processor
+    # self:L: the engine's early-exit logits (here the AMATEUR table), steered by data
     eng = FakeEngine(WORDS, EXPERT, early_table=AMATEUR)
     events = _run(eng, _request({"amateur": "self:2"}))
     (f,) = _finals(events)
@@ -158,7 +175,7 @@ def test_self_amateur_and_served_amateur_decode_the_hand_computed_tokens():
     assert f.cumulative_logprob == pytest.approx(L(0.3) + L(0.6))  # the expert's log-probs
     assert "".join(e.text for e in events if type(e).__name__ == "ChoiceDelta") == f.text
     assert not eng.live
-    # a served amateur with the same table, in lockstep: the same tokens
+    # a served amateur with the same table: the same tokens
     expert, amateur = FakeEngine(WORDS, EXPERT), FakeEngine(WORDS, AMATEUR)
     res = DecodingResources(amateurs={"small": amateur})
     events = _run(expert, _request({"amateur": "small"}, n=2), res)
@@ -169,7 +186,7 @@ def test_self_amateur_and_served_amateur_decode_the_hand_computed_tokens():
                    and e.index == 0) == " cat"
     assert events[-1].completion_tokens == 4
     assert not expert.live and not amateur.live
-    # lockstep honours max_tokens and min_tokens (EOS banned before it)
+    # with max_tokens and min_tokens (EOS banned before it)
     expert, amateur = FakeEngine(WORDS, EXPERT), FakeEngine(WORDS, AMATEUR)
     res = DecodingResources(amateurs={"small": amateur})
     (c,) = _finals(_run(expert, _request({"amateur": "small"}, max_tokens=1), res))
@@ -241,8 +258,8 @@ def test_live_contrastive_bad_input_names_the_field(client, model_name, alignmen
 
 
 def test_live_engine_as_its_own_served_amateur_is_greedy(live_server):
-    """A served amateur identical to the expert contrasts nothing: the lockstep loop must then
-    decode exactly greedy's tokens (checks the loop's feeding of both engines)."""
+    """A served amateur identical to the expert contrasts nothing: the engine's lockstep must
+    then decode exactly greedy's tokens (checks that it feeds both engines)."""
     engine = live_server.engine
     msgs = PROMPTS[0]
     text, ids = engine.encode_chat(msgs)

@@ -15,13 +15,12 @@ from alignserve.decoding.base import StrategyInputError
 from alignserve.decoding.resources import DecodingResources
 from alignserve.decoding.vas import (
     VasParams,
-    VasProcessor,
     candidates,
     combine_values,
     resolve_value_models,
+    steering,
     vas_logits,
 )
-from alignserve.engine.protocol import StepInputs
 from alignserve.rewardmodels.value.model import (
     ValueHead,
     ValueModel,
@@ -159,22 +158,33 @@ def test_low_rank_head_starts_at_zero_advantage():
     assert sum(p.numel() for p in head.parameters()) == 2 * 8 * 2 + 8 + 8 + 1
 
 
-def test_processor_adds_value_models_to_logits():
+def test_native_value_guidance_adds_value_models_to_logits():
+    """The native engine's VAS input (engine/native/steering_inputs.py) from the strategy's
+    Steering, through the fused pass's reference."""
+    from alignserve.engine.native.sequence import GenGroup, SeqState
+    from alignserve.engine.native.steering_inputs import value_guidance
+    from alignserve.engine.protocol import EngineError, SamplingParams, SeqHandle
+    from alignserve.kernels.logits_ops import process_logits_reference
+
     vm, tokens = _tiny_model()
     vm2, _ = _tiny_model(seed=1)
     vm2.bind(tokens)
     hidden = torch.randn(2, 4)
     logits = torch.randn(2, 6)
-    proc = VasProcessor([(vm, 1.0), (vm2, 0.5)], beta=3.0, top_k=3, keep_non_candidates=False)
-    out = proc([], logits, StepInputs(hidden=hidden))
+    params = VasParams(beta=3.0, top_k=3, value_models=[{"name": "a"}])
+    group = GenGroup(SamplingParams(), steering([(vm, 1.0), (vm2, 0.5)], params), None, None,
+                     None, "decode", frozenset())
+    states = [SeqState(i, SeqHandle(i, 1, [0]), [], hidden=hidden[i]) for i in range(2)]
+    out = process_logits_reference(logits, vas=value_guidance(states, group, logits, None))
     ids = candidates(logits, 3)
     q1, q2 = vm.q_values(hidden, ids), vm2.q_values(hidden, ids)
     want = logits.gather(1, ids) + 3.0 * ((q1 - q1.mean(1, keepdim=True))
                                           + 0.5 * (q2 - q2.mean(1, keepdim=True)))
     assert torch.allclose(out.gather(1, ids), want, atol=1e-5)
     assert int(torch.isfinite(out).sum()) == 6
-    with pytest.raises(Exception, match="hidden"):
-        proc([], logits, StepInputs(hidden=None))
+    states[1].hidden = None
+    with pytest.raises(EngineError, match="hidden"):
+        value_guidance(states, group, logits, None)
 
 
 def test_save_load_and_shape_check(tmp_path):
@@ -286,10 +296,27 @@ class _BranchEngine(FakeEngine):
         super().__init__(self.WORDS, {})
         self.model = torch.nn.Module()
         self.model.lm_head = torch.nn.Linear(4, 6, bias=False)
-        self.processed = 0  # rows the VAS processor saw
+        self.processed = 0  # rows VAS steered
 
-    async def generate(self, seqs, params, processor=None, tally=None, kind="decode",
-                       followers=None):
+    @staticmethod
+    def _steer(value, logits, hidden):
+        """The steering's VAS on these logits, as an engine applies it (logits_ops)."""
+        from alignserve.kernels.logits_ops import (
+            ValueGuidance,
+            centred_value_sum,
+            process_logits_reference,
+            top_candidates,
+        )
+
+        ids = top_candidates(logits, value.top_k)
+        qs = [vm.q_values(hidden, ids.clamp_min(0)) for vm, _ in value.models]
+        b = logits.shape[0]
+        vg = ValueGuidance(ids, centred_value_sum(qs, [w for _, w in value.models], ids),
+                           torch.full((b,), value.beta), torch.full((b,), value.keep_others))
+        return process_logits_reference(logits, vas=vg)
+
+    async def generate(self, seqs, params, steering=None, tally=None, kind="decode",
+                       observer=None):
         self._call("generate")
         live = list(seqs)
         branch = {s.key: i for i, s in enumerate(seqs)}
@@ -297,7 +324,7 @@ class _BranchEngine(FakeEngine):
             logits = torch.full((len(live), 6), -2.0)
             for row, s in enumerate(live):
                 logits[row, 0 if s.num_output else 1 + branch[s.key] % 5] = 5.0
-            logits = processor(live, logits, StepInputs(hidden=torch.randn(len(live), 4)))
+            logits = self._steer(steering.value, logits, torch.randn(len(live), 4))
             self.processed += len(live)
             events, nxt = [], []
             for s, row in zip(live, logits):

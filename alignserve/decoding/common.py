@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, DecodeEvent
 from alignserve.engine.protocol import SeqHandle
+from alignserve.engine.steering import Steering
 
 
 async def take_root(ctx: DecodeContext) -> SeqHandle:
@@ -77,14 +78,14 @@ def final_choice(ctx: DecodeContext, index: int, seq: SeqHandle, score, streamed
     )
 
 
-async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
-                         followers: list[SeqHandle] | None = None) -> AsyncIterator[DecodeEvent]:
-    """Generate `seqs` as choices 0..n-1: their tokens as deltas, each scored once finished."""
+async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle],
+                         steering: Steering | None = None) -> AsyncIterator[DecodeEvent]:
+    """Generate `seqs` (steered by `steering`, if any) as choices 0..n-1: their tokens as
+    deltas, each scored once finished."""
     engine = ctx.engine
     index = {s.key: i for i, s in enumerate(seqs)}
     want_logprobs = ctx.request.sampling.logprobs is not None
-    gen = engine.generate(seqs, ctx.request.sampling, processor=processor, tally=ctx.tally,
-                          followers=followers)
+    gen = engine.generate(seqs, ctx.request.sampling, steering=steering, tally=ctx.tally)
     try:
         async for events in gen:
             done = []
@@ -103,16 +104,16 @@ async def stream_choices(ctx: DecodeContext, seqs: list[SeqHandle], processor=No
         await gen.aclose()
 
 
-async def best_of(ctx: DecodeContext, seqs: list[SeqHandle], processor=None,
+async def best_of(ctx: DecodeContext, seqs: list[SeqHandle], steering: Steering | None = None,
                   pick=None) -> AsyncIterator[DecodeEvent]:
-    """Decode every candidate (through `processor`, if any), score them in one batch and return
+    """Decode every candidate (steered by `steering`, if any), score them in one batch and return
     the best n: by total reward, then log-likelihood (by log-likelihood alone without rewards).
     `pick(rewards, n)`, if given, chooses the n indices instead (best_of_n's soft selection).
     The winners stream whole, once chosen. Shared by best_of_n and vas with `candidates`."""
     req = ctx.request
     # Candidates are read once finished: the engine may decode each once instead of per token.
     sampling = dataclasses.replace(req.sampling, detokenize=False)
-    async for _ in ctx.engine.generate(seqs, sampling, processor=processor, tally=ctx.tally):
+    async for _ in ctx.engine.generate(seqs, sampling, steering=steering, tally=ctx.tally):
         pass
     scores = await score_texts(ctx, [s.text for s in seqs])
     ctx.candidates_scored = max(ctx.candidates_scored, len(seqs))  # ranked, rewards or not

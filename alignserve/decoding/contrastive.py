@@ -7,34 +7,30 @@ Each step, with s = log-softmax of the next-token logits, a token scores
 
 and the request's sampling fields (temperature, top_p, top_k, min_p, seed) apply to these
 scores: temperature 0 takes their argmax. Log-probs reported for a token are the expert's.
-(Penalties, if asked for, apply to the contrasted scores on the engine paths and to the expert's
-logits before the combination in the lockstep loop, kernels.logits_ops' order.)
+The strategy hands the engine a `ContrastiveSteer` (engine.steering) and the engine does the
+rest in its own step code: it runs the amateur and combines in its logit pass. (Penalties and
+logit bias, if asked for, apply to the expert's logits before the combination on the native
+engine, kernels.logits_ops' order; vLLM applies its own penalties after its logits
+processors, so there they apply to the contrasted scores.)
 
 The amateur is one of
 - `self:L`: the expert truncated to its first L layers. The engine computes those logits in the
-  same forward pass (`prefill(early_layer=L)`, read as `StepInputs.early_logits`): no extra KV.
+  same forward pass (`prefill(early_layer=L)`, steering `EarlyLayers(L)`): no extra KV.
 - `lame_prompt`: the expert on a "lame" prompt (USCD): for a chat request the last user message
   alone (no system prompt, no earlier turns or few-shot examples), or the `lame_prompt` text the
   request supplies; for a completions request without `lame_prompt`, the empty context (the
-  tokenizer's BOS token), i.e. the model without the prompt. It runs as a follower sequence, so it
-  is fed every token sampled for the expert.
+  tokenizer's BOS token), i.e. the model without the prompt (steering `AmateurPrompt`): the
+  engine runs that context beside the expert's and feeds it every token sampled.
 - the NAME of a served amateur (`--amateur NAME=PATH`, `DecodingResources.amateurs`): another
-  engine with the same vocabulary, driven in lockstep with the expert (logits from both, combine,
-  sample, extend both).
+  model with the same vocabulary (steering `ServedAmateur`): the native engine drives the
+  amateur engine in lockstep with the expert (logits from both, combine, sample, extend both),
+  vLLM runs it in its engine core beside the served model.
 With no `amateur`, the server's default (`DecodingResources.default_amateur`) or `self:L` with L
 about a quarter of the expert's layers (8 of SmolLM2-135M's 30) is used.
-
-On the vLLM engine the combination runs in vLLM's engine core, where a Python processor cannot
-be called: each processor here also carries its declarative form, `alignserve_spec`
-(alignserve.engine.vllm.spec), and the engine fills in the amateur it knows (`self:L` from
-prefill's early_layer, the lame prompt from the followers). A served amateur there is a
-description (`in_engine_core`) whose model runs beside vLLM's, not a second engine.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +40,6 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from alignserve.decoding.base import (
-    ChoiceDelta,
-    ChoiceFinal,
     DecodeContext,
     DecodeEvent,
     DecodeRequest,
@@ -54,13 +48,17 @@ from alignserve.decoding.base import (
     StrategyParams,
     register,
 )
-from alignserve.decoding.common import format_logprobs, score_texts, stream_choices, take_root
+from alignserve.decoding.common import stream_choices, take_root
 from alignserve.decoding.resources import resources_of
-from alignserve.engine.protocol import Engine, EngineError, SeqHandle
-from alignserve.engine.text import IncrementalText
-from alignserve.kernels import dispatch
-from alignserve.kernels.logits_ops import Contrastive, Penalties, contrastive_reference
-from alignserve.kernels.sampling import row_seed
+from alignserve.engine.protocol import Engine, SeqHandle
+from alignserve.engine.steering import (
+    AmateurPrompt,
+    ContrastiveSteer,
+    EarlyLayers,
+    ServedAmateur,
+    Steering,
+)
+from alignserve.kernels.logits_ops import contrastive_reference
 
 LAME = "lame_prompt"
 _SELF = re.compile(r"self:(\d{1,6})")
@@ -219,30 +217,15 @@ def contrast_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, a
                                  torch.full((b,), beta, device=e.device))
 
 
-def make_processor(source: str, alpha: float, beta: float):
-    """A logits processor combining each row with its amateur from StepInputs (`early_logits`
-    or `follower_logits`)."""
-
-    def processor(seqs: list[SeqHandle], logits: torch.Tensor, inputs) -> torch.Tensor:
-        amateur = getattr(inputs, source)
-        if amateur is None:
-            raise RuntimeError(f"contrastive: the engine gave no {source}")
-        return contrast_scores(logits, amateur, alpha, beta)
-
-    # vLLM's form: the engine supplies the amateur (early_layer or the followers)
-    processor.alignserve_spec = {"contrastive": {"alpha": alpha, "beta": beta}}
-    return processor
-
-
-class CoreAmateurProcessor:
-    """A served amateur that runs inside the engine (vLLM's core): only the declarative form."""
-
-    def __init__(self, name: str, alpha: float, beta: float) -> None:
-        self.alignserve_spec = {"contrastive": {"alpha": alpha, "beta": beta, "amateur": name}}
-
-    def __call__(self, seqs: list[SeqHandle], logits: torch.Tensor, inputs) -> torch.Tensor:
-        raise EngineError("this amateur runs inside the engine; the engine must read "
-                          "alignserve_spec")
+def steering(amateur: Amateur, params: ContrastiveParams) -> Steering:
+    """The request's contrastive decoding as the engine's Steering value."""
+    if amateur.kind == "self":
+        source = EarlyLayers(amateur.layer)
+    elif amateur.kind == LAME:
+        source = AmateurPrompt(tuple(amateur.lame_ids))
+    else:
+        source = ServedAmateur(amateur.spec, model=amateur.engine)
+    return Steering(contrastive=ContrastiveSteer(source, alpha=params.alpha, beta=params.beta))
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -264,152 +247,15 @@ async def _prefill(engine: Engine, ids: Sequence[int], ctx: DecodeContext, n: in
 async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     req, engine = ctx.request, ctx.engine
     amateur = resolve_amateur(req, engine, ctx.resources)
-    in_core = getattr(amateur.engine, "in_engine_core", False)
-    if amateur.kind == "model" and not in_core:
-        async for event in _lockstep(ctx, amateur.engine):
-            yield event
-        return
-    p: ContrastiveParams = req.params
     seqs: list[SeqHandle] = []
-    followers: list[SeqHandle] = []
     try:
-        if amateur.kind == "model":
-            seqs = await _prefill(engine, req.prompt_ids, ctx, req.n)
-            processor = CoreAmateurProcessor(amateur.spec, p.alpha, p.beta)
-        elif amateur.kind == "self":
-            seqs = await _prefill(engine, req.prompt_ids, ctx, req.n, early_layer=amateur.layer)
-            processor = make_processor("early_logits", p.alpha, p.beta)
-        else:
-            seqs = await _prefill(engine, req.prompt_ids, ctx, req.n)
-            followers = await _prefill(engine, amateur.lame_ids, ctx, req.n)
-            processor = make_processor("follower_logits", p.alpha, p.beta)
-        async for event in _stream(ctx, seqs, processor, followers or None):
+        seqs = await _prefill(engine, req.prompt_ids, ctx, req.n,
+                              early_layer=amateur.layer if amateur.kind == "self" else None)
+        async for event in stream_choices(ctx, seqs, steering(amateur, req.params)):
             yield event
+        yield ctx.summary(sum(s.num_output for s in seqs))
     finally:
-        await engine.release(seqs + followers)
-
-
-async def _stream(ctx: DecodeContext, seqs: list[SeqHandle], processor, followers):
-    async for event in stream_choices(ctx, seqs, processor=processor, followers=followers):
-        yield event
-    yield ctx.summary(sum(s.num_output for s in seqs))
-
-
-@dataclass
-class _Row:
-    """One choice of the lockstep loop (the strategy keeps what the engine's generate would)."""
-
-    text: IncrementalText
-    out: list[int] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    entries: list[dict] = field(default_factory=list)
-    finished: bool = False
-    reason: str | None = None
-
-
-def _penalties(rows: list[_Row], sp, device) -> Penalties | None:
-    if not (sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0):
-        return None
-    uniq = [torch.unique(torch.tensor(r.out or [-1], dtype=torch.int64), return_counts=True)
-            for r in rows]
-    width = max(len(u[0]) for u in uniq)
-    ids = torch.full((len(rows), width), -1, dtype=torch.int64)
-    counts = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, (u, c) in enumerate(uniq):
-        ids[i, : len(u)], counts[i, : len(c)] = u, c
-    counts[ids < 0] = 0
-    b = len(rows)
-    return Penalties(ids.to(device), counts.to(device),
-                     torch.full((b,), sp.repetition_penalty, device=device),
-                     torch.full((b,), sp.frequency_penalty, device=device),
-                     torch.full((b,), sp.presence_penalty, device=device))
-
-
-async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[DecodeEvent]:
-    """Expert and a served amateur fed the same tokens: logits of both, combine, sample, extend."""
-    req, engine = ctx.request, ctx.engine
-    p: ContrastiveParams = req.params
-    sp = req.sampling
-    n, plen = req.n, len(req.prompt_ids)
-    max_tokens = min(sp.max_tokens, engine.max_model_len - plen, amateur.max_model_len - plen)
-    stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(engine.eos_token_ids))
-    base = sp.seed if sp.seed is not None else random.getrandbits(62)
-    seqs: list[SeqHandle] = []
-    aseqs: list[SeqHandle] = []
-    rows = [_Row(IncrementalText(engine.tokenizer, req.prompt_ids, sp.stop)) for _ in range(n)]
-    try:
-        seqs = await _prefill(engine, req.prompt_ids, ctx, n)
-        aseqs = await _prefill(amateur, req.prompt_ids, ctx, n)
-        while True:
-            live = [i for i in range(n) if not rows[i].finished]
-            if not live:
-                break
-            e, a = await asyncio.gather(engine.logits([seqs[i] for i in live]),
-                                        amateur.logits([aseqs[i] for i in live]))
-            b = len(live)
-            logprobs = torch.log_softmax(e.float(), dim=-1)
-            scores = e.float().clone()
-            early = [j for j, i in enumerate(live) if len(rows[i].out) < sp.min_tokens]
-            if early and stop_ids:
-                scores[torch.tensor(early).unsqueeze(1),
-                       torch.tensor(sorted(stop_ids)).unsqueeze(0)] = float("-inf")
-            tokens = dispatch.sample(
-                scores, torch.full((b,), sp.temperature), torch.full((b,), sp.top_k),
-                torch.full((b,), sp.top_p), torch.full((b,), sp.min_p),
-                [row_seed(row_seed(base, i), len(rows[i].out)) for i in live],
-                penalties=_penalties([rows[i] for i in live], sp, scores.device),
-                contrastive=Contrastive(a.float(), torch.arange(b), torch.full((b,), p.alpha),
-                                        torch.full((b,), p.beta)),
-            ).tolist()
-            finals: list[int] = []
-            feed: list[tuple[int, int]] = []
-            for j, (i, tok) in enumerate(zip(live, tokens)):
-                row = rows[i]
-                lp = float(logprobs[j, tok])
-                row.out.append(tok)
-                row.cumulative_logprob += lp
-                entry = None
-                if sp.logprobs is not None:
-                    top = []
-                    if sp.logprobs:
-                        vals, idx = torch.topk(logprobs[j], min(sp.logprobs, logprobs.shape[1]))
-                        top = list(zip(idx.tolist(), vals.tolist()))
-                    entry = {"token_id": tok, "logprob": lp, "top": top}
-                    row.entries.append(entry)
-                stop_id = tok in stop_ids and len(row.out) >= sp.min_tokens
-                if stop_id or row.text.push(tok) is not None:
-                    row.reason = "stop"
-                elif len(row.out) >= max_tokens:
-                    row.reason = "length"
-                row.finished = row.reason is not None
-                delta = row.text.delta(final=row.finished)
-                lps = format_logprobs(engine, [entry]) if entry is not None else []
-                if delta or lps:
-                    yield ChoiceDelta(i, delta, [tok], lps)
-                if row.finished:
-                    finals.append(i)
-                else:
-                    feed.append((i, tok))
-            if finals:
-                scores_ = await score_texts(ctx, [rows[i].text.text for i in finals])
-                for i, score in zip(finals, scores_):
-                    row = rows[i]
-                    yield ChoiceFinal(
-                        index=i, text=row.text.text, token_ids=list(row.out),
-                        finish_reason=row.reason or "stop",
-                        reward=None if score is None else score.total,
-                        components={} if score is None else dict(score.components),
-                        cumulative_logprob=row.cumulative_logprob,
-                        logprobs=format_logprobs(engine, row.entries) if row.entries else [],
-                        streamed=True)
-            if feed:
-                await asyncio.gather(
-                    engine.extend([seqs[i] for i, _ in feed], [[t] for _, t in feed], ctx.tally),
-                    amateur.extend([aseqs[i] for i, _ in feed], [[t] for _, t in feed],
-                                   ctx.tally))
-        yield ctx.summary(sum(len(r.out) for r in rows))
-    finally:
-        await asyncio.gather(engine.release(seqs), amateur.release(aseqs))
+        await engine.release(seqs)
 
 
 STRATEGY = register(Strategy(

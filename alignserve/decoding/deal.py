@@ -364,7 +364,7 @@ class _Search:
                                 stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
                                 detokenize=False)  # rollouts are scored on deal's own text
         by_key = {c.child.key: c for c in expand}
-        gen = engine.generate(children, params, processor=capture if commit > 1 else None,
+        gen = engine.generate(children, params, observer=capture if commit > 1 else None,
                               tally=ctx.tally, kind="lookahead")
         async with contextlib.aclosing(gen):
             async for events in gen:

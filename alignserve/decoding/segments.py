@@ -200,7 +200,7 @@ class SegmentSearch:
         by_key = {p.seq.key: p for p in group}
         new: dict[Any, list[tuple[int, float, Any]]] = {k: [] for k in by_key}
         reasons: dict[Any, str | None] = {}
-        gen = self.engine.generate([p.seq for p in group], params, processor=observer,
+        gen = self.engine.generate([p.seq for p in group], params, observer=observer,
                                    tally=self.ctx.tally, kind="decode")
         async with contextlib.aclosing(gen):
             async for events in gen:

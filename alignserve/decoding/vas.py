@@ -1,11 +1,10 @@
 """`vas`: value-augmented sampling (Han et al. 2024, arXiv 2405.06639).
 
-Each step, for every sequence, a logits processor (run by the engine between its forward pass
-and sampling) takes the base model's `top_k` candidate tokens C(s), evaluates each requested
-value model's Q_i(s, a) on them from the final hidden state the engine hands it
-(StepInputs.hidden: for value heads on the served model this costs no backbone compute),
-centres each Q_i over the candidates and adds the weighted sum, scaled by `beta`, to the
-candidates' logits:
+Each step, for every sequence, the engine takes the base model's `top_k` candidate tokens
+C(s), evaluates each requested value model's Q_i(s, a) on them from the final hidden state
+(for value heads on the served model this costs no backbone compute), centres each Q_i over
+the candidates and adds the weighted sum, scaled by `beta`, to the candidates' logits, in its
+fused logit pass. The strategy only hands it the request's `ValueSteer` (engine.steering):
 
     score(a) = logit0(a) + beta * sum_i w_i * (Q_i(s, a) - mean_{b in C(s)} Q_i(s, b))   a in C(s)
     score(a) = -inf                     (or logit0(a) with keep_non_candidates)      otherwise
@@ -52,8 +51,8 @@ from alignserve.decoding.base import (
 )
 from alignserve.decoding.common import best_of, prefill_branches, stream_choices
 from alignserve.decoding.resources import resources_of
-from alignserve.engine.protocol import EngineError, SeqHandle, StepInputs
-from alignserve.kernels.logits_ops import vas_reference
+from alignserve.engine.steering import Steering, ValueSteer
+from alignserve.kernels.logits_ops import centred_value_sum, top_candidates, vas_reference
 
 DEFAULT_BETA = 50.0
 DEFAULT_TOP_K = 10
@@ -97,22 +96,13 @@ class VasParams(StrategyParams):
 
 def candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The base model's top_k token ids per row [B, K] (int64); -1 where a row has fewer than
-    K tokens with a finite logit."""
-    k = min(top_k, logits.shape[-1])
-    vals, ids = torch.topk(logits, k, dim=-1)
-    return torch.where(torch.isfinite(vals), ids, torch.full_like(ids, -1))
+    K tokens with a finite logit (kernels.logits_ops.top_candidates, what the engines use)."""
+    return top_candidates(logits, top_k)
 
 
 def combine_values(qs: list[torch.Tensor], weights: list[float], ids: torch.Tensor) -> torch.Tensor:
     """sum_i w_i * (Q_i - mean over the row's valid candidates of Q_i) [B, K] (0 at padding)."""
-    valid = (ids >= 0).float()
-    count = valid.sum(-1, keepdim=True).clamp_min(1.0)
-    total = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    for q, w in zip(qs, weights):
-        q = q.float().to(ids.device) * valid
-        centred = (q - q.sum(-1, keepdim=True) / count) * valid
-        total = total + float(w) * centred
-    return total
+    return centred_value_sum(qs, weights, ids)
 
 
 def vas_logits(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, beta: float,
@@ -127,36 +117,10 @@ def vas_logits(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, be
     )
 
 
-class VasProcessor:
-    """The engine-side logits processor of one request."""
-
-    def __init__(self, models: list[tuple[Any, float]], beta: float, top_k: int,
-                 keep_non_candidates: bool) -> None:
-        self.models, self.beta, self.top_k = models, beta, top_k
-        self.keep = keep_non_candidates
-
-    @property
-    def alignserve_spec(self) -> dict:
-        """This processor as the vLLM engine carries it to its engine core, where value models
-        load from their directories (alignserve.engine.vllm.spec)."""
-        unsaved = [vm.name for vm, _ in self.models if getattr(vm, "path", None) is None]
-        if unsaved:
-            raise EngineError(f"value models {unsaved} have no directory; on vLLM value models "
-                              "are loaded from disk")
-        return {"vas": {"beta": self.beta, "top_k": self.top_k, "keep_others": self.keep,
-                        "value_models": [{"path": str(vm.path), "weight": w}
-                                         for vm, w in self.models]}}
-
-    def __call__(self, seqs: list[SeqHandle], logits: torch.Tensor,
-                 inputs: StepInputs) -> torch.Tensor:
-        if inputs.hidden is None:
-            raise EngineError("vas needs the hidden states behind the logits; this engine "
-                              "does not provide them")
-        ids = candidates(logits, self.top_k)
-        safe = ids.clamp_min(0)
-        qs = [vm.q_values(inputs.hidden, safe) for vm, _ in self.models]
-        values = combine_values(qs, [w for _, w in self.models], ids)
-        return vas_logits(logits, ids, values.to(logits.device), self.beta, self.keep)
+def steering(models: list[tuple[Any, float]], params: VasParams) -> Steering:
+    """The request's VAS as the engine's Steering value."""
+    return Steering(value=ValueSteer(models=tuple(models), beta=params.beta, top_k=params.top_k,
+                                     keep_others=params.keep_non_candidates))
 
 
 # ------------------------------------------------------------------------ the value models
@@ -252,15 +216,15 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     req, engine = ctx.request, ctx.engine
     params: VasParams = req.params
     models = resolve_value_models(params, engine, ctx.resources)
-    processor = VasProcessor(models, params.beta, params.top_k, params.keep_non_candidates)
+    steer = steering(models, params)
     k = max(params.candidates or req.n, req.n)
     seqs = await prefill_branches(ctx, k)
     try:
         if k > req.n:
-            async for event in best_of(ctx, seqs, processor):
+            async for event in best_of(ctx, seqs, steer):
                 yield event
             return
-        async for event in stream_choices(ctx, seqs, processor=processor):
+        async for event in stream_choices(ctx, seqs, steering=steer):
             yield event
         yield ctx.summary(sum(s.num_output for s in seqs))
     finally:

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from alignserve.engine.steering import Steering
+
 
 @dataclass
 class SamplingParams:
@@ -65,24 +67,24 @@ class SamplingParams:
 
 @dataclass
 class StepInputs:
-    """What a logits processor may read besides the logits, row for row.
+    """What an observer may read besides the logits, row for row.
 
-    hidden: the final (normalized) hidden state that produced each row's logits [B, hidden];
-    early_logits: logits of the model truncated to the sequence's `early_layer` (the
-    contrastive amateur `self:L`), when the sequence asked for them at prefill;
-    follower_logits: pending logits of each row's follower (a second context fed the same
-    tokens in lockstep, e.g. the lame-prompt amateur), when generate was given followers.
+    hidden: the final (normalized) hidden state that produced each row's logits [B, hidden]
+    (None where the engine does not expose it, e.g. vLLM);
+    early_logits: logits of the model truncated to the sequence's `early_layer`, when the
+    sequence asked for them at prefill.
     """
 
     hidden: torch.Tensor | None = None
     early_logits: torch.Tensor | None = None
-    follower_logits: torch.Tensor | None = None
 
 
-# A logits processor sees the rows of one request in one step and returns new logits.
-# It runs where the engine computes (the engine's worker thread), between the forward pass
-# and sampling. VAS and contrastive decoding are processors.
-LogitsProcessor = Callable[[list["SeqHandle"], torch.Tensor, StepInputs], torch.Tensor]
+# An observer sees the rows of one request in one step: their handles, the model's own
+# next-token logits [B, V] (what is sampled from is the request's Steering, applied by the
+# engine) and StepInputs. It runs where the engine computes, before sampling; what it returns
+# is ignored: it watches (DeAL's capture of rollout distributions, value-model training data),
+# it never steers. Steering is data: alignserve.engine.steering.
+Observer = Callable[[list["SeqHandle"], torch.Tensor, StepInputs], Any]
 
 
 @dataclass
@@ -204,12 +206,14 @@ class Engine(Protocol):
         """The pending next-token logits, float32 [len(seqs), vocab] on CPU."""
 
     def generate(
-        self, seqs: list[SeqHandle], params: SamplingParams, processor: LogitsProcessor | None = None,
-        tally: TokenTally | None = None, kind: str = "decode",
-        followers: list[SeqHandle] | None = None,
+        self, seqs: list[SeqHandle], params: SamplingParams, steering: Steering | None = None,
+        tally: TokenTally | None = None, kind: str = "decode", observer: Observer | None = None,
     ) -> AsyncIterator[list[TokenEvent]]:
         """Sample every sequence until it stops; yields the tokens committed in each step.
-        `followers[i]` (optional) is fed every token sampled for `seqs[i]`."""
+        `steering` (contrastive, value guidance) is applied with `params`' penalties, logit
+        bias, min_tokens and grammar in the engine's logit pass; whatever it needs (an
+        amateur's context, value models' Q) the engine computes itself. `observer`, if given,
+        watches each step's logits (see Observer)."""
 
     async def truncate(self, seq: SeqHandle, length: int) -> None:
         """Roll `seq` back to its first `length` tokens (logits are no longer pending)."""

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from alignserve.engine.protocol import SeqHandle, StepInputs, TokenEvent, TokenTally
+from alignserve.engine.steering import EarlyLayers, ServedAmateur
+from alignserve.kernels.logits_ops import Contrastive, process_logits_reference
 
 
 class FakeTokenizer:
@@ -86,18 +88,38 @@ class FakeEngine:
     async def logits(self, seqs) -> torch.Tensor:
         return torch.stack([self._row(self.table, s) for s in seqs])
 
-    async def generate(self, seqs, params, processor=None, tally=None, kind="decode",
-                       followers=None):
+    def _amateur(self, steering, live) -> Contrastive | None:
+        """Steering's contrastive part on the fake's tables: `EarlyLayers` reads the early
+        table, `ServedAmateur` another fake engine's table on the same tokens (the fake has no
+        other amateur)."""
+        c = steering.contrastive if steering is not None else None
+        if c is None:
+            return None
+        if isinstance(c.amateur, EarlyLayers):
+            assert self.early_table is not None and all(s.user == c.amateur.layers for s in live)
+            rows = [self._row(self.early_table, s) for s in live]
+        else:
+            assert isinstance(c.amateur, ServedAmateur), "the fake serves no other amateur"
+            rows = [c.amateur.model._row(c.amateur.model.table, s) for s in live]
+        b = len(live)
+        return Contrastive(torch.stack(rows), torch.arange(b), torch.full((b,), c.alpha),
+                           torch.full((b,), c.beta))
+
+    async def generate(self, seqs, params, steering=None, tally=None, kind="decode",
+                       observer=None):
         self._call("generate")
         assert params.greedy, "the fake engine only decodes greedily"
+        assert steering is None or steering.value is None, "the fake engine has no value models"
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         live = list(seqs)
         while live:
             logits = torch.stack([self._row(self.table, s) for s in live])
-            if processor is not None:
-                early = (torch.stack([self._row(self.early_table, s) for s in live])
-                         if self.early_table is not None else None)
-                logits = processor(live, logits, StepInputs(early_logits=early))
+            if observer is not None:
+                observer(live, logits, StepInputs())
+            for i, s in enumerate(live):  # min_tokens: no stop token before it
+                if s.num_output < params.min_tokens:
+                    logits[i, sorted(stop_ids)] = float("-inf")
+            logits = process_logits_reference(logits, contrastive=self._amateur(steering, live))
             lp = torch.log_softmax(torch.stack([self._row(self.table, s) for s in live]), -1)
             events, nxt = [], []
             for s, row, lrow in zip(live, logits, lp):

@@ -28,19 +28,21 @@ from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
+from alignserve.engine.native.amateurs import open_contexts
 from alignserve.engine.native.sampler import prompt_logprob_entries, sample_rows
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import (
     CapacityError,
     EngineError,
     EngineStats,
-    LogitsProcessor,
+    Observer,
     SamplingParams,
     SeqHandle,
     TokenEvent,
     TokenTally,
     check_prefill,
 )
+from alignserve.engine.steering import AmateurPrompt, ServedAmateur, Steering
 from alignserve.engine.text import DeferredText, IncrementalText, TextCodec
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class _StepResult:
     events: list[tuple[GenGroup, list[TokenEvent]]] = field(default_factory=list)
     finished_feeds: list[_Feed] = field(default_factory=list)
     failed: list[tuple[asyncio.Future | GenGroup, Exception]] = field(default_factory=list)
+    amateur_feeds: list[tuple[GenGroup, SeqState, int]] = field(default_factory=list)
 
 
 class NativeEngine(TextCodec):
@@ -263,11 +266,11 @@ class NativeEngine(TextCodec):
                 del self._chains[st.id]
 
     async def generate(self, seqs: list[SeqHandle], params: SamplingParams,
-                       processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
-                       kind: str = "decode", followers: list[SeqHandle] | None = None,
+                       steering: Steering | None = None, tally: TokenTally | None = None,
+                       kind: str = "decode", observer: Observer | None = None,
                        ) -> AsyncIterator[list[TokenEvent]]:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        group = GenGroup(params, processor, asyncio.Queue(), tally, kind, stop_ids)
+        group = GenGroup(params, steering or None, observer, asyncio.Queue(), tally, kind, stop_ids)
         base = params.seed if params.seed is not None else random.getrandbits(62)
         from alignserve.kernels.sampling import row_seed
 
@@ -282,12 +285,12 @@ class NativeEngine(TextCodec):
             else:
                 st.text = DeferredText(self.tokenizer, st.handle.output_ids, initial)
             group.live += 1
-        for st, f in zip(states, followers or []):
-            follower = self._state(f)
-            if follower.logits is None:
-                raise EngineError("a follower needs pending logits")
-            st.follower = follower
-            follower.extra["counts_for"] = group
+        try:
+            contexts = await self._open_amateurs(states, group)
+        except BaseException:
+            for st in states:
+                st.group = None
+            raise
         for st in states:
             self._generating[st.id] = st
         self._wake.set()
@@ -308,10 +311,81 @@ class NativeEngine(TextCodec):
                 if st.follower is not None:
                     st.follower.extra.pop("counts_for", None)
                     st.follower = None
+                st.amateur, st.amateur_pending = None, False
+            await self._close_amateurs(group, contexts)
+
+    # contrastive amateurs (steering) --------------------------------------------------------
+    async def _open_amateurs(self, states: list[SeqState], group: GenGroup) -> list[SeqHandle]:
+        """The contexts the group's amateur reads (see amateurs.py), attached to the states."""
+        steer = group.steering.contrastive if group.steering is not None else None
+        amateur = steer.amateur if steer is not None else None
+        handles = [st.handle for st in states]
+        if isinstance(amateur, AmateurPrompt):
+            prompt = list(amateur.prompt_ids)
+            contexts = await open_contexts(self, handles, lambda h: prompt + h.output_ids,
+                                           group.tally)
+            for st, h in zip(states, contexts):
+                st.follower = self._state(h)
+                st.follower.extra["counts_for"] = group
+            return contexts
+        if isinstance(amateur, ServedAmateur):
+            engine = amateur.model
+            if engine is None or not hasattr(engine, "extend"):
+                raise EngineError(f"amateur {amateur.name!r} is not an engine this one can drive")
+            if engine.vocab_size != self.vocab_size:
+                raise EngineError(f"amateur {amateur.name!r} has another vocabulary")
+            group.amateur = engine
+            contexts = await open_contexts(engine, handles, lambda h: list(h.token_ids),
+                                           group.tally)
+            for st, h in zip(states, contexts):
+                st.amateur, st.amateur_pending = h, False
+            return contexts
+        return []
+
+    async def _close_amateurs(self, group: GenGroup, contexts: list[SeqHandle]) -> None:
+        for task in list(group.feeding):
+            task.cancel()
+        if group.feeding:
+            await asyncio.gather(*group.feeding, return_exceptions=True)
+        if contexts:
+            await (group.amateur or self).release(contexts)
+
+    def _served_logits(self, st: SeqState) -> torch.Tensor | None:
+        """A served amateur's pending logits for `st` (read while it is idle: not pending)."""
+        group = st.group
+        if group is None or group.amateur is None or st.amateur is None:
+            return None
+        return group.amateur._state(st.amateur).logits
+
+    def _feed_amateurs(self, feeds: list[tuple[GenGroup, SeqState, int]]) -> None:
+        """Extend each served amateur with the tokens its sequences just sampled; they sample
+        again once it is done (event loop)."""
+        by_group: dict[int, tuple[GenGroup, list[tuple[SeqState, int]]]] = {}
+        for group, st, tok in feeds:
+            by_group.setdefault(id(group), (group, []))[1].append((st, tok))
+        for group, items in by_group.values():
+            task = asyncio.ensure_future(self._feed_amateur(group, items))
+            group.feeding.add(task)
+            task.add_done_callback(group.feeding.discard)
+
+    async def _feed_amateur(self, group: GenGroup, items: list[tuple[SeqState, int]]) -> None:
+        try:
+            await group.amateur.extend([st.amateur for st, _ in items],
+                                       [[tok] for _, tok in items], group.tally)
+        except Exception as exc:  # noqa: BLE001  (the generate call raises it)
+            if group.live > 0:
+                group.live = 0
+                group.queue.put_nowait(EngineError(f"the amateur failed: {exc}"))
+        finally:
+            for st, _ in items:
+                st.amateur_pending = False
+            self._wake.set()
 
     # the loop ---------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._generating or self._feeds or self._prefills)
+        # a sequence waiting for its served amateur is not work until the amateur is fed
+        return bool(self._feeds or self._prefills
+                    or any(not st.amateur_pending for st in self._generating.values()))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -362,6 +436,8 @@ class NativeEngine(TextCodec):
         return out
 
     def _deliver(self, result: _StepResult, prefills: list[_Feed]) -> None:
+        if result.amateur_feeds:
+            self._feed_amateurs(result.amateur_feeds)
         for group, events in result.events:
             group.queue.put_nowait(events)
         for feed in result.finished_feeds:
@@ -474,11 +550,11 @@ class NativeEngine(TextCodec):
         by_group: dict[int, tuple[GenGroup, list[SeqState]]] = {}
         for st in gen:
             group = st.group
-            if group is not None and st.logits is not None:
+            if group is not None and st.logits is not None and not st.amateur_pending:
                 by_group.setdefault(id(group), (group, []))[1].append(st)
         cont: list[tuple[SeqState, int]] = []
         for group, states in by_group.values():
-            rows = sample_rows(states, group, self.vocab_size)
+            rows = sample_rows(states, group, self.vocab_size, self._served_logits)
             events = []
             for st, (tok, lp, top) in zip(states, rows):
                 ev = self._commit(st, tok, lp, top, group)
@@ -491,6 +567,9 @@ class NativeEngine(TextCodec):
                     follower = st.follower
                     if follower is not None and not follower.released:
                         cont.append((follower, tok))
+                    if st.amateur is not None:
+                        st.amateur_pending = True
+                        result.amateur_feeds.append((group, st, tok))
             result.events.append((group, events))
         return cont
 

@@ -1,45 +1,22 @@
-"""Turn one generate group's pending logits into tokens: processors, constraints, sampling."""
+"""Turn one generate group's pending logits into tokens: one fused pass over the logits.
+
+Everything that shapes what a row samples (the request's penalties and logit bias, min_tokens
+and its grammar, the group's Steering: contrastive and value guidance) goes to
+`kernels.dispatch.sample` as data in a single call (`steering_inputs.py` builds it): the
+fused Triton kernel on CUDA, the PyTorch reference elsewhere, the same code path in production
+and in the tests. Log-probs reported for the chosen tokens are the model's own (the raw
+logits), as vLLM reports them.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from alignserve.engine.grammar import GrammarState, mask_logits, new_bitmask
+from alignserve.engine.native import steering_inputs as inputs
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import StepInputs
 from alignserve.kernels import dispatch
 from alignserve.kernels.sampling import row_seed
-
-
-def apply_penalties(logits: torch.Tensor, states: list[SeqState], params) -> torch.Tensor:
-    """OpenAI presence/frequency penalties and the multiplicative repetition penalty."""
-    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
-        return logits
-    logits = logits.clone()
-    for i, st in enumerate(states):
-        out = st.handle.output_ids
-        if not out:
-            continue
-        ids = torch.tensor(out, device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
-        seen = counts > 0
-        if params.repetition_penalty != 1.0:
-            rp = params.repetition_penalty
-            row = logits[i]
-            logits[i] = torch.where(seen, torch.where(row > 0, row / rp, row * rp), row)
-        logits[i] -= params.frequency_penalty * counts + params.presence_penalty * seen.to(logits.dtype)
-    return logits
-
-
-def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
-    """OpenAI's logit_bias: each listed token's logit moves by its value, in every row."""
-    if not bias:
-        return logits
-    ids = torch.tensor(list(bias), device=logits.device)
-    values = torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
-    logits = logits.clone()
-    logits[:, ids] += values
-    return logits
 
 
 def prompt_logprob_entries(logits: torch.Tensor, next_ids: list[int], k: int) -> list[dict]:
@@ -60,63 +37,36 @@ def step_inputs(states: list[SeqState]) -> StepInputs:
     def stack(values):
         return torch.stack(values).float() if values and all(v is not None for v in values) else None
 
-    followers = [st.follower for st in states]
-    return StepInputs(
-        hidden=stack([st.hidden for st in states]),
-        early_logits=stack([st.early_logits for st in states]),
-        follower_logits=stack([f.logits if f is not None else None for f in followers]),
-    )
+    return StepInputs(hidden=stack([st.hidden for st in states]),
+                      early_logits=stack([st.early_logits for st in states]))
 
 
-def grammar_states(states: list[SeqState], params) -> list[GrammarState] | None:
-    """Each row's matcher, brought to its sequence's output (started on the first step of a
-    sequence that has none; a fork copied its parent's, a truncate rolled it back)."""
-    compiled = params.grammar
-    if compiled is None:
-        return None
-    out = []
-    for st in states:
-        if st.grammar is None:
-            st.grammar = compiled.new_state()
-        st.grammar.sync(st.handle.output_ids)
-        out.append(st.grammar)
-    return out
-
-
-def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tuple[int, float, list | None]]:
-    """[(token, logprob of the token under the model, top logprobs or None)] per state."""
+def sample_rows(states: list[SeqState], group: GenGroup, vocab: int,
+                served_logits=None) -> list[tuple[int, float, list | None]]:
+    """[(token, logprob of the token under the model, top logprobs or None)] per state.
+    `served_logits(state)`: a served amateur's pending logits for the row (contrastive)."""
     params = group.params
     raw = torch.stack([st.logits for st in states]).float()
-    logits = raw
-    if group.processor is not None:
-        logits = group.processor([st.handle for st in states], logits, step_inputs(states))
-    logits = apply_penalties(logits, states, params)
-    logits = apply_logit_bias(logits, params.logit_bias)
-    grammars = grammar_states(states, params)
-    # min_tokens never masks the stop token of a row whose grammar allows nothing else
-    early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens
-             and not (grammars and grammars[i].completed)]
-    if early and group.stop_ids:
-        logits = logits.clone() if logits is raw else logits
-        stop = torch.tensor(sorted(group.stop_ids), device=logits.device)
-        rows = torch.tensor(early, device=logits.device)
-        logits[rows.unsqueeze(1), stop.unsqueeze(0)] = float("-inf")
-    if grammars is not None:
-        # last, after steering, penalties and bias: nothing can revive a disallowed token
-        # one bitmask buffer per generate group, reused every step (grown when rows join)
-        if group.bitmask is None or group.bitmask.shape[0] < len(grammars):
-            group.bitmask = new_bitmask(len(grammars), logits.shape[-1])
-        logits = mask_logits(grammars, logits.clone() if logits is raw else logits,
-                             group.bitmask)
-    b = len(states)
-    dev = logits.device
+    if group.observer is not None:
+        group.observer([st.handle for st in states], raw, step_inputs(states))
+    b, dev = len(states), raw.device
+    grammars = inputs.grammar_states(states, params)
+    allowed = inputs.allowed_tokens(states, group, grammars, raw.shape[-1])
+    penalties = inputs.penalties(states, params, dev)
+    bias = inputs.logit_bias(params.logit_bias, b, dev)
+    contrastive = inputs.contrastive(states, group, dev, served_logits)
+    vas = inputs.value_guidance(states, group, raw, allowed)
+    # the Triton path writes the sparse inputs into its logits: keep `raw` for the logprobs
+    scratch = raw.clone() if (penalties or bias or vas) else raw
     tokens = dispatch.sample(
-        logits,
+        scratch,
         torch.full((b,), params.temperature, device=dev),
         torch.full((b,), params.top_k, device=dev, dtype=torch.int64),
         torch.full((b,), params.top_p, device=dev),
         torch.full((b,), params.min_p, device=dev),
         [row_seed(st.rng_seed, st.handle.num_output) for st in states],
+        penalties=penalties, bias=bias, contrastive=contrastive, vas=vas,
+        allowed=None if allowed is None else allowed.to(dev, non_blocking=True),
     )
     # The chosen tokens' logprobs without writing out the whole log-softmax, and tokens and
     # logprobs read back together: one device-to-host copy per step, not two (float64 holds

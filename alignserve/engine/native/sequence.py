@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from alignserve.engine.native.kv_cache import Segment
-from alignserve.engine.protocol import LogitsProcessor, SamplingParams, SeqHandle, TokenTally
+from alignserve.engine.protocol import Observer, SamplingParams, SeqHandle, TokenTally
+from alignserve.engine.steering import Steering
 from alignserve.engine.text import DeferredText, IncrementalText
 
 
@@ -18,13 +19,16 @@ class GenGroup:
     """Sequences that one `generate` call samples with the same parameters."""
 
     params: SamplingParams
-    processor: LogitsProcessor | None
+    steering: Steering | None
+    observer: Observer | None
     queue: asyncio.Queue
     tally: TokenTally | None
     kind: str
     stop_ids: frozenset[int]
     live: int = 0
-    bitmask: Any = None  # the grammar's token-mask buffer, reused by each step (sampler.py)
+    bitmask: Any = None  # the allowed-token mask buffer, reused by each step (sampler.py)
+    amateur: Any = None  # a served amateur engine (steering), fed in lockstep
+    feeding: set = field(default_factory=set)  # its extend tasks in flight
 
 
 @dataclass(eq=False)
@@ -36,7 +40,13 @@ class SeqState:
     hidden: torch.Tensor | None = None  # the normalized hidden state behind `logits`
     early_layer: int | None = None  # also keep the logits of the first early_layer layers
     early_logits: torch.Tensor | None = None
-    follower: SeqState | None = None  # fed every token this sequence samples
+    # the contrastive amateur's context when it is the expert on another prompt: a sequence of
+    # this engine fed every token this one samples
+    follower: SeqState | None = None
+    # a served amateur (another engine) in lockstep: its handle, and whether the token this
+    # sequence last sampled is still being fed to it (the sequence waits for its logits)
+    amateur: SeqHandle | None = None
+    amateur_pending: bool = False
     group: GenGroup | None = None
     rng_seed: int = 0
     text: IncrementalText | DeferredText | None = None

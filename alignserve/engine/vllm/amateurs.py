@@ -1,17 +1,17 @@
 """Served amateurs (`--amateur NAME=PATH`) on the vLLM engine.
 
-On the native engine a served amateur is a second engine that `contrastive` drives in lockstep
-with the expert. On vLLM the amateur runs in vLLM's engine core, beside the served model, as a
-side model of `AlignLogitsProcessor` (source "model"), and vLLM never hands out exact full
-logits for a lockstep loop anyway. So the API process holds only a description: what
-`contrastive` checks a request against (vocabulary, context) and the name its processor
-arguments carry; `VllmEngine` maps the name to the path (`amateur_paths`).
+On the native engine a served amateur is a second engine that the expert engine drives in
+lockstep (engine/native/amateurs.py). On vLLM the amateur runs in vLLM's engine core, beside
+the served model, as a side model of `AlignLogitsProcessor` (source "model"), and vLLM never
+hands out exact full logits for a lockstep loop anyway. So the API process holds only a
+description: what `contrastive` checks a request against (vocabulary, context) and what its
+steering names (`ServedAmateur(name, model=this)`); `VllmEngine` maps the name to the path
+(`amateur_paths`, or this description's `path`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,6 @@ class CoreAmateur:
     path: str
     vocab_size: int
     max_model_len: int
-    # contrastive: steer with the processor's arguments, never drive it in lockstep
-    in_engine_core: ClassVar[bool] = True
 
     @classmethod
     def read(cls, name: str, path: str) -> CoreAmateur:

@@ -19,10 +19,9 @@ requests, with vLLM's prefix cache doing what fork does natively:
   tokens (enough for DeAL's actions, not for sampling from the tail). Lookahead generations
   request the same top-k for every token they sample, so a beam truncated back into one of
   its rollouts already knows its next-token distribution and needs no request.
-- logits processors run in vLLM's engine-core process, so a strategy's Python processor
-  cannot be called there; a processor that supports vLLM carries its arguments in a
-  declarative `alignserve_spec` (see `_processor_args`) that travels in
-  SamplingParams.extra_args to `AlignLogitsProcessor`.
+- steering (engine.steering: contrastive, value guidance) is data: the adapter writes each
+  sequence's into SamplingParams.extra_args (`_steering_args`, format `spec.py`) and
+  `AlignLogitsProcessor` applies it in vLLM's engine-core process, side models included.
 
 Model tokens (defined once for both engines in API.md): each token a sequence's lineage puts
 before the model counts once, however vLLM schedules it: a prompt shared by N children counts
@@ -35,7 +34,6 @@ the generate call's kind. vLLM's own recomputation (a prefix-cache miss) shows i
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import json
 import logging
@@ -52,7 +50,7 @@ from alignserve.engine.protocol import (
     CapacityError,
     EngineError,
     EngineStats,
-    LogitsProcessor,
+    Observer,
     RequestError,
     SamplingParams,
     SeqHandle,
@@ -61,6 +59,7 @@ from alignserve.engine.protocol import (
     TokenTally,
     check_prefill,
 )
+from alignserve.engine.steering import AmateurPrompt, ServedAmateur, Steering
 from alignserve.engine.text import TextCodec
 from alignserve.engine.vllm import spec as wire
 from alignserve.engine.vllm.logits_processor import PROCESSOR
@@ -653,88 +652,67 @@ class VllmEngine(TextCodec):
             return RequestError(f"vLLM: {text}")
         return EngineError(f"vLLM: {text}")
 
-    def _processor_args(self, processor: LogitsProcessor | None, states: list[_Seq],
-                        followers: list[_Seq] | None) -> tuple[list[dict | None], Any]:
-        """(per sequence the `extra_args` that carry `processor` to AlignLogitsProcessor, or an
-        observer to call here).
-
-        vLLM runs logits processors in its engine-core process, so a Python callable cannot
-        steer there. A processor that steers carries `alignserve_spec`: a dict (or a callable
-        taking the list of handles and returning one) with "contrastive" and/or "vas" parts in
-        the format of `alignserve.engine.vllm.spec`, where the engine fills in what it knows:
-        - contrastive "amateur" may be omitted: the sequence's `early_layer` (prefill) makes it
-          `self:L`; `followers` make it the expert on the follower's tokens (lame prompt); it may
-          also be "self:L" or the name of an amateur given at load (`amateur_paths`);
-        - vas value models may be {"name": N} of one given at load (`value_model_paths`).
-        A processor without one is an observer (e.g. DeAL's capture of rollout distributions):
-        it is called here on each sampled position with the sparse top-k view of the logits
-        (see `logits`), and must return them unchanged; one that changes them is an error.
-        """
-        if processor is None:
-            return [None] * len(states), None
-        raw = getattr(processor, "alignserve_spec", None)
-        if raw is None:
-            return [None] * len(states), processor
+    def _steering_args(self, steering: Steering | None, states: list[_Seq]) -> list[dict | None]:
+        """Per sequence the `extra_args` that carry `steering` to AlignLogitsProcessor (vLLM runs
+        logits processors in its engine-core process: only data travels there). The format is
+        `alignserve.engine.vllm.spec`'s; served amateurs are found by name among those given
+        at load (`amateur_paths`)."""
+        if not steering:
+            return [None] * len(states)
         if not self.processors:
             raise EngineError("this vLLM engine was started without alignserve's logits processor")
-        if callable(raw):
-            raw = raw([st.handle for st in states])
-        if not isinstance(raw, dict):
-            raise EngineError("alignserve_spec must be a dict (see alignserve.engine.vllm.spec)")
-        raw = raw.get(wire.KEY, raw)
         out: list[dict | None] = []
-        for i, st in enumerate(states):
-            d = copy.deepcopy(raw)
-            c = d.get("contrastive")
-            if isinstance(c, dict):
-                c["amateur"] = self._amateur(c.get("amateur"), st, followers[i] if followers else None)
-            v = d.get("vas")
-            if isinstance(v, dict):
-                for m in v.get("value_models") or []:
-                    if isinstance(m, dict) and "name" in m:
-                        name = m.pop("name")
-                        if "path" not in m:
-                            if name not in self.value_model_paths:
-                                raise EngineError(f"value model {name!r} is not served by this engine")
-                            m["path"] = self.value_model_paths[name]
+        for st in states:
             try:
-                parsed = wire.parse({wire.KEY: d})
+                spec = wire.from_steering(steering, output_ids=st.handle.output_ids,
+                                          served_path=self._amateur_path)
+                d = wire.to_wire(spec) if spec is not None else None
+                wire.parse(d)  # the engine core's checks, before anything reaches vLLM
             except ValueError as e:
-                raise EngineError(f"bad processor arguments: {e}") from e
-            out.append(wire.to_wire(parsed) if parsed is not None else None)
-        return out, None
+                raise EngineError(f"bad steering arguments: {e}") from e
+            out.append(d)
+        return out
 
-    def _amateur(self, a: Any, st: _Seq, follower: _Seq | None) -> dict:
-        if a is None:
-            if follower is not None:
-                return {"source": "expert", "prompt_ids": list(follower.handle.token_ids)}
-            if st.early_layer is not None:
-                return {"source": "self", "layers": st.early_layer}
-            raise EngineError("contrastive on vLLM needs an amateur: early_layer at prefill, "
-                              "followers, or an explicit amateur")
-        if isinstance(a, str):
-            if a.startswith("self:"):
-                return {"source": "self", "layers": int(a[5:])}
-            a = {"name": a}
-        if isinstance(a, dict) and "name" in a and "source" not in a:
-            name = a["name"]
-            if name not in self.amateur_paths:
-                raise EngineError(f"amateur {name!r} is not served by this engine")
-            return {"source": "model", "path": self.amateur_paths[name]}
-        if isinstance(a, dict) and a.get("source") == "expert" and "prompt_ids" not in a and follower:
-            return {**a, "prompt_ids": list(follower.handle.token_ids)}
-        return a
+    def _amateur_path(self, amateur: ServedAmateur) -> str:
+        path = self.amateur_paths.get(amateur.name) or getattr(amateur.model, "path", None)
+        if not path:
+            raise ValueError(f"amateur {amateur.name!r} is not served by this engine")
+        return path
+
+    def _count_amateur_prompt(self, steering: Steering | None, states: list[_Seq],
+                              tally: TokenTally | None) -> None:
+        """An amateur prompt is computed beside vLLM (the processor's side model): its context
+        counts as prefill, once per distinct context (the forks of one prompt share it), as the
+        native engine computes it."""
+        c = steering.contrastive if steering else None
+        if c is None or not isinstance(c.amateur, AmateurPrompt):
+            return
+        contexts = {tuple(st.handle.output_ids) for st in states}
+        for out in contexts:
+            self._count(tally, "prefill", len(c.amateur.prompt_ids) + len(out))
+
+    def _count_amateur_steps(self, steering: Steering | None, states: list[_Seq],
+                             tally: TokenTally | None, kind: str) -> None:
+        """The amateur prompt's side model was fed what each sequence sampled, all but the token
+        that finished it (as the native engine feeds it)."""
+        c = steering.contrastive if steering else None
+        if c is None or not isinstance(c.amateur, AmateurPrompt):
+            return
+        for st in states:
+            toks = st.last_generated
+            if toks and st.handle.finish_reason in ("stop", "length"):
+                toks = toks[:-1]
+            self._count(tally, kind, len(toks))
 
     async def generate(self, seqs: list[SeqHandle], params: SamplingParams,
-                       processor: LogitsProcessor | None = None, tally: TokenTally | None = None,
-                       kind: str = "decode", followers: list[SeqHandle] | None = None,
+                       steering: Steering | None = None, tally: TokenTally | None = None,
+                       kind: str = "decode", observer: Observer | None = None,
                        ) -> AsyncIterator[list[TokenEvent]]:
         if params.grammar is not None:  # the server answers 400 first (prepare.py); never drop it
             raise EngineError("structured outputs are not supported on the vllm engine yet")
         await self._ready()
         states = [self._state(s) for s in seqs]
-        fstates = [self._state(f) for f in followers] if followers else None
-        extra, observer = self._processor_args(processor, states, fstates)
+        extra = self._steering_args(steering, states)
         call = _Call(asyncio.Queue(), {st.handle.key for st in states})
         groups: dict[tuple, list[int]] = {}
         for i, st in enumerate(states):
@@ -752,9 +730,7 @@ class VllmEngine(TextCodec):
         sps = [self._vllm_params(params, len(members), states[members[0]].handle.num_output,
                                  members[0], logprobs, extra[members[0]])
                for members in groups.values()]  # vLLM's validation before any state changes
-        for f in fstates or []:  # the amateur computes the follower's context beside vLLM
-            self._count_prompt(f, tally or f.tally, f.computed, len(f.handle.token_ids))
-            f.computed = len(f.handle.token_ids)
+        self._count_amateur_prompt(steering, states, tally)
         for st in states:
             st.call = call
             h = st.handle
@@ -797,22 +773,7 @@ class VllmEngine(TextCodec):
                     st.handle.finished, st.handle.finish_reason = True, "abort"
                     if not params.per_token_text:  # a finished handle's text is whole
                         st.handle.text = self.decode(st.handle.output_ids)
-            for st, f in zip(states, fstates or []):
-                if not f.released:
-                    self._feed_follower(f, st, tally, kind)
-
-    def _feed_follower(self, follower: _Seq, st: _Seq, tally: TokenTally | None, kind: str) -> None:
-        """A follower is fed what its sequence sampled, all but the token that finished it (as
-        the native engine does), so that it stays in lockstep for later calls."""
-        toks = st.last_generated
-        if toks and st.handle.finish_reason in ("stop", "length"):
-            toks = toks[:-1]
-        if toks:
-            follower.forget_after(len(follower.handle.token_ids))
-            follower.mark(len(follower.handle.token_ids), kind)
-            follower.handle.token_ids.extend(toks)
-            follower.computed = len(follower.handle.token_ids)
-            self._count(tally, kind, len(toks))  # the amateur computed them beside vLLM
+            self._count_amateur_steps(steering, states, tally, kind)
 
     async def _run(self, group: list[_Seq], sp: Any, call: _Call, params: SamplingParams,
                    tally: TokenTally | None, kind: str, k_top: int, observer: Any = None) -> None:
@@ -853,18 +814,14 @@ class VllmEngine(TextCodec):
             self._unregister(req)
 
     def _observe(self, observer: Any, h: SeqHandle, dist: tuple[list[int], list[float]]) -> None:
-        row = self._dense(*dist).unsqueeze(0)
-        seen = row.clone()
+        """An observer sees the sparse top-k view of each sampled position's logits (see
+        `logits`); it watches, it cannot steer (what it returns is ignored)."""
         try:
-            out = observer([h], seen, StepInputs())
+            observer([h], self._dense(*dist).unsqueeze(0), StepInputs())
         except EngineError:
             raise
         except Exception as e:
-            raise EngineError(f"logits processor failed on vLLM's top-k view: {e}") from e
-        if out is not None and not torch.equal(out, row):
-            raise EngineError("this logits processor changes the logits, which vLLM can only do in "
-                              "its engine core: give it an `alignserve_spec` "
-                              "(alignserve.engine.vllm.spec)")
+            raise EngineError(f"observer failed on vLLM's top-k view: {e}") from e
 
     def _consume(self, req: _Request, group: list[_Seq], o: Any, cached: int | None,
                  params: SamplingParams, tally: TokenTally | None, kind: str,

@@ -7,7 +7,8 @@ engine-core process on every step, between the forward pass and vLLM's penalties
 request's row passes through untouched.
 
 vLLM keeps a persistent batch and tells processors how it changes before each step
-(`BatchUpdate`: removed, then added, then moved rows). `AlignProcessorCore` keeps one `_Row`
+(`BatchUpdate`: removed, then added, then moved rows). What a request carries is its
+`engine.steering.Steering`, which the adapter wrote with `spec.from_steering`. `AlignProcessorCore` keeps one `_Row`
 per steered request keyed by its batch index, with the request's prompt and a live reference
 to its output token ids, and follows those changes; side sequences are opened on a row's first
 step and closed when it leaves (preempted requests come back as new rows and are replayed).
@@ -43,7 +44,12 @@ from alignserve.engine.vllm.side_model import (
     load_token_matrix,
     truncated,
 )
-from alignserve.kernels.logits_ops import Contrastive, ValueGuidance, process_logits_reference
+from alignserve.kernels.logits_ops import (
+    Contrastive,
+    ValueGuidance,
+    centred_value_sum,
+    process_logits_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +58,6 @@ PROCESSOR = "alignserve.engine.vllm.logits_processor:AlignLogitsProcessor"
 
 def _is_swap(direction: Any) -> bool:
     return getattr(direction, "name", direction) in ("SWAP", "swap")
-
-
-def centred_value_sum(q_per_model: list[torch.Tensor], weights: list[float],
-                      valid: torch.Tensor) -> torch.Tensor:
-    """sum_m w_m (Q_m - mean over the row's valid candidates of Q_m): [B, K], 0 on padding.
-    Centring removes each model's state value, which is the same for every candidate."""
-    out = torch.zeros_like(q_per_model[0], dtype=torch.float32)
-    count = valid.float().sum(dim=1, keepdim=True).clamp_min(1.0)
-    for q, w in zip(q_per_model, weights):
-        q = torch.where(valid, q.float(), torch.zeros_like(q, dtype=torch.float32))
-        mean = q.sum(dim=1, keepdim=True) / count
-        out = out + w * torch.where(valid, q - mean, torch.zeros_like(q))
-    return out
 
 
 class SideResources:
@@ -260,7 +253,7 @@ class AlignProcessorCore:
             q = self.resources.value_model(path).q_values(hidden[t], safe[t]).to(logits.device)
             w = [weights[i] for i in users]
             values[t] += centred_value_sum([q * torch.tensor(w, device=q.device).unsqueeze(1)],
-                                           [1.0], valid[t])
+                                           [1.0], ids[t])
         return ids, values
 
     @torch.inference_mode()

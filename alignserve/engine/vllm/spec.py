@@ -1,10 +1,11 @@
 """The per-request alignment arguments that travel to vLLM's engine core.
 
-A token-level strategy (vas, contrastive) steers vLLM through `AlignLogitsProcessor`, which
-runs in vLLM's engine-core process and sees only what a request carries in
+A token-level strategy (vas, contrastive) hands the engine a `Steering` value
+(alignserve.engine.steering); on vLLM it is applied by `AlignLogitsProcessor`, which runs in
+vLLM's engine-core process and sees only what a request carries in
 `SamplingParams.extra_args`. This module is the one place that format is written down: the
-adapter (API process) builds it with `to_wire`, the processor (engine core) reads it with
-`parse`, and `AlignLogitsProcessor.validate_params` rejects a malformed one before the request
+adapter (API process) builds it from the Steering with `from_steering` and `to_wire`, the
+processor (engine core) reads it with `parse`, and `AlignLogitsProcessor.validate_params` rejects a malformed one before the request
 is scheduled. Everything in it is plain JSON (msgspec carries it between the processes).
 
     extra_args = {"alignserve": {
@@ -26,8 +27,11 @@ Either part may be absent; with both, the order of `alignserve.kernels.logits_op
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from alignserve.engine.steering import AmateurPrompt, EarlyLayers, ServedAmateur, Steering
 
 KEY = "alignserve"
 SOURCES = ("self", "model", "expert")
@@ -185,3 +189,39 @@ def to_wire(spec: AlignSpec) -> dict[str, Any]:
         out["vas"] = {"beta": v.beta, "top_k": v.top_k, "keep_others": v.keep_others,
                       "value_models": [{"path": m.path, "weight": m.weight} for m in v.value_models]}
     return {KEY: out}
+
+
+def from_steering(steering: Steering, *, output_ids: Sequence[int] = (),
+                  served_path: Callable[[ServedAmateur], str] | None = None) -> AlignSpec | None:
+    """One sequence's `Steering` in this format (None: nothing to steer). `output_ids`: what the
+    sequence has produced so far (an amateur prompt reads it after its own tokens);
+    `served_path(amateur)`: the directory of a served amateur. ValueError for what cannot travel
+    to the engine core (a value model with no directory, an amateur with none)."""
+    contrastive = None
+    c = steering.contrastive
+    if c is not None:
+        a = c.amateur
+        if isinstance(a, EarlyLayers):
+            amateur = AmateurSpec("self", layers=a.layers)
+        elif isinstance(a, AmateurPrompt):
+            amateur = AmateurSpec("expert", prompt_ids=tuple(a.prompt_ids) + tuple(output_ids))
+        elif isinstance(a, ServedAmateur):
+            path = served_path(a) if served_path is not None else getattr(a.model, "path", None)
+            if not path:
+                raise ValueError(f"amateur {a.name!r} is not served by this engine")
+            amateur = AmateurSpec("model", path=str(path))
+        else:
+            raise ValueError(f"unknown amateur {a!r}")
+        contrastive = ContrastiveSpec(amateur, alpha=float(c.alpha), beta=float(c.beta))
+    vas = None
+    v = steering.value
+    if v is not None:
+        unsaved = [getattr(vm, "name", "?") for vm, _ in v.models if getattr(vm, "path", None) is None]
+        if unsaved:
+            raise ValueError(f"value models {unsaved} have no directory; on vLLM value models are "
+                             "loaded from disk")
+        vas = VasSpec(tuple(ValueSpec(str(vm.path), float(w)) for vm, w in v.models),
+                      beta=float(v.beta), top_k=int(v.top_k), keep_others=bool(v.keep_others))
+    if contrastive is None and vas is None:
+        return None
+    return AlignSpec(contrastive=contrastive, vas=vas)

@@ -167,7 +167,7 @@ async def collect(engine: Any, prompts: list[str], reward: Any, *, samples: int,
             try:
                 params = SamplingParams(temperature=1.0, max_tokens=max_tokens,
                                         seed=seed * 100003 + j)
-                async for events in engine.generate(seqs, params, processor=rec):
+                async for events in engine.generate(seqs, params, observer=rec):
                     if progress is not None:
                         progress.update(sum(1 for ev in events if ev.finished))
             finally:
