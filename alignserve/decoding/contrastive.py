@@ -10,8 +10,8 @@ scores: temperature 0 takes their argmax. Log-probs reported for a token are the
 The strategy hands the engine a `ContrastiveSteer` (engine.steering) and the engine does the
 rest in its own step code: it runs the amateur and combines in its logit pass. (Penalties and
 logit bias, if asked for, apply to the expert's logits before the combination on the native
-engine, kernels.logits_ops' order; vLLM applies its own penalties after its logits
-processors, so there they apply to the contrasted scores.)
+engine, kernels.logits_ops' order; vLLM applies logit_bias before its logits processors
+too, but its penalties after them, to the contrasted scores.)
 
 The amateur is one of
 - `self:L`: the expert truncated to its first L layers. The engine computes those logits in the
