@@ -142,3 +142,51 @@ def test_contrastive_on_the_engine_is_the_strategy_formula_outside_it(live_serve
         assert float(scores[tokens[t]]) >= float(scores.max()) - 1e-4, t
         moved += int(scores.argmax()) != int(x.argmax())
     assert moved > 0  # the amateur changed at least one choice
+
+
+def test_a_served_amateur_runs_in_lockstep_inside_the_engine(live_server):
+    """`ServedAmateur`: the expert engine opens the amateur's context on the other engine, feeds
+    it each sampled token and waits for its logits; the tokens are those of a lockstep loop
+    driven from outside (both engines' logits, the combination, extend both) and nothing of the
+    amateur's stays allocated."""
+    from alignserve.engine.native.engine import NativeEngine
+    from alignserve.engine.protocol import TokenTally
+    from alignserve.engine.steering import ServedAmateur
+
+    engine = live_server.engine
+    amateur = NativeEngine.load(random_weights=True)  # the same vocabulary, other weights
+    _, ids = engine.encode_chat(MESSAGES)
+    steer = Steering(contrastive=ContrastiveSteer(ServedAmateur("other", amateur), alpha=0.1,
+                                                  beta=0.5))
+
+    async def go():
+        await amateur.start()
+        try:
+            tally = TokenTally()
+            seq = await engine.prefill(ids)
+            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            async for _ in engine.generate([seq], params, steering=steer, tally=tally):
+                pass
+            await engine.release([seq])
+            used = amateur.kv.used_slots
+            # the same steps driven from outside
+            e, a = await engine.prefill(ids), await amateur.prefill(ids)
+            scores = []
+            for tok in seq.output_ids:
+                le, la = await engine.logits([e]), await amateur.logits([a])
+                scores.append(contrast_scores(le, la, alpha=0.1, beta=0.5)[0])
+                await engine.extend([e], [[tok]])
+                await amateur.extend([a], [[tok]])
+            await engine.release([e])
+            await amateur.release([a])
+            return seq.output_ids, scores, used, tally
+        finally:
+            await amateur.close()
+
+    tokens, scores, used, tally = _run(engine, go())
+    assert used == 0  # the amateur's context went with the generate call
+    for t, (tok, s) in enumerate(zip(tokens, scores)):
+        assert float(s[tok]) >= float(s.max()) - 1e-4, t
+    # the amateur's prompt (the expert's was prefilled outside this tally); 5 fed tokens on
+    # each engine (the last sampled token is never fed)
+    assert (tally.prefill, tally.decode) == (len(ids), 2 * 5)
