@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from alignserve.decoding import kv
 from alignserve.decoding.base import (
     ChoiceDelta,
     ChoiceFinal,
@@ -412,6 +413,15 @@ async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[Decode
         await asyncio.gather(engine.release(seqs), amateur.release(aseqs))
 
 
+def kv_slots(decode: DecodeRequest, prompt: int, tokens: int, page: int) -> int:
+    """Peak KV (decoding.kv): a lame-prompt amateur adds a second prompt (a token is at least
+    one character of `lame_prompt`) and a follower per choice."""
+    lame = getattr(decode.params, "lame_prompt", None)
+    extra = len(lame) if isinstance(lame, str) else 0
+    return (2 * kv.branch(prompt, page) + kv.branch(extra + 64, page)
+            + 2 * decode.n * kv.branch(tokens, page))
+
+
 STRATEGY = register(Strategy(
     name="contrastive",
     description="Contrastive decoding: (1+beta)*expert - beta*amateur log-probs on the expert's "
@@ -421,4 +431,5 @@ STRATEGY = register(Strategy(
     run=run,
     streams="tokens",
     check=check,
+    kv_slots=kv_slots,
 ))

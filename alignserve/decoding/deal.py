@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,6 +60,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alignserve.decoding import kv
 from alignserve.decoding.base import (
     ChoiceDelta,
     ChoiceFinal,
@@ -463,6 +465,17 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
         await engine.release(list(search.held.values()))
 
 
+def kv_slots(decode: DecodeRequest, prompt: int, tokens: int, page: int) -> int:
+    """Peak KV (decoding.kv): each step seals the tokens it commits into a segment of its own
+    per beam, and every action's rollout is alive at once."""
+    p = decode.params
+    beam, top_k, lookahead = int(p.beam), int(p.top_k), int(p.lookahead)
+    commit = max(1, int(p.commit))
+    committed = beam * math.ceil(tokens / commit) * kv.pages(commit, page) * page
+    children = beam * top_k * kv.branch(1 + lookahead, page)
+    return kv.branch(prompt, page) + committed + children
+
+
 STRATEGY = register(Strategy(
     name="deal",
     description="DeAL lookahead search: each step the top_k next tokens of every beam are rolled "
@@ -472,4 +485,5 @@ STRATEGY = register(Strategy(
     run=run,
     streams="agreed-prefix",
     check=check,
+    kv_slots=kv_slots,
 ))
