@@ -90,7 +90,8 @@ async def sweep(args) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--items", type=int, default=8, help="continuation items, from the end")
+    p.add_argument("--items", type=int, default=12,
+                   help="continuation items, from the end (the report uses the first 12 of 24)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="';'-separated: greedy, or contrastive keys k=v,... (empty: defaults)")

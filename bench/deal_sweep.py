@@ -38,6 +38,10 @@ DEAL = {  # label -> alignment (the server's defaults fill the rest)
     "deal_lambda1": {"strategy": "deal", "lambda": 1.0},
     "deal_lambda8": {"strategy": "deal", "lambda": 8.0},
     "deal_k4": {"strategy": "deal", "top_k": 4},
+    "deal_k6": {"strategy": "deal", "top_k": 6},
+    "deal_b3": {"strategy": "deal", "beam": 3},
+    "deal_la12": {"strategy": "deal", "lookahead": 12},
+    "deal_la16": {"strategy": "deal", "lookahead": 16},
 }
 
 

@@ -484,6 +484,34 @@ def test_kv_estimate_grows_with_what_a_request_can_hold():
         need("particle_filter", candidates=8, segment=4)
 
 
+def test_kv_reservation_is_what_the_strategy_declares():
+    """Admission asks the strategy (Strategy.kv_slots) and knows no strategy by name: a new
+    strategy's declaration is what gets reserved, plus the prefill's slack."""
+    import dataclasses
+
+    import alignserve.decoding  # noqa: F401
+    from alignserve.decoding.base import STRATEGIES, DecodeRequest
+    from alignserve.engine.protocol import SamplingParams
+    from alignserve.server.admission import PREFILL_SLACK
+
+    seen = []
+
+    def declared(decode, prompt, tokens, page):
+        seen.append((decode.strategy, prompt, tokens, page))
+        return 1000 * prompt + tokens
+
+    base = STRATEGIES["sample"]
+    STRATEGIES["kv_probe"] = dataclasses.replace(base, name="kv_probe", kv_slots=declared)
+    try:
+        req = DecodeRequest("r", list(range(20)), "", SamplingParams(max_tokens=100), 1,
+                            "kv_probe", base.params.model_validate({}), None)
+        assert kv_slots_needed(req, 16) == 20_100 + PREFILL_SLACK
+        assert kv_slots_needed(req, 16, max_tokens=7) == 20_007 + PREFILL_SLACK
+        assert seen == [("kv_probe", 20, 100, 16), ("kv_probe", 20, 7, 16)]
+    finally:
+        del STRATEGIES["kv_probe"]
+
+
 def test_backpressure_429_with_retry_after(live_server, model_name):
     engine = live_server.engine
     kv = idle_kv(engine)

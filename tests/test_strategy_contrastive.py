@@ -86,7 +86,7 @@ def test_each_amateur_becomes_the_engines_steering_data():
 
 def test_params_validation():
     p = ContrastiveParams()
-    assert (p.amateur, p.alpha, p.beta, p.lame_prompt) == (None, 0.1, 1.0, None)
+    assert (p.amateur, p.alpha, p.beta, p.lame_prompt) == (None, 0.1, 2.0, None)
     for ok in ["self:8", "lame_prompt", "tiny-amateur", "smol_135m.v2"]:
         assert ContrastiveParams(amateur=ok).amateur == ok
     bad = [{"amateur": "self:x"}, {"amateur": "self:0"}, {"amateur": "a b"}, {"amateur": ""},
@@ -134,8 +134,8 @@ def _finals(events):
 
 def test_resolution_default_bounds_and_names():
     eng = FakeEngine(WORDS, EXPERT, num_layers=30)
-    assert default_self_layer(30) == 8
-    assert resolve_amateur(_request({}), eng, None).layer == 8
+    assert default_self_layer(30) == 4
+    assert resolve_amateur(_request({}), eng, None).layer == 4
     assert resolve_amateur(_request({}), eng, DecodingResources(default_amateur="self:3")).layer == 3
     for spec, message in [("self:30", "[1, 29]"), ("self:99", "[1, 29]"), ("nope", "unknown")]:
         with pytest.raises(StrategyInputError) as e:

@@ -29,7 +29,7 @@ from alignserve.decoding.particle_filter import (
     systematic_counts,
 )
 from alignserve.decoding.segments import entropy_boundary, kept_count, row_entropy
-from alignserve.decoding.speculative_rejection import SpeculativeRejectionParams
+from alignserve.decoding.speculative_rejection import SpeculativeRejectionParams, prune
 from alignserve.engine.protocol import SamplingParams
 from alignserve.rewardmodels.compose import RewardRegistry
 
@@ -86,7 +86,8 @@ def test_soft_pick_is_seeded_tends_to_argmax_and_to_uniform():
 def test_params_bounds_and_defaults():
     sr = SpeculativeRejectionParams()
     pf = ParticleFilterParams.model_validate({"segment": "entropy", "resample_temperature": 0.5})
-    assert (sr.segment, sr.keep, ParticleFilterParams().keep) == (4, 0.5, 0.5)
+    assert (sr.segment, sr.keep) == (3, 0.6)
+    assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (4, 0.5)
     assert (sr.candidates, pf.segment, pf.resample_temperature) == (16, "entropy", 0.5)
     for bad in [{"segment": 0}, {"segment": "words"}, {"keep": 0}, {"keep": 1.5},
                 {"candidates": 65}, {"max_segment": 1}, {"entropy_threshold": 0}, {"beam": 2}]:
@@ -94,6 +95,22 @@ def test_params_bounds_and_defaults():
             SpeculativeRejectionParams.model_validate(bad)
     with pytest.raises(ValidationError):
         ParticleFilterParams.model_validate({"resample_temperature": 0})
+
+
+def test_prune_ranks_by_partial_reward_and_breaks_ties_by_population_order():
+    from alignserve.decoding.segments import Particle
+    from alignserve.rewardmodels.protocol import RewardScore
+
+    def particle(reward: float, lps: list[float]) -> Particle:
+        return Particle(None, tokens=list(range(len(lps))), lps=lps,
+                        score=RewardScore(total=reward))
+
+    # ties at 0 coverage: the likelier texts are not preferred (they are the generic ones)
+    pool = [particle(0.0, [-3.0, -3.0]), particle(0.0, [-0.1, -0.1]),
+            particle(0.25, [-5.0, -5.0]), particle(0.0, [-0.2, -0.2])]
+    assert prune(0.5, 1)(pool, 0) == [1, 0, 1, 0]  # 0.25 first, then the first of the ties
+    assert prune(0.25, 1)(pool, 0) == [0, 0, 1, 0]
+    assert prune(0.25, 2)(pool, 0) == [1, 0, 1, 0]  # at least n
 
 
 # ---- the driver on a bigram fake engine ----------------------------------------------------------

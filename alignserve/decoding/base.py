@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from alignserve.decoding.kv import KvSlots, branching
 from alignserve.engine.protocol import Engine, SamplingParams, TokenTally
 
 
@@ -130,6 +131,9 @@ class Strategy:
     run: StrategyRun
     streams: str = "tokens"  # how it streams: "tokens", "winner", "agreed-prefix"
     check: StrategyCheck | None = None
+    # The most KV slots one request holds at once (decoding.kv); admission reserves it. The
+    # default suits strategies whose branches only ever shrink in number.
+    kv_slots: KvSlots = branching
 
 
 STRATEGIES: dict[str, Strategy] = {}

@@ -26,7 +26,7 @@ The amateur is one of
   amateur engine in lockstep with the expert (logits from both, combine, sample, extend both),
   vLLM runs it in its engine core beside the served model.
 With no `amateur`, the server's default (`DecodingResources.default_amateur`) or `self:L` with L
-about a quarter of the expert's layers (8 of SmolLM2-135M's 30) is used.
+about 2/15 of the expert's layers (4 of SmolLM2-135M's 30) is used.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from alignserve.decoding import kv
 from alignserve.decoding.base import (
     DecodeContext,
     DecodeEvent,
@@ -67,8 +68,11 @@ MAX_LAME_CHARS = 100_000
 
 
 def default_self_layer(num_layers: int) -> int:
-    """The default `self:L`: about the first quarter of the layers (8 of 30)."""
-    return max(1, min(num_layers - 1, round(num_layers * 4 / 15)))
+    """The default `self:L`: the first 2/15 of the layers (4 of 30; bench/contrastive_sweep.py,
+    issue 17: on continuation items 12-23 self:4 with beta 2 cut greedy's 4-gram repetition to
+    0.33x at an expert perplexity of 6.5, self:8 with beta 1 to 0.64x at 5.7, self:12 raised
+    it to 1.5x)."""
+    return max(1, min(num_layers - 1, round(num_layers * 2 / 15)))
 
 
 def num_layers(engine: Engine) -> int | None:
@@ -84,16 +88,16 @@ class ContrastiveParams(StrategyParams):
         description="The amateur: `self:L` (the expert's first L layers), `lame_prompt` (the "
         "expert on the request without its system prompt and examples, or on `lame_prompt`), "
         "or the name of a served amateur model (same vocabulary). Default: the server's "
-        "(`self:8` for the embedded SmolLM2-135M).",
+        "(`self:4` for the embedded SmolLM2-135M).",
         examples=["self:8", "lame_prompt"],
     )
     alpha: float = Field(0.1, gt=0.0, le=1.0,
                          description="Plausibility cut: only tokens whose expert probability is "
                          "at least alpha times the best token's are candidates.")
-    # 1.0 (was 0.5) from bench/contrastive_sweep.py on continuation items the evaluation does
-    # not report on: greedy 4-gram repetition 0.120 -> 0.041 (0.34x) at an expert perplexity of
-    # 6.1 (greedy's text 2.7); 0.5 left it at 0.130, 2.0 gave 0.27x at 7.3
-    beta: float = Field(1.0, ge=0.0, le=10.0,
+    # 2.0 with the self:4 amateur (issue 17; was 1.0 with self:8) from bench/contrastive_sweep.py
+    # on continuation items 12-23, which the evaluation does not report on: greedy's 4-gram
+    # repetition 0.177 -> 0.058 (0.33x) at an expert perplexity of 6.5 (greedy's text 2.5)
+    beta: float = Field(2.0, ge=0.0, le=10.0,
                         description="Contrast strength: (1+beta)*expert - beta*amateur "
                         "(log-probs).")
     lame_prompt: str | None = Field(
@@ -258,6 +262,15 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
         await engine.release(seqs)
 
 
+def kv_slots(decode: DecodeRequest, prompt: int, tokens: int, page: int) -> int:
+    """Peak KV (decoding.kv): a lame-prompt amateur adds a second prompt (a token is at least
+    one character of `lame_prompt`) and a follower per choice."""
+    lame = getattr(decode.params, "lame_prompt", None)
+    extra = len(lame) if isinstance(lame, str) else 0
+    return (2 * kv.branch(prompt, page) + kv.branch(extra + 64, page)
+            + 2 * decode.n * kv.branch(tokens, page))
+
+
 STRATEGY = register(Strategy(
     name="contrastive",
     description="Contrastive decoding: (1+beta)*expert - beta*amateur log-probs on the expert's "
@@ -267,4 +280,5 @@ STRATEGY = register(Strategy(
     run=run,
     streams="tokens",
     check=check,
+    kv_slots=kv_slots,
 ))

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from pydantic import Field
 
+from alignserve.decoding import kv
 from alignserve.decoding.base import DecodeContext, DecodeEvent, Strategy, register
 from alignserve.decoding.segments import Particle, SegmentParams, kept_count, run_search
 
@@ -73,6 +74,18 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
         yield event
 
 
+def kv_slots(decode, prompt: int, tokens: int, page: int) -> int:
+    """Peak KV (decoding.kv): a resampling forks survivors, so each round's segment can start
+    a leaf (whole pages) of its own per particle; an entropy segment holds up to max_segment
+    tokens before its cut."""
+    p = decode.params
+    width = max(decode.n, int(p.candidates))
+    shortest, longest = int(p.shortest_segment), int(p.longest_segment)
+    rounds = math.ceil(tokens / shortest)
+    return kv.branch(prompt, page) + width * (rounds * kv.pages(longest, page) * page
+                                              + kv.branch(longest, page))
+
+
 STRATEGY = register(Strategy(
     name="particle_filter",
     description="Particle filtering: `candidates` particles share one prefill; after every "
@@ -81,4 +94,5 @@ STRATEGY = register(Strategy(
     params=ParticleFilterParams,
     run=run,
     streams="agreed-prefix",
+    kv_slots=kv_slots,
 ))

@@ -4,43 +4,56 @@
 `candidates` continuations branch from one prefill. Every `segment` tokens the rewards score
 the partial texts (rewardmodels.partial: keyword coverage so far, the length reward's reachable
 bound, regex and JSON prefix validity, classifiers on the text as it is) and only the best
-`keep` fraction goes on (at least n; ties by mean token log-likelihood); a candidate that finishes leaves the race,
-scored on its final text, and the best n finished candidates are returned. The survivors' KV
+`keep` fraction goes on (at least n; ties: see below); a candidate that finishes leaves the
+race, scored on its final text, and the best n finished candidates are returned. The survivors' KV
 is never copied: pruning only frees sequences.
 Model tokens fall from candidates * max_tokens towards candidates * segment / (1 - keep).
 
-Defaults (segment 4, keep 0.5) were chosen by bench/segment_sweep.py on keyword items the
-evaluation does not report on: with 16 candidates and 40 tokens they spent 0.40x best_of_16's
-model tokens at 0.931 reward against its 0.979; keep 0.25 or 3-token segments spent less
-(0.31-0.33x) and lost more (0.81-0.83); 8-token segments kept 0.938 at 0.50x.
+Ties in the partial reward are broken by the population's order (the candidates are
+independent samples, so it is a random pick), not by log-likelihood: early on most keyword
+partial texts tie at 0 coverage, and the likelier ones are the generic ones, which use fewer
+of the keywords (bench/prune_sim.py on keyword items 12-43: 0.935 with the log-likelihood
+tie-break, 0.966 without, at the same tokens).
+
+Defaults (segment 3, keep 0.6; issue 17) were chosen by bench/prune_sim.py, which replays
+pruning rules on one pool of 16 samples per item (keyword items 12-43, sentiment 12-23, none
+of them in the evaluation's report): keywords 0.961 at 0.40x best_of_16's model tokens
+(best_of_16 0.992), sentiment 0.941 at 0.31x (0.964); the earlier segment 4, keep 0.5 gave
+0.935 at 0.43x and 0.908 at 0.28x there.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from alignserve.decoding.base import DecodeContext, DecodeEvent, Strategy, register
 from alignserve.decoding.segments import (
+    MAX_SEGMENT,
     Particle,
     SegmentParams,
     kept_count,
-    rank_key,
     run_search,
 )
 
 
 class SpeculativeRejectionParams(SegmentParams):
-    keep: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False,
+    segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] = Field(
+        3, description="Tokens per segment between two prunings, or \"entropy\": a segment "
+        "ends before the first token (after at least 2) whose next-token entropy reaches "
+        "`entropy_threshold` (CARDS), at most `max_segment` tokens.")
+    keep: float = Field(0.6, gt=0.0, le=1.0, allow_inf_nan=False,
                         description="Fraction of the candidates kept at each pruning (rounded "
                         "up, at least n); 1 never prunes (best_of_n's result, by segments).")
 
 
 def prune(keep: float, n: int):
-    """The policy: the best `keep` fraction of the population goes on, the rest is dropped."""
+    """The policy: the best `keep` fraction of the population by partial reward goes on, the
+    rest is dropped; ties keep the population's order (a random pick: see the docstring)."""
     def policy(pool: list[Particle], round_index: int) -> list[int]:
-        order = sorted(range(len(pool)), key=lambda i: rank_key(pool[i]), reverse=True)
+        order = sorted(range(len(pool)), key=lambda i: -pool[i].reward)
         kept = set(order[: kept_count(len(pool), keep, n)])
         return [1 if i in kept else 0 for i in range(len(pool))]
     return policy

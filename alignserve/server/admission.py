@@ -7,20 +7,20 @@ FIFO queue of at most `max_waiting_requests`. Past that bound `enter` raises `Ov
 the client gets 429 with Retry-After: nothing is ever queued without bound.
 
 KV memory (native engine): a request reserves a conservative estimate of the KV slots it can
-hold at its peak (`kv_slots_needed`). A request whose estimate exceeds the whole cache can never
-fit and gets a 400 before it is queued (prepare.py); one that does not fit next to the running
-ones waits for them to finish. The sum of reservations never exceeds the cache, so a request
+hold at its peak (`kv_slots_needed`: what its strategy declares, `Strategy.kv_slots`; admission
+knows no strategy by name). A request whose estimate exceeds the whole cache can never fit and
+gets a 400 before it is queued (prepare.py); one that does not fit next to the running ones
+waits for them to finish. The sum of reservations never exceeds the cache, so a request
 admitted here is never cut short by another one's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import deque
 from typing import Any
 
-from alignserve.decoding.base import DecodeRequest
+from alignserve.decoding.base import STRATEGIES, DecodeRequest
 
 # Slots a request holds beyond its estimate: the engine admits a prefill only with its prompt
 # plus this much free (NativeEngine._admit_prefills).
@@ -31,52 +31,13 @@ class Overloaded(Exception):
     """The waiting queue is full."""
 
 
-def _pages(tokens: int, page: int) -> int:
-    return -(-max(tokens, 0) // page)
-
-
 def kv_slots_needed(decode: DecodeRequest, page: int, prompt_len: int | None = None,
                     max_tokens: int | None = None) -> int:
-    """Worst-case KV slots one request holds at once on the native engine.
-
-    Sequences own whole pages of `page` slots; every segment (a prompt, a forked branch, a
-    search step's committed tokens) starts on a page of its own, so each is rounded up, plus
-    one page where a shared segment's last page is partly filled.
-    """
-    p = decode.params
+    """Worst-case KV slots one request holds at once on the native engine: what its strategy
+    declares (`Strategy.kv_slots`, decoding.kv), plus the prefill's slack."""
     prompt = len(decode.prompt_ids) if prompt_len is None else prompt_len
     tokens = decode.sampling.max_tokens if max_tokens is None else max_tokens
-    n = decode.n
-
-    def branch(t: int) -> int:
-        return (_pages(t, page) + 1) * page
-
-    prompt_slots = branch(prompt)
-    name = decode.strategy
-    if name == "deal":
-        beam, top_k = int(p.beam), int(p.top_k)
-        lookahead, commit = int(p.lookahead), max(1, int(getattr(p, "commit", 1)))
-        # each step seals the tokens it commits into a segment of its own, per beam
-        committed = beam * math.ceil(tokens / commit) * _pages(commit, page) * page
-        children = beam * top_k * branch(1 + lookahead)  # every action's rollout, at once
-        total = prompt_slots + committed + children
-    elif name == "contrastive":
-        # a lame-prompt amateur adds a second prompt and a follower per choice
-        lame = getattr(p, "lame_prompt", None)
-        extra = len(lame) if isinstance(lame, str) else 0  # a token is at least one character
-        total = 2 * prompt_slots + branch(extra + 64) + 2 * n * branch(tokens)
-    elif name == "particle_filter":
-        # a resampling forks survivors: each round's segment can start a leaf (whole pages) of
-        # its own per particle; an entropy segment holds up to max_segment tokens before its cut
-        width = max(n, int(p.candidates))
-        shortest, longest = int(p.shortest_segment), int(p.longest_segment)
-        rounds = math.ceil(tokens / shortest)
-        total = prompt_slots + width * (rounds * _pages(longest, page) * page + branch(longest))
-    else:  # sample, best_of_n, vas, speculative_rejection (it only prunes), any that branches
-        width = max(n, int(getattr(p, "candidates", 0) or 0))
-        width *= max(1, int(getattr(p, "beam", 1) or 1))
-        total = prompt_slots + width * branch(tokens)
-    return total + PREFILL_SLACK
+    return STRATEGIES[decode.strategy].kv_slots(decode, prompt, tokens, page) + PREFILL_SLACK
 
 
 def engine_kv(engine: Any) -> tuple[int, int] | None:

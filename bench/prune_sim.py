@@ -1,0 +1,243 @@
+"""Speculative rejection's pruning rules, compared offline on one pool of samples.
+
+Speculative rejection's candidates are independent samples until they are pruned, so a pool of
+`--candidates` complete samples per item (one prefill, forked, sampled to the end, each
+token's log-prob kept) shows what any pruning rule would have kept: a rule is replayed on the
+pool's prefixes (score the prefixes of the particles still going at each pruning point, keep
+the best, charge the tokens each one was decoded for), and its reward and model tokens come
+out without decoding again. Best-of-N is the rule that never prunes. The pool is drawn on items
+the evaluation's report does not use (the report takes each task's first --limit items; this
+skips --skip of them).
+
+    .venv/bin/python bench/prune_sim.py sample [--keywords 12:44] [--sentiment 12:24]
+        [--candidates 16] [--max-tokens 40] [--pool pool.json]
+    .venv/bin/python bench/prune_sim.py replay --pool pool.json [--rules "..."]
+
+`sample` writes the pool (a JSON file, not a result); `replay` prints, per task and rule, the
+mean reward and the mean model tokens per request with their ratios to best-of-N's, and writes
+bench/results/prune-sim-STAMP.json (device, commit, date).
+A rule is `segment=4,keep=0.5[,tie=lp|none][,hold=1]`: see `replay_one`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import provenance, write_result
+
+DEFAULT_RULES = ("segment=4,keep=0.5;segment=4,keep=0.5,tie=none;"
+                 "segment=4,keep=0.5,hold=1;segment=4,keep=0.5,hold=2;"
+                 "segment=6,keep=0.5;segment=8,keep=0.4;segment=4,keep=0.6")
+
+
+# ---- sampling the pool ----------------------------------------------------------------------
+async def sample_item(engine, item, k: int, max_tokens: int, temperature: float) -> dict:
+    from alignserve.engine.protocol import SamplingParams
+
+    text, ids = engine.encode_chat([{"role": "user", "content": item.prompt}])
+    root = await engine.prefill(ids)
+    seqs = await engine.fork(root, k)
+    await engine.release([root])
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=item.seed,
+                        logprobs=0, detokenize=False)
+    async for _ in engine.generate(seqs, sp):
+        pass
+    out = {"item": item.id, "prompt_text": text, "prompt_tokens": len(ids),
+           "rewards": item.rewards,
+           "samples": [{"tokens": s.output_ids, "lps": [e["logprob"] for e in s.logprobs],
+                        "finish": s.finish_reason,
+                        # every prefix's text, so that a replay needs no tokenizer
+                        "prefixes": [engine.tokenizer.decode(s.output_ids[:t],
+                                                             skip_special_tokens=True)
+                                     for t in range(s.num_output + 1)]}
+                       for s in seqs]}
+    await engine.release(seqs)
+    return out
+
+
+async def sample_pool(args) -> dict:
+    from alignserve.engine.native.engine import NativeEngine
+    from alignserve.evaluation.tasks import load_task
+
+    engine = NativeEngine.load()
+    await engine.start()
+    pool: dict = {"candidates": args.candidates, "max_tokens": args.max_tokens,
+                  "temperature": args.temperature, "tasks": {}}
+    for task, span in (("keywords", args.keywords), ("sentiment", args.sentiment)):
+        if not span:
+            continue
+        lo, hi = (int(x) for x in span.split(":"))
+        items = load_task(task).items[lo:hi]
+        done = []
+        for i in range(0, len(items), args.batch):
+            done += await asyncio.gather(*(sample_item(engine, it, args.candidates,
+                                                       args.max_tokens, args.temperature)
+                                           for it in items[i:i + args.batch]))
+            print(f"{task}: {len(done)}/{len(items)} items", flush=True)
+        pool["tasks"][task] = done
+    await engine.close()
+    return pool
+
+
+# ---- replaying a rule -----------------------------------------------------------------------
+def parse_rule(spec: str) -> dict:
+    rule = {"segment": 4, "keep": 0.5, "tie": "lp", "hold": 0, "first": 0, "stop": 0,
+            "cap": 1.0, "top": 0}
+    for kv in filter(None, spec.split(",")):
+        k, _, v = kv.partition("=")
+        rule[k] = v if k == "tie" else (float(v) if "." in v else int(v))
+    return rule
+
+
+class Scorer:
+    """Scores (and caches) prefixes of one item's samples with the item's composed reward."""
+
+    def __init__(self, entry: dict, max_tokens: int) -> None:
+        from alignserve.rewardmodels.compose import RewardRegistry
+
+        self.entry, self.max_tokens = entry, max_tokens
+        self.reward = RewardRegistry.default().build(entry["rewards"])
+        self.cache: dict[tuple[int, int, bool], float] = {}
+
+    def __call__(self, i: int, length: int, final: bool) -> float:
+        key = (i, length, final)
+        if key not in self.cache:
+            prefixes = self.entry["samples"][i]["prefixes"]
+            text = prefixes[min(length, len(prefixes) - 1)]
+            prompt = self.entry["prompt_text"]
+            s = (self.reward.score([text], prompt)[0] if final else
+                 self.reward.score_partial([text], prompt, [self.max_tokens - length])[0])
+            self.cache[key] = float(s.total)
+        return self.cache[key]
+
+
+def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> tuple[float, int]:
+    """(reward of the pick, model tokens) of one request under `rule` on the samples `members`.
+
+    Every `segment` tokens the particles still going (not finished by then) are ranked by the
+    partial score of their prefix, then (tie "lp") mean token log-prob, and the best `keep`
+    fraction (rounded up) goes on; tie "keep" keeps every particle tied with the last one kept.
+    hold=h: a pruning where every going particle's partial score is equal to the best (nothing
+    separates them) keeps all of them, at most h times. first=f: the first pruning comes after
+    f tokens (0: `segment`). stop=1: the search ends once a finished particle's reward reaches
+    1 (the rewards here cannot exceed it). When one particle is left going and no finished one
+    competes, it runs to its end. tie "keep" keeps at most a `cap` fraction. top=1: once a
+    going particle's partial score is 1 (keywords: all present, it cannot fall), the particles
+    below 1 are pruned.
+    The pick is the best finished particle by final reward (ties: mean log-prob)."""
+    samples = entry["samples"]
+    seg, keep = int(rule["segment"]), float(rule["keep"])
+    going = list(members)
+    tokens = entry["prompt_tokens"]
+    t, holds = 0, 0
+    finished: list[int] = []
+    while going:
+        if rule["stop"] and finished and max(scorer(i, len(samples[i]["tokens"]), True)
+                                             for i in finished) >= 1.0:
+            break
+        t_next = t + (rule["first"] if t == 0 and rule["first"] else seg)
+        if len(going) == 1 and not finished:
+            t_next = 10 ** 9
+        for i in going:
+            tokens += min(len(samples[i]["tokens"]), t_next) - t
+        still = []
+        for i in going:
+            (finished if len(samples[i]["tokens"]) <= t_next else still).append(i)
+        going, t = still, t_next
+        if len(going) <= 1:
+            continue
+        scores = {i: scorer(i, t, False) for i in going}
+        if rule["hold"] and holds < rule["hold"] and len(set(scores.values())) == 1:
+            holds += 1
+            continue
+
+        def key(i: int) -> tuple[float, float]:
+            lp = samples[i]["lps"][:t]
+            mean_lp = sum(lp) / max(1, len(lp))
+            return (scores[i], {"lp": mean_lp, "lplow": -mean_lp}.get(rule["tie"], 0.0))
+
+        ranked = sorted(going, key=key, reverse=True)
+        k = max(1, math.ceil(len(going) * keep))
+        if rule["tie"] == "keep":
+            cap = max(k, math.ceil(len(going) * rule["cap"]))
+            while k < cap and scores[ranked[k]] == scores[ranked[k - 1]]:
+                k += 1
+        if rule["top"] and scores[ranked[0]] >= 1.0:  # the best can only stay at the maximum
+            k = min(k, sum(1 for i in ranked if scores[i] >= 1.0))
+        going = ranked[:k]
+
+    def final_key(i: int) -> tuple[float, float]:
+        lp = samples[i]["lps"]
+        return (scorer(i, len(samples[i]["tokens"]), True), sum(lp) / max(1, len(lp)))
+
+    best = max(finished, key=final_key)
+    return final_key(best)[0], tokens
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample")
+    s.add_argument("--keywords", default="12:44", help="keyword items lo:hi")
+    s.add_argument("--sentiment", default="12:24", help="sentiment items lo:hi")
+    s.add_argument("--candidates", type=int, default=16)
+    s.add_argument("--max-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--batch", type=int, default=4, help="items in flight")
+    s.add_argument("--pool", default="prune-pool.json")
+    r = sub.add_parser("replay")
+    r.add_argument("--pool", default="prune-pool.json")
+    r.add_argument("--rules", default=DEFAULT_RULES)
+    r.add_argument("--draws", type=int, default=1,
+                   help="random subsets of --subset samples per item (1: the whole pool)")
+    r.add_argument("--subset", type=int, default=16)
+    args = p.parse_args()
+    if args.cmd == "sample":
+        pool = asyncio.run(sample_pool(args))
+        Path(args.pool).write_text(json.dumps(pool))
+        print(f"wrote {args.pool}")
+        return 0
+    return run_replay(args)
+
+
+def run_replay(args) -> int:
+    pool = json.loads(Path(args.pool).read_text())
+    rules = [(spec, parse_rule(spec)) for spec in filter(None, (x.strip() for x in
+                                                                args.rules.split(";")))]
+    rows = []
+    for task, entries in pool["tasks"].items():
+        scorers = [Scorer(e, pool["max_tokens"]) for e in entries]
+        rng = random.Random(0)
+        subsets = [[list(range(len(e["samples"])))] if args.draws == 1 else
+                   [rng.sample(range(len(e["samples"])), args.subset) for _ in range(args.draws)]
+                   for e in entries]
+        base = None
+        for spec, rule in [("best_of_n", parse_rule("segment=1000000,keep=1.0"))] + rules:
+            res = [replay_one(e, sc, rule, m) for e, sc, ms in zip(entries, scorers, subsets)
+                   for m in ms]
+            reward = sum(r for r, _ in res) / len(res)
+            tokens = sum(t for _, t in res) / len(res)
+            base = base or (reward, tokens)
+            rows.append({"task": task, "rule": spec, "reward": reward, "model_tokens": tokens,
+                         "token_share": tokens / base[1], "gap": base[0] - reward})
+            print(f"{task:10s} {spec:42s} reward {reward:.3f} (gap {base[0] - reward:+.3f})  "
+                  f"tokens {tokens:6.1f} ({tokens / base[1]:.2f}x)", flush=True)
+    out = write_result("prune-sim", {**provenance(), "settings": vars(args),
+                                     "pool": {k: pool[k] for k in ("candidates", "max_tokens",
+                                                                   "temperature")},
+                                     "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
