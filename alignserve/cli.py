@@ -77,7 +77,8 @@ def load_engine(settings: Any) -> Any:
                              max_model_len=settings.max_model_len,
                              random_weights=settings.load_format == "dummy",
                              cuda_graphs=settings.cuda_graphs,
-                             cpu_bf16_decode=settings.cpu_bf16_decode)
+                             cpu_bf16_decode=settings.cpu_bf16_decode,
+                             prompt_cache=settings.prompt_cache)
 
 
 def vllm_load_kwargs(settings: Any) -> dict[str, Any]:

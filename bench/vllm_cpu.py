@@ -6,12 +6,18 @@ once), on the same Hugging Face folder (`alignserve model-path`) and the same vL
 One ~1.4K-token prompt (token ids, the same for every server), 64 tokens (ignore_eos,
 temperature 1), over HTTP with the official openai client: plain samples n = 1, 8, 16 on every
 server; best_of_n with 8 and 16 candidates and deal at its defaults on both alignserve engines.
+`prefill` sends a prompt of the same length that no server has seen (its first token differs
+per repeat), max_tokens 1: the prompt's prefill alone, with no prefix cache to hit; every other
+case repeats one prompt, which vLLM's prefix cache and the native engine's `--prompt-cache`
+(both on, as each server would run in production) serve without a prefill after the first.
 All servers stay up and take turns (never two requests at once): for each case and repeat each
 server answers the same request in turn, after one untimed warm-up each, so a busy machine
 weighs on all of them alike; ratios between servers are medians of those back-to-back pairs.
 Each server's time to /health 200 is recorded from its launch (started one at a time). Goals (issue 13): `--engine vllm` best_of_n with 16
 candidates <= 1.05x vLLM's own n=16; deal at defaults <= 2.5x a plain sample on --engine vllm;
-`--engine vllm` healthy within 40 s of its start.
+`--engine vllm` healthy within 40 s of its start. Goals (issue 14, native against vLLM's own
+server): n=1 at least vLLM's tokens/s, n=16 at least twice, prefill no slower, native
+best_of_n 16 within 1.1x of native n=16.
 
 Writes bench/results/vllm_cpu-*.json: device (CPU model and flags), commit, date, versions,
 every timing, the ratios. The machine may be shared: the ratios come from one run, and the
@@ -101,6 +107,8 @@ def launch(kind: str, folder: str, port: int, kv_gib: int, log: Path,
         engine = "vllm" if kind == "alignserve-vllm" else "native"
         cmd = [py, "-m", "alignserve.cli", "serve", "--engine", engine, "--port", str(port),
                "--kv-cache-gib", str(kv_gib), "--log-level", "warning"]
+        if engine == "native":  # vLLM's servers run with their prefix cache on
+            cmd.append("--prompt-cache")
         if block_size and engine == "vllm":
             env["ALIGNSERVE_VLLM_ENGINE_ARGS"] = json.dumps({"block_size": block_size})
     with open(log, "w") as f:
@@ -132,6 +140,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 CASES = {  # label: (n, alignment or None for a plain sample)
+    "prefill": (1, None),
     "sample_n1": (1, None), "sample_n8": (8, None), "sample_n16": (16, None),
     "best_of_n_8": (1, {"strategy": "best_of_n", "candidates": 8}),
     "best_of_n_16": (1, {"strategy": "best_of_n", "candidates": 16}),
@@ -143,13 +152,18 @@ def cases(kind: str) -> list[str]:
     return [c for c, (_, a) in CASES.items() if kind != "vllm" or a is None]
 
 
-def once(client, ids: list[int], label: str) -> tuple[float, object]:
+def once(client, ids: list[int], label: str, rep: int = -1) -> tuple[float, object]:
+    """One request; `prefill` with a prompt new to every server (its first token set by
+    `rep`: each repeat's prompt is the same for every server, the warm-up's (-1) another)."""
     n, alignment = CASES[label]
     extra: dict = {"ignore_eos": True}
     if alignment:
         extra["alignment"] = alignment
+    tokens = TOKENS
+    if label == "prefill":
+        ids, tokens = [1000 + rep + 1] + ids[1:], 1
     t0 = time.perf_counter()
-    r = client.completions.create(model=SERVED, prompt=ids, max_tokens=TOKENS, n=n,
+    r = client.completions.create(model=SERVED, prompt=ids, max_tokens=tokens, n=n,
                                   temperature=1.0, extra_body=extra)
     return time.perf_counter() - t0, r
 
@@ -176,9 +190,9 @@ def measure(clients: dict, ids: list[int], reps: int) -> dict:
         kinds = [k for k in clients if label in times[k]]
         for k in kinds:
             once(clients[k], ids, label)  # warm-up
-        for _ in range(reps):
+        for r in range(reps):
             for k in kinds:
-                t, last[k][label] = once(clients[k], ids, label)
+                t, last[k][label] = once(clients[k], ids, label, r)
                 times[k][label].append(t)
         for k in kinds:
             print(k, label, [round(t, 2) for t in times[k][label]], flush=True)
@@ -242,7 +256,19 @@ def main() -> int:
         for label in ("sample_n1", "sample_n16", "best_of_n_16", "deal_defaults"):
             ratios[f"native_vs_vllm_{label}"] = paired(results, "native", label,
                                                        "alignserve-vllm", label)
+    if own and results.get("native"):
+        for label in ("prefill", "sample_n1", "sample_n8", "sample_n16"):
+            ratios[f"native_vs_vllm_own_{label}"] = paired(results, "native", label, "vllm", label)
+    if results.get("native"):
+        ratios["native_bon16_vs_native_n16"] = paired(results, "native", "best_of_n_16", "native",
+                                                      "sample_n16")
     goals = {}
+    if "native_vs_vllm_own_sample_n1" in ratios:  # times: a ratio <= 1 is >= 1x the tokens/s
+        goals["native_n1_at_least_vllm_tokps"] = ratios["native_vs_vllm_own_sample_n1"] <= 1.0
+        goals["native_n16_at_least_2x_vllm_tokps"] = ratios["native_vs_vllm_own_sample_n16"] <= 0.5
+        goals["native_prefill_no_slower"] = ratios["native_vs_vllm_own_prefill"] <= 1.0
+    if "native_bon16_vs_native_n16" in ratios:
+        goals["native_bon16_within_1.1x_of_n16"] = ratios["native_bon16_vs_native_n16"] <= 1.1
     if "bon16_vs_vllm_n16" in ratios:
         goals["bon16_within_1.05x_of_vllm_n16"] = ratios["bon16_vs_vllm_n16"] <= 1.05
     if ours:

@@ -50,6 +50,10 @@ class ServerSettings:
         "there): at every row count, and prompt attention in bf16 too, where the CPU has bf16 "
         "units (avx512_bf16 / amx_bf16), else steps of at most 4 rows (bench/native_cpu.py); "
         "logits within bf16 rounding of fp32; --no-cpu-bf16-decode for exact fp32"})
+    prompt_cache: bool = field(default=False, metadata={
+        "help": "keep prompts' KV after their requests (native engine; up to a quarter of the KV "
+        "cache, dropped first when memory runs short): a repeated prompt skips its prefill, as "
+        "with vLLM's prefix cache"})
     # -- vllm engine only
     tensor_parallel_size: int = field(
         default=1, metadata={"help": "devices each layer is split over (vllm engine)"})
@@ -258,6 +262,9 @@ class ServerSettings:
                              "(vLLM captures its own)")
         if self.cpu_bf16_decode and (self.engine == "vllm" or self.device != "cpu"):
             raise ValueError("--cpu-bf16-decode applies to the native engine with --device cpu")
+        if self.prompt_cache and self.engine == "vllm":
+            raise ValueError("--prompt-cache applies to the native engine (vLLM has its own "
+                             "prefix cache)")
         if self.engine == "vllm":
             return
         vllm_only = [("--tensor-parallel-size", self.tensor_parallel_size != 1),

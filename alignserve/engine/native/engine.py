@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignserve.engine.native.attention import DecodePlan, ExtendPlan
 from alignserve.engine.native import cpu_linear
+from alignserve.engine.native.amateurs import open_contexts
+from alignserve.engine.native.attention import DecodePlan, ExtendPlan
 from alignserve.engine.native.cpu_linear import use_bf16_for_few_rows
 from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
-from alignserve.engine.native.amateurs import open_contexts
+from alignserve.engine.native.prompt_cache import PromptCache
 from alignserve.engine.native.sampler import prompt_logprob_entries, sample_rows
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import (
@@ -77,10 +78,13 @@ class NativeEngine(TextCodec):
 
     def __init__(self, model: CausalLM, tokenizer, name: str, device: torch.device,
                  kv_cache_gib: float | None = None, max_model_len: int | None = None,
-                 prefill_chunk: int | None = None, cuda_graphs: bool | None = None):
+                 prefill_chunk: int | None = None, cuda_graphs: bool | None = None,
+                 prompt_cache: bool = False):
         """`cuda_graphs`: run decode steps through piecewise CUDA graphs (`cuda_graphs.py`).
         None means on for CUDA, off elsewhere; True on a CPU runs the same split and padded
-        path without capture (for tests)."""
+        path without capture (for tests). `prompt_cache`: keep prompts' KV after their
+        requests (up to a quarter of the pool), so a repeated prompt skips its prefill
+        (`prompt_cache.py`)."""
         cfg = model.cfg
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.device = device
@@ -111,6 +115,8 @@ class NativeEngine(TextCodec):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
         self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
+        self.prompt_cache = (PromptCache(self.kv, self._chains, self.kv.num_slots // 4)
+                             if prompt_cache else None)
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         self.decode_runner = (DecodeGraphRunner(model, capture=device.type == "cuda")
@@ -120,16 +126,17 @@ class NativeEngine(TextCodec):
     @classmethod
     def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
              max_model_len: int | None = None, random_weights: bool = False,
-             cuda_graphs: bool | None = None, cpu_bf16_decode: bool | None = None) -> NativeEngine:
+             cuda_graphs: bool | None = None, cpu_bf16_decode: bool | None = None,
+             prompt_cache: bool = False) -> NativeEngine:
         """`cpu_bf16_decode` (None: on for a CPU): few-row steps use bf16 weight copies
-        (`cpu_linear.py`)."""
+        (`cpu_linear.py`). `prompt_cache`: see `__init__`."""
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
         if dev.type == "cpu" and cpu_bf16_decode is not False:
             use_bf16_for_few_rows(m)
         return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
 
     async def start(self) -> None:
         if self._task is None:
@@ -177,6 +184,11 @@ class NativeEngine(TextCodec):
         check_prefill(prompt_ids, early_layer, self.max_model_len, self.cfg.num_layers)
         if len(prompt_ids) + 16 > self.kv.num_slots:
             raise CapacityError("prompt larger than the KV cache")
+        if self.prompt_cache is not None and early_layer is None and prompt_logprobs is None:
+            async with self._lock:
+                handle = self._cached_prefill(prompt_ids)
+            if handle is not None:
+                return handle
         st = self._new_state([])
         st.handle.prompt_len = len(prompt_ids)
         st.early_layer = early_layer
@@ -191,6 +203,23 @@ class NativeEngine(TextCodec):
             await self.release([st.handle])
             raise
         return st.handle
+
+    def _prompt_key(self, prompt_ids: Sequence[int]) -> tuple:
+        # KV computed with bf16 linears is not the exact fp32 mode's (tests switch modes)
+        return (cpu_linear.bf16_rows(self.model), tuple(prompt_ids))
+
+    def _cached_prefill(self, prompt_ids: Sequence[int]) -> SeqHandle | None:
+        """A new sequence on a kept prompt's KV, or None when the prompt is not kept. No model
+        tokens are counted: none are computed (vLLM's prefix-cache hits count none either)."""
+        entry = self.prompt_cache.lookup(self._prompt_key(prompt_ids))
+        if entry is None:
+            return None
+        sid = next(self._ids)
+        chain = self.kv.fork(entry.chain, entry.owner, [sid])[0]
+        handle = SeqHandle(key=sid, prompt_len=len(prompt_ids), token_ids=list(prompt_ids))
+        st = SeqState(id=sid, handle=handle, chain=chain, logits=entry.logits, hidden=entry.hidden)
+        self._states[sid], self._chains[sid] = st, chain
+        return handle
 
     async def fork(self, seq: SeqHandle, n: int) -> list[SeqHandle]:
         async with self._lock:
@@ -427,6 +456,8 @@ class NativeEngine(TextCodec):
             remaining = len(feed.tokens[0]) - feed.done[0]
             if not admitted:
                 need = remaining + 64
+                if need > free and self.prompt_cache:  # kept prompts yield to new ones
+                    free += self.prompt_cache.clear()
                 if need > free:
                     break  # first come, first served: wait for memory to free up
                 free -= need
@@ -541,6 +572,11 @@ class NativeEngine(TextCodec):
                 if feed.kind == "prefill":
                     st = feed.states[0]
                     self.kv.seal(st.chain, st.id)  # the prompt becomes a shareable segment
+                    if (self.prompt_cache is not None and feed.prompt_logprobs is None
+                            and st.early_layer is None and st.logits is not None):
+                        self.prompt_cache.remember(
+                            self._prompt_key(st.handle.token_ids), st.chain, st.id,
+                            lambda: next(self._ids), st.logits, st.hidden)
                 result.finished_feeds.append(feed)
 
     def _sample(self, gen: list[SeqState], result: _StepResult) -> list[tuple[SeqState, int]]:
@@ -601,6 +637,8 @@ class NativeEngine(TextCodec):
         states, chains, slots, tokens = [], [], [], []
         for st, tok in rows:
             try:
+                if self.prompt_cache and self.kv.free_slots() == 0:
+                    self.prompt_cache.clear()  # kept prompts yield to running sequences
                 slots.append(self.kv.append_slots(st.chain, 1)[0])
             except OutOfKVMemory:
                 self._out_of_memory(st, result)

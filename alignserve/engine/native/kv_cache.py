@@ -30,9 +30,16 @@ class OutOfKVMemory(RuntimeError):
 
 
 class SlotAllocator:
+    """Pages handed out lowest first, in ascending order, also after frees: a prompt then gets
+    one run of slots, which attention reads as a view of the pool. Freed pages appended as
+    they came (the leaves' pages last in, first out) gave the next prompt its pages in
+    reverse, and a CPU decode step then gathered that prompt's KV in every layer (two copies of
+    1,447 x 3 x 64 floats a layer: a third of a 1-row step)."""
+
     def __init__(self, num_slots: int):
         self.num_pages = num_slots // PAGE
-        self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._free = list(range(self.num_pages - 1, -1, -1))  # descending: pop() takes the lowest
+        self._sorted = True
 
     @property
     def free_pages(self) -> int:
@@ -41,10 +48,15 @@ class SlotAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfKVMemory(f"need {n} pages, {len(self._free)} free")
+        if not self._sorted:  # once after any frees: ~0.1 ms for a 2 GiB pool's pages
+            self._free.sort(reverse=True)
+            self._sorted = True
         return [self._free.pop() for _ in range(n)]
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(pages)
+        if pages:
+            self._free.extend(pages)
+            self._sorted = False
 
 
 class Segment:
