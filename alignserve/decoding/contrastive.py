@@ -56,6 +56,7 @@ from alignserve.decoding.base import (
 )
 from alignserve.decoding.common import format_logprobs, score_texts, stream_choices, take_root
 from alignserve.decoding.resources import resources_of
+from alignserve.engine.grammar import allowed_argmax, mask_logits, new_bitmask
 from alignserve.engine.protocol import Engine, EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.kernels import dispatch
@@ -337,6 +338,9 @@ async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[Decode
     seqs: list[SeqHandle] = []
     aseqs: list[SeqHandle] = []
     rows = [_Row(IncrementalText(engine.tokenizer, req.prompt_ids, sp.stop)) for _ in range(n)]
+    # structured outputs: this loop is the sampler, so it keeps each row's grammar matcher
+    grammars = [sp.grammar.new_state() if sp.grammar is not None else None for _ in range(n)]
+    bitmask = new_bitmask(n, engine.vocab_size) if sp.grammar is not None else None
     try:
         seqs = await _prefill(engine, req.prompt_ids, ctx, n)
         aseqs = await _prefill(amateur, req.prompt_ids, ctx, n)
@@ -349,7 +353,10 @@ async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[Decode
             b = len(live)
             logprobs = torch.log_softmax(e.float(), dim=-1)
             scores = e.float().clone()
-            early = [j for j, i in enumerate(live) if len(rows[i].out) < sp.min_tokens]
+            if bitmask is not None:  # the expert's disallowed tokens leave the plausible set
+                scores = mask_logits([grammars[i] for i in live], scores, bitmask)
+            early = [j for j, i in enumerate(live) if len(rows[i].out) < sp.min_tokens
+                     and not (grammars[i] is not None and grammars[i].completed)]
             if early and stop_ids:
                 scores[torch.tensor(early).unsqueeze(1),
                        torch.tensor(sorted(stop_ids)).unsqueeze(0)] = float("-inf")
@@ -365,6 +372,13 @@ async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[Decode
             feed: list[tuple[int, int]] = []
             for j, (i, tok) in enumerate(zip(live, tokens)):
                 row = rows[i]
+                broken = False
+                if grammars[i] is not None and not grammars[i].try_accept(tok):
+                    # no finite contrasted score on an allowed token: the expert's best
+                    # allowed one, or the row ends ("abort"); never an exception
+                    tok = allowed_argmax(e[j], bitmask[j])
+                    broken = tok is None or not grammars[i].try_accept(tok)
+                    tok = 0 if tok is None else tok
                 lp = float(logprobs[j, tok])
                 row.out.append(tok)
                 row.cumulative_logprob += lp
@@ -377,7 +391,9 @@ async def _lockstep(ctx: DecodeContext, amateur: Engine) -> AsyncIterator[Decode
                     entry = {"token_id": tok, "logprob": lp, "top": top}
                     row.entries.append(entry)
                 stop_id = tok in stop_ids and len(row.out) >= sp.min_tokens
-                if stop_id or row.text.push(tok) is not None:
+                if broken:
+                    row.reason = "abort"
+                elif stop_id or row.text.push(tok) is not None:
                     row.reason = "stop"
                 elif len(row.out) >= max_tokens:
                     row.reason = "length"

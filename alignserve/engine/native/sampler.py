@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from alignserve.engine.grammar import GrammarState, mask_logits, new_bitmask
+from alignserve.engine.grammar import (
+    GrammarState,
+    allowed_argmax,
+    apply_bitmask,
+    fill_bitmasks,
+    new_bitmask,
+)
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import StepInputs
 from alignserve.kernels import dispatch
@@ -70,7 +76,8 @@ def step_inputs(states: list[SeqState]) -> StepInputs:
 
 def grammar_states(states: list[SeqState], params) -> list[GrammarState] | None:
     """Each row's matcher, brought to its sequence's output (started on the first step of a
-    sequence that has none; a fork copied its parent's, a truncate rolled it back)."""
+    sequence that has none; a fork copied its parent's, a truncate rolled it back). A row whose
+    output holds a token its grammar rejects comes back `broken` (never an exception here)."""
     compiled = params.grammar
     if compiled is None:
         return None
@@ -88,11 +95,23 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
     params = group.params
     raw = torch.stack([st.logits for st in states]).float()
     logits = raw
+    grammars = grammar_states(states, params)
+    masked: list[int] = []
+    if grammars is not None:
+        # one bitmask buffer per generate group, reused every step (grown when rows join),
+        # filled once and applied twice: before steering, so that a processor chooses among
+        # allowed tokens only (VAS's top-k candidates, contrastive's plausible set, DeAL's
+        # captured next-token distributions; vLLM's bitmask precedes its logits processors
+        # too), and last, so that nothing after it revives a disallowed token
+        if group.bitmask is None or group.bitmask.shape[0] < len(grammars):
+            group.bitmask = new_bitmask(len(grammars), logits.shape[-1])
+        masked = fill_bitmasks([None if g.broken else g for g in grammars], group.bitmask)
+        if masked:
+            logits = apply_bitmask(raw.clone(), group.bitmask[: len(states)], masked)
     if group.processor is not None:
         logits = group.processor([st.handle for st in states], logits, step_inputs(states))
     logits = apply_penalties(logits, states, params)
     logits = apply_logit_bias(logits, params.logit_bias)
-    grammars = grammar_states(states, params)
     # min_tokens never masks the stop token of a row whose grammar allows nothing else
     early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens
              and not (grammars and grammars[i].completed)]
@@ -101,13 +120,9 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
         stop = torch.tensor(sorted(group.stop_ids), device=logits.device)
         rows = torch.tensor(early, device=logits.device)
         logits[rows.unsqueeze(1), stop.unsqueeze(0)] = float("-inf")
-    if grammars is not None:
-        # last, after steering, penalties and bias: nothing can revive a disallowed token
-        # one bitmask buffer per generate group, reused every step (grown when rows join)
-        if group.bitmask is None or group.bitmask.shape[0] < len(grammars):
-            group.bitmask = new_bitmask(len(grammars), logits.shape[-1])
-        logits = mask_logits(grammars, logits.clone() if logits is raw else logits,
-                             group.bitmask)
+    if masked:
+        logits = apply_bitmask(logits.clone() if logits is raw else logits,
+                               group.bitmask[: len(states)], masked)
     b = len(states)
     dev = logits.device
     tokens = dispatch.sample(
@@ -123,9 +138,17 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int) -> list[tup
     # every token id exactly).
     chosen = raw.gather(1, tokens.view(-1, 1)).squeeze(1) - torch.logsumexp(raw, dim=-1)
     ids, lps = torch.stack((tokens.double(), chosen.double())).tolist()
-    for state, token in zip(grammars or (), ids):
-        if not state.terminated:
-            state.accept(int(token))
+    for i, (state, token) in enumerate(zip(grammars or (), ids)):
+        if state.broken or state.terminated or state.try_accept(int(token)):
+            continue
+        # sampled outside the mask: steering left no finite score on an allowed token (or NaN);
+        # fall back to the model's own best allowed token, or end the row (engine: "abort")
+        fallback = allowed_argmax(raw[i], group.bitmask[i])
+        if fallback is not None and state.try_accept(fallback):
+            ids[i] = fallback
+            lps[i] = float(raw[i, fallback] - torch.logsumexp(raw[i], dim=-1))
+        else:
+            state.broken = True
     tops: list[list | None] = [None] * b
     if params.logprobs:
         vals, idx = torch.topk(torch.log_softmax(raw, dim=-1), min(params.logprobs, vocab), dim=-1)
