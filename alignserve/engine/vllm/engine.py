@@ -971,7 +971,7 @@ class VllmEngine(TextCodec):
 def structured_outputs_config(given: Any = None) -> Any:
     """vLLM's engine-wide structured-outputs settings: its xgrammar backend with no free
     whitespace in JSON (vLLM sets whitespace per engine, not per request), so a JSON answer has
-    the native engine's compact layout and a small model cannot loop on blanks. A config given
+    a fixed layout, as on the native engine, and a small model cannot loop on blanks. A config given
     in the engine arguments (a dict or vLLM's own object) is kept as it is."""
     from vllm.config import StructuredOutputsConfig
 
