@@ -1,8 +1,8 @@
 """Structured outputs end to end: the live server, the real embedded model, the official openai
 client. JSON answers (json_object, json_schema, the SDK's `.parse` with a pydantic model) and
 tool calls (tool_choice none / auto / required / named, history round trips, streamed calls the
-SDK reassembles) for the strategies that support a grammar (sample, best_of_n); the 400s for
-bad schemas, limits, ignore_eos and strategies that do not support it yet.
+SDK reassembles) for sample and best_of_n (the other strategies: test_structured_strategies.py);
+the 400s for bad schemas, limits and ignore_eos.
 
 Every grammar-constrained answer that finishes by the stop token must parse and validate: the
 grammar masks the logits last in the native sampler, so that holds by construction, and these
@@ -249,13 +249,6 @@ def test_bad_schema_names_its_json_path(http):
 def test_refusals_name_the_field(http, live_server):
     status, err = _error(http, {"response_format": {"type": "json_object"}, "ignore_eos": True})
     assert (status, err["param"]) == (400, "ignore_eos")
-    # every strategy but the two that decode through the grammar-masked sampler (new ones too)
-    names = [s["name"] for s in http.get("/v1/alignment").json()["strategies"]]
-    assert {"deal", "vas", "contrastive"} <= set(names)
-    for strategy in sorted(set(names) - {"sample", "best_of_n"}):
-        status, err = _error(http, {"tools": [WEATHER], "alignment": {"strategy": strategy}})
-        assert (status, err["param"]) == (400, "tools")
-        assert f"strategy `{strategy}`" in err["message"]
     big = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 60}
                                             for i in range(live_server.settings.max_grammar_bytes
                                                            // 60 + 1)}}

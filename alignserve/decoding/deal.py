@@ -80,6 +80,7 @@ from alignserve.decoding.common import (
     score_texts,
     take_root,
 )
+from alignserve.engine.grammar import mask_logits
 from alignserve.engine.protocol import Engine, SamplingParams, SeqHandle
 from alignserve.engine.text import IncrementalText
 from alignserve.rewardmodels.lexical import LengthReward, count_words
@@ -200,6 +201,7 @@ class Beam:
     score: Any = None  # RewardScore of the final text (finished beams)
     rank: float = 0.0
     invalid: bool = False  # a candidate that cannot go on (never survives)
+    grammar: Any = None  # the request's grammar matcher at `tokens` (structured outputs)
 
 
 @dataclass
@@ -211,6 +213,26 @@ class _Cand:
     rollout: list[int] = field(default_factory=list)
     rollout_lps: list[float] = field(default_factory=list)
     rollout_stopped: bool = False  # the rollout ended at a stop (not at its length)
+
+
+def grammar_allowed(beam: Beam) -> torch.Tensor:
+    """The beam's next-token log-probs with what its grammar forbids at -inf: DeAL's actions
+    are the top_k of these, so every action (and every committed token) is allowed."""
+    if beam.grammar is None:
+        return beam.next_logprobs
+    return mask_logits([beam.grammar], beam.next_logprobs.float().view(1, -1).clone())[0]
+
+
+def committed_grammar(parent: Any, tokens: Sequence[int]) -> Any:
+    """The parent beam's matcher forked and advanced over a candidate's committed tokens;
+    None when there is no grammar or a token breaks it (the candidate is then invalid)."""
+    if parent is None:
+        return None
+    (state,) = parent.fork(1)
+    for tok in tokens:
+        if state.terminated or not state.try_accept(tok):
+            return None
+    return state
 
 
 def _clone(text: IncrementalText) -> IncrementalText:
@@ -249,7 +271,8 @@ class _Search:
         self.held[root.key] = root
         first = torch.log_softmax((await self.engine.logits([root]))[0].float(), dim=-1)
         text = IncrementalText(self.engine.tokenizer, self.req.prompt_ids, self.sp.stop)
-        return [Beam([], 0.0, text, seq=root, next_logprobs=first)]
+        grammar = self.sp.grammar.new_state() if self.sp.grammar is not None else None
+        return [Beam([], 0.0, text, seq=root, next_logprobs=first, grammar=grammar)]
 
     async def step(self, beams: list[Beam]) -> list[Beam]:
         p, sp = self.p, self.sp
@@ -263,7 +286,9 @@ class _Search:
 
         cands: list[_Cand] = []
         for b in live:
-            for tok, lp in top_actions(b.next_logprobs, p.top_k, banned):
+            # min_tokens yields to a finished grammar (the stop token is all it allows)
+            ban = () if b.grammar is not None and b.grammar.completed else banned
+            for tok, lp in top_actions(grammar_allowed(b), p.top_k, ban):
                 cands.append(_Cand(b, tok, lp))
         expand = [c for c in cands if c.action not in self.stop_ids and remaining > 1]
         next_lp: dict[Any, torch.Tensor] = {}
@@ -365,6 +390,9 @@ class _Search:
                                 max_tokens=start + rollout_len,
                                 min_tokens=sp.min_tokens, stop=sp.stop,
                                 stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+                                # rollouts follow the grammar too: each child's matcher is
+                                # the engine's, forked with it and rolled back by truncate
+                                grammar=sp.grammar,
                                 detokenize=False)  # rollouts are scored on deal's own text
         by_key = {c.child.key: c for c in expand}
         gen = engine.generate(children, params, observer=capture if commit > 1 else None,
@@ -405,7 +433,11 @@ class _Search:
                     top = captured.get(c.child.key, {}).get(j - 1, []) if c.child else []
                 entries.append({"token_id": tok, "logprob": lp, "top": top})
         all_tokens = parent.tokens + tokens
-        beam = Beam(all_tokens, parent.logprob + sum(lps), text, entries, seq=c.child)
+        grammar = committed_grammar(parent.grammar, tokens)
+        beam = Beam(all_tokens, parent.logprob + sum(lps), text, entries, seq=c.child,
+                    grammar=grammar)
+        if parent.grammar is not None and grammar is None:  # outside the grammar: never kept
+            beam.invalid = True
         if stopped or len(all_tokens) >= self.max_tokens:
             beam.finished = True
             beam.finish_reason = "stop" if stopped else "length"

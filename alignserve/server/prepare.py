@@ -47,9 +47,14 @@ log = logging.getLogger("alignserve.server")
 
 Kind = Literal["chat", "completion"]
 
-# strategies whose every branch decodes through the engine's grammar-masked sampler (their
-# candidates fork the sequence's matcher with its KV); the others refuse a grammar for now
-GRAMMAR_STRATEGIES = ("sample", "best_of_n")
+# Structured outputs on the vllm engine: vLLM's own grammar (its structured outputs) starts at
+# the first token a vLLM request generates, so it holds a strategy whose every branch decodes
+# its whole answer in one request from the prompt (sample, best_of_n, vas, contrastive). The
+# others continue partial answers in later requests (deal's commits, the segment searches'
+# rounds), where vLLM would restart the grammar mid-answer: they answer 400 there. The native
+# engine keeps a matcher per sequence (forked, extended and rolled back with it) and serves
+# every strategy.
+VLLM_GRAMMAR_STRATEGIES = ("sample", "best_of_n", "vas", "contrastive")
 
 # alignment keys held to a server limit: key -> settings field (flag --max-...)
 STRATEGY_LIMITS = {"candidates": "max_candidates", "top_k": "max_top_k",
@@ -136,20 +141,31 @@ class Preparer:
         return prepared
 
     def _check_grammar(self, req: SamplingFields, spec: GrammarSpec | None) -> None:
-        """What a grammar cannot be combined with (yet), as 400s naming the field."""
+        """What a grammar cannot be combined with, as 400s naming the field."""
         if spec is None:
             return
         param = "tools" if spec.tools else "response_format"
         strategy = req.alignment_or_default().strategy
-        if strategy in STRATEGIES and strategy not in GRAMMAR_STRATEGIES:
-            raise APIError(f"`{param}` is not supported with strategy `{strategy}` yet; use "
-                           f"{' or '.join(GRAMMAR_STRATEGIES)}.", param=param)
-        if getattr(self.engine, "kind", None) == "vllm":
-            raise APIError(f"`{param}` is not supported on the vllm engine yet; the native "
-                           "engine serves it.", param=param)
+        if (getattr(self.engine, "kind", None) == "vllm" and strategy in STRATEGIES
+                and strategy not in VLLM_GRAMMAR_STRATEGIES):
+            raise APIError(f"`{param}` is not supported with strategy `{strategy}` on the vllm "
+                           "engine: it continues partial answers in later vLLM requests, where "
+                           "vLLM's structured outputs would restart the grammar; use "
+                           f"{', '.join(VLLM_GRAMMAR_STRATEGIES)}, or the native engine.",
+                           param=param)
         if req.ignore_eos:
             raise APIError(f"`ignore_eos` cannot be combined with `{param}`: the grammar ends "
                            "the answer with the end-of-sequence token.", param="ignore_eos")
+        # a stop string or stop token id could cut a JSON answer or a tool call short, leaving
+        # it invalid under finish_reason "stop": the grammar decides where the answer ends
+        if req.stop_list():
+            raise APIError(f"`stop` cannot be combined with `{param}`: the grammar decides "
+                           "where the answer ends, and a stop string could cut it invalid.",
+                           param="stop")
+        eos = getattr(self.engine, "eos_token_ids", frozenset())
+        if any(t not in eos for t in req.stop_token_ids or ()):
+            raise APIError(f"`stop_token_ids` cannot be combined with `{param}`: the grammar "
+                           "decides where the answer ends.", param="stop_token_ids")
 
     def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)

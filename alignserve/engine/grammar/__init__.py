@@ -9,44 +9,35 @@ compiler.py      TokenizerGrammars: compile a spec for one tokenizer (xgrammar),
 matcher.py       GrammarState: one matcher per sequence (fork, sync/accept, truncate, bitmask);
                  apply_bitmask (xgrammar's CPU/Triton kernels) and its PyTorch reference
 
-How the engines and strategies consume it. As built: server/grammars.py compiles, the
-CompiledSpec rides in `SamplingParams.grammar` (data, no callables), the native engine keeps
-`SeqState.grammar` (started by the sampler on a sequence's first constrained step, which syncs
-it to the output, so extends need no hook), and sample / best_of_n are the strategies served;
-deal, vas and contrastive answer 400 until they are tested with it, and the vllm engine too.
-The design below (a `Steering` value after the steering refactor) is where it goes next:
+How the engines and strategies consume it, as built:
 
-- The server builds the spec (server/structured.py), checks it (`TokenizerGrammars.check`, a 400
-  naming the JSON path on GrammarError), then `await grammars.compile_async(spec)` before
-  decoding, so compile time and errors are the request's, never the engine loop's.
-- Steering carries the compiled grammar (`Steering.grammar: CompiledSpec`). A strategy never
-  touches matchers: the native engine keeps one GrammarState per sequence beside its KV chain.
-  `prefill` starts it with `compiled.new_state()`; `fork` forks it with the sequence
-  (best_of_n candidates, deal beams and rollouts, vas candidates all fork); `truncate` calls
-  `state.truncate(new output length)`; `extend` and commits `accept` the tokens (or the
-  sampler calls `state.sync(output_ids)`, which does both and rolls back when needed).
-- The native sampler's fused pass: after penalties, logit bias and contrastive/value steering,
-  `mask_logits(states, logits, bitmask)` (one bitmask buffer reused per step; rows without a
-  grammar are None and untouched), then top-k/top-p/sampling. The grammar mask comes last, so
-  no steering term can revive a disallowed token. Once a sequence's matcher accepts the stop
-  token it is finished (finish_reason stop). min_tokens must not mask the stop token when the
-  grammar allows nothing else (the grammar wins: the server rejects min_tokens beyond what the
-  grammar permits, or the sampler skips the min_tokens mask on completed rows); ignore_eos
-  with a grammar is refused at the server.
-- DeAL scores lookahead rollouts on forked states and truncates back; VAS and contrastive only
-  add to logits before the mask; best_of_n samples masked candidates. Every answer of every
-  strategy is therefore valid against the schema when it finishes by the stop token.
+- The server builds the spec (server/structured.py), refuses what a grammar cannot be combined
+  with (server/prepare.py: ignore_eos, stop strings, strategies vLLM cannot hold), checks it
+  (`TokenizerGrammars.check`, a 400 naming the JSON path on GrammarError), then
+  `await grammars.compile_async(spec)` (server/grammars.py) before decoding, so compile time
+  and errors are the request's, never the engine loop's. The CompiledSpec rides in
+  `SamplingParams.grammar` (data, no callables); strategies pass it on to every generate.
+- Native engine: one GrammarState per sequence (`SeqState.grammar`), started by the sampler on
+  a sequence's first constrained step; `fork` forks it with the sequence (best_of_n
+  candidates, DeAL rollouts, VAS candidates, particles), `truncate` rolls it back, and the
+  sampler's `sync` before each step accepts what `extend` fed. The sampler fills the bitmask
+  once per step and applies it twice: before steering (a processor chooses among allowed
+  tokens: VAS's top-k, contrastive's plausible set, DeAL's captured distributions) and last,
+  after penalties, bias and min_tokens, so nothing revives a disallowed token. A token the
+  grammar rejects never raises there: a sampled one falls back to the model's best allowed
+  token (`allowed_argmax`), a fed one ends the sequence with finish_reason "abort".
+- Strategies that choose tokens themselves keep their own matchers: DeAL's beams (actions are
+  the top_k of the masked log-probs, committed tokens advance a forked matcher), and the
+  contrastive lockstep loop with a served amateur (one per row, as a sampler).
 - vLLM: `vllm_structured_outputs(spec)` maps the spec to `SamplingParams.structured_outputs`
-  (vllm.sampling_params.StructuredOutputsParams in 0.32: json=schema with
-  disable_any_whitespace, json_object=True, or structural_tag=the same JSON the native engine
-  compiles); vLLM compiles with its own xgrammar backend. Order there (0.32,
-  v1/worker/gpu_model_runner.py): the model runner applies the grammar bitmask to the logits,
-  then the sampler runs the V1 logits processors, then samples. So our steering processor sees
-  already-masked logits and composes with the grammar only while it keeps -inf entries -inf
-  (additive steering, contrastive on log-probs and the plausibility cut all do; a processor
-  that rebuilt logits from a side model alone would revive masked tokens: test that seam).
-  Its grammar compile errors come back as 400s from
-  vLLM's validation; our `check` runs first so the 400 names the JSON path in both engines.
+  (json=schema, json_object=True, or structural_tag=the same JSON the native engine
+  compiles); vLLM compiles with its own xgrammar backend, started with
+  disable_any_whitespace. Order there (0.32, v1/worker/gpu_model_runner.py): the model
+  runner applies the grammar bitmask to the logits, then the sampler runs the V1 logits
+  processors, then samples; our processor keeps every -inf (additive VAS on the masked top-k,
+  contrastive on log-probs with the plausibility cut), so it composes. vLLM's grammar starts
+  at a request's first generated token, so only strategies that generate each answer whole in
+  one request (sample, best_of_n, vas, contrastive) are served with it there.
 """
 
 from alignserve.engine.grammar.compiler import (
@@ -63,6 +54,7 @@ from alignserve.engine.grammar.errors import (
 )
 from alignserve.engine.grammar.matcher import (
     GrammarState,
+    allowed_argmax,
     apply_bitmask,
     apply_bitmask_reference,
     fill_bitmasks,
@@ -92,6 +84,7 @@ __all__ = [
     "GrammarViolation",
     "TokenizerGrammars",
     "ToolDef",
+    "allowed_argmax",
     "apply_bitmask",
     "apply_bitmask_reference",
     "canonical_json",

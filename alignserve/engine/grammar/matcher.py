@@ -25,13 +25,23 @@ class GrammarState:
     def __init__(self, matcher: xgr.GrammarMatcher, tokens: list[int] | None = None) -> None:
         self._matcher = matcher
         self.tokens: list[int] = tokens or []  # accepted so far (the sequence's output)
+        # the last sync met a token the grammar rejects: the output has left the grammar and
+        # the engine ends the sequence (finish_reason "abort") instead of raising
+        self.broken = False
 
     # advancing ---------------------------------------------------------------------------
     def accept(self, token_id: int) -> None:
-        if not self._matcher.accept_token(int(token_id)):
+        if not self.try_accept(token_id):
             raise GrammarViolation(f"token {token_id} is not allowed here by the grammar "
                                    f"(after {len(self.tokens)} tokens)")
+
+    def try_accept(self, token_id: int) -> bool:
+        """Accept the token if the grammar allows it; False (nothing changes) if not. Engines
+        call this one: a rejected token must never raise inside an engine step."""
+        if not self._matcher.accept_token(int(token_id)):
+            return False
         self.tokens.append(int(token_id))
+        return True
 
     def rollback(self, n: int) -> None:
         """Forget the last n accepted tokens."""
@@ -46,16 +56,21 @@ class GrammarState:
         tokens)."""
         self.rollback(max(len(self.tokens) - length, 0))
 
-    def sync(self, output_ids: Sequence[int]) -> None:
-        """Match the sequence's output: roll back what differs, accept what is new."""
+    def sync(self, output_ids: Sequence[int]) -> bool:
+        """Match the sequence's output: roll back what differs, accept what is new. False when
+        the output holds a token the grammar rejects (the state then stops before it)."""
         common = 0
         for mine, theirs in zip(self.tokens, output_ids):
             if mine != theirs:
                 break
             common += 1
         self.truncate(common)
-        for token in output_ids[common:]:
-            self.accept(token)
+        self.broken = not all(self.try_accept(token) for token in output_ids[common:])
+        return not self.broken
+
+    def fits(self, output_ids: Sequence[int]) -> bool:
+        """Whether the state follows `output_ids` exactly (a sync that found no violation)."""
+        return len(self.tokens) == len(output_ids) and self.tokens == list(output_ids)
 
     def fork(self, n: int = 1) -> list[GrammarState]:
         """n independent copies in this state (xgrammar deep-copies the parse state)."""
@@ -80,6 +95,21 @@ class GrammarState:
     def jump_forward(self) -> str:
         """Text the grammar forces next, whatever the model says (empty when it has a choice)."""
         return self._matcher.find_jump_forward_string()
+
+
+def allowed_argmax(logits: torch.Tensor, bitmask: torch.Tensor) -> int | None:
+    """The highest-scoring token of one row that one bitmask row allows (None: none is), on
+    finite scores first: the fallback when sampling picked a token the grammar rejects (a
+    steering term left only -inf or NaN on the allowed tokens)."""
+    row = apply_bitmask_reference(logits.detach().float().cpu().view(1, -1),
+                                  bitmask.view(1, -1))[0]
+    allowed = apply_bitmask_reference(torch.zeros_like(row).view(1, -1), bitmask.view(1, -1))[0]
+    ok = torch.isfinite(allowed)
+    if not bool(ok.any()):
+        return None
+    row = torch.where(ok & torch.isfinite(row), row, torch.full_like(row, -1e30))
+    row = torch.where(ok, row, torch.full_like(row, float("-inf")))
+    return int(torch.argmax(row))
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

@@ -149,9 +149,10 @@ def vllm_structured_outputs(spec: GrammarSpec) -> dict[str, Any]:
     """The keyword arguments of vLLM's `StructuredOutputsParams` (0.25-0.32) for this spec; the
     adapter builds `SamplingParams(structured_outputs=StructuredOutputsParams(**these))`.
 
-    Whitespace is an engine-wide setting there: start vLLM with
-    `structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}` so a
-    JSON answer has the native engine's layout. vLLM's xgrammar backend compiles schemas in
+    Whitespace is an engine-wide setting there: the adapter starts vLLM with
+    `StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)`
+    (engine/vllm/engine.py `structured_outputs_config`) so a JSON answer has a fixed layout
+    (xgrammar 0.2.8 there: `{"a":1, "b":2}`; the native engine's `{"a": 1, "b": 2}`). vLLM's xgrammar backend compiles schemas in
     xgrammar's strict mode whatever `strict` says (no properties beyond the schema's)."""
     if spec.kind == "tools":
         return {"structural_tag": json.dumps(spec.structural_tag())}

@@ -618,7 +618,9 @@ class NativeEngine(TextCodec):
         if params.logprobs is not None:
             h.logprobs.append({"token_id": tok, "logprob": lp, "top": top or []})
         reason = None
-        if tok in group.stop_ids and h.num_output > params.min_tokens - 1 or st.text.push(tok) is not None:
+        if params.grammar is not None and st.grammar is not None and st.grammar.broken:
+            reason = "abort"  # the output left its grammar (sampler.py): end it, never raise
+        elif tok in group.stop_ids and h.num_output > params.min_tokens - 1 or st.text.push(tok) is not None:
             reason = "stop"
         elif params.grammar is not None and st.grammar is not None and st.grammar.terminated:
             reason = "stop"  # the grammar took its stop token (min_tokens yields to it)

