@@ -101,21 +101,20 @@ def mask_step_ms(compiled, tokens: list[int], rows: int, vocab: int) -> dict:
 
 
 def decode_step_ms(engine: NativeEngine, rows: int, new_tokens: int) -> float:
-    """Median wall time between consecutive processor calls of one generate (one whole step:
+    """Median wall time between consecutive observer calls of one generate (one whole step:
     forward, sampling, bookkeeping) with `rows` sequences forked from one prompt."""
     prompt = engine.encode_chat([{"role": "user", "content": "Tell me about the ocean."}])[1]
     stamps: list[float] = []
 
     def stamp(seqs, logits, inputs):
         stamps.append(time.perf_counter())
-        return logits
 
     async def go():
         await engine.start()
         root = await engine.prefill(prompt)
         seqs = await engine.fork(root, rows)
         params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
-        async for _ in engine.generate(seqs, params, processor=stamp):
+        async for _ in engine.generate(seqs, params, observer=stamp):
             pass
         await engine.release(seqs + [root])
 
