@@ -19,24 +19,10 @@ import json
 
 import jsonschema
 import pytest
+from structured_cases import ASK, KEYWORDS, SMALL, SMALL_FORMAT, WEATHER, WEATHER_ASK
 
 from alignserve.engine.grammar import GrammarSpec, TokenizerGrammars, canonical_json
 from alignserve.engine.protocol import SamplingParams
-
-SMALL = {"type": "object",
-         "properties": {"color": {"enum": ["red", "green", "blue"]},
-                        "size": {"type": "integer", "minimum": 0, "maximum": 99}},
-         "required": ["color", "size"], "additionalProperties": False}
-SMALL_FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SMALL,
-                                                        "strict": True}}
-ASK = [{"role": "user", "content": "Describe a ball as JSON with its color and size."}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather",
-    "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "maxLength": 12}},
-                   "required": ["city"], "additionalProperties": False}}}
-WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-KEYWORDS = {"name": "keywords", "weight": 1.0, "keywords": ["blue"]}
 
 # every strategy the native engine serves, small enough for two busy cores
 STRATEGIES = {
