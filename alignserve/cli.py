@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from alignserve.engine import compute_thread
     from alignserve.server.app import create_app
     from alignserve.server.lifecycle import GracefulServer
     from alignserve.server.logs import configure_logging
@@ -35,12 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("alignserve.server")
     try:
+        # Models (served, amateurs, value and reward models) load on the thread that will run
+        # their steps: one OpenMP team for the process (engine/compute_thread.py).
         engine = load_engine(settings)
-        resources = _resources(engine, settings)
+        resources = compute_thread.call(_resources, engine, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"alignserve serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(engine, settings, resources=resources)
+    app = compute_thread.call(create_app, engine, settings, resources=resources)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, log_config=None, access_log=False)
     server = GracefulServer(config, app.state.lifecycle, settings.shutdown_grace)

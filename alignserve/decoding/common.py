@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, DecodeContext, DecodeEvent
+from alignserve.engine import compute_thread
 from alignserve.engine.protocol import SeqHandle
 from alignserve.engine.steering import Steering
 
@@ -39,7 +39,7 @@ async def score_texts(ctx: DecodeContext, texts: list[str]):
     if reward is None or not len(reward):
         return [None] * len(texts)
     start = time.perf_counter()
-    scores = await asyncio.to_thread(reward.score, texts, ctx.request.prompt_text)
+    scores = await compute_thread.run(reward.score, texts, ctx.request.prompt_text)
     ctx.reward_seconds += time.perf_counter() - start
     ctx.candidates_scored += len(texts)
     return scores

@@ -48,6 +48,7 @@ from alignserve.decoding.base import (
     StrategyParams,
 )
 from alignserve.decoding.common import agreed_delta, common_prefix, format_logprobs
+from alignserve.engine import compute_thread
 from alignserve.engine.protocol import EngineError, SeqHandle
 from alignserve.engine.text import IncrementalText
 
@@ -253,13 +254,13 @@ class SegmentSearch:
         prompt = self.req.prompt_text
         start = time.perf_counter()
         if done:
-            scores = await asyncio.to_thread(reward.score, [p.text for p in done], prompt)
+            scores = await compute_thread.run(reward.score, [p.text for p in done], prompt)
             for p, s in zip(done, scores):
                 p.score = s
         if going:
             left = [self.max_tokens - len(p.tokens) for p in going]
-            scores = await asyncio.to_thread(reward.score_partial, [p.text for p in going],
-                                             prompt, left)
+            scores = await compute_thread.run(reward.score_partial, [p.text for p in going],
+                                              prompt, left)
             for p, s in zip(going, scores):
                 p.score = s
         self.ctx.reward_seconds += time.perf_counter() - start

@@ -16,11 +16,11 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from alignserve.engine import compute_thread
 from alignserve.engine.native import cpu_linear
 from alignserve.engine.native.amateurs import open_contexts
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
@@ -110,7 +110,7 @@ class NativeEngine(TextCodec):
         self._generating: dict[int, SeqState] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignserve-engine")
+        self._executor = compute_thread.executor()  # shared by every engine: see its docstring
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
@@ -130,6 +130,14 @@ class NativeEngine(TextCodec):
              prompt_cache: bool = False) -> NativeEngine:
         """`cpu_bf16_decode` (None: on for a CPU): few-row steps use bf16 weight copies
         (`cpu_linear.py`). `prompt_cache`: see `__init__`."""
+        return compute_thread.call(cls._load, model, device, kv_cache_gib, max_model_len,
+                                   random_weights, cuda_graphs, cpu_bf16_decode, prompt_cache)
+
+    @classmethod
+    def _load(cls, model, device, kv_cache_gib, max_model_len, random_weights, cuda_graphs,
+              cpu_bf16_decode, prompt_cache) -> NativeEngine:
+        # on the compute thread: loading and packing weights and zeroing the KV cache run
+        # parallel regions too, and their OpenMP team must be the one the steps use
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
@@ -151,7 +159,9 @@ class NativeEngine(TextCodec):
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
-        self._executor.shutdown(wait=True)
+        # The compute thread is the process's, not this engine's: it stays; a step in flight
+        # finishes before close returns (what the thread runs next waits behind it).
+        await asyncio.wrap_future(self._executor.submit(lambda: None))
 
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self._crashed is None

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from alignserve.engine import compute_thread
 from alignserve.engine.protocol import SamplingParams, SeqHandle, StepInputs
 
 
@@ -172,7 +173,7 @@ async def collect(engine: Any, prompts: list[str], reward: Any, *, samples: int,
                         progress.update(sum(1 for ev in events if ev.finished))
             finally:
                 await engine.release(seqs)
-            scores = await asyncio.to_thread(reward.score, [s.text for s in seqs], prompt_text)
+            scores = await compute_thread.run(reward.score, [s.text for s in seqs], prompt_text)
             results[j] = (p, seqs, rec, scores)
 
     await asyncio.gather(*(one(j, p, n) for j, (p, n) in enumerate(jobs)))

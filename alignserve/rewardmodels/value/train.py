@@ -186,6 +186,7 @@ async def train_value(engine: Any, reward_spec: Any, out: str | None = None, *,
 
     from tqdm.auto import tqdm
 
+    from alignserve.engine import compute_thread
     from alignserve.rewardmodels.compose import RewardRegistry
     from alignserve.rewardmodels.value.data import builtin_prompts, collect
     from alignserve.rewardmodels.value.model import ValueModel, ValueModelConfig, token_matrix
@@ -210,8 +211,8 @@ async def train_value(engine: Any, reward_spec: Any, out: str | None = None, *,
         f"{float(data.rewards.mean()):.4f}, std {float(data.rewards.std()):.4f}) "
         f"in {sampled:.0f} s; "
         f"{train.num_episodes} train / {held.num_episodes} held out")
-    head, stats = await asyncio.to_thread(fit, train, tokens.cpu(), fit_config,
-                                          held if held.num_episodes else None, show_progress)
+    head, stats = await compute_thread.run(fit, train, tokens.cpu(), fit_config,
+                                           held if held.num_episodes else None, show_progress)
     stats.update({
         "max_tokens": max_tokens, "candidates": candidates, "per_prompt": per_prompt,
         "prompts": len(set(data.prompts.tolist())), "seed": seed,
