@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result  # noqa: E402
-from native_cpu import PROMPT_TOKENS, TEXT, cpu_info  # noqa: E402
+from common import provenance, write_result
+from native_cpu import PROMPT_TOKENS, TEXT, cpu_info
 
 ROWS = (1, 16)
 

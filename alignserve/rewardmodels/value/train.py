@@ -180,10 +180,8 @@ async def train_value(engine: Any, reward_spec: Any, out: str | None = None, *,
                       description: str = "", show_progress: bool = True,
                       log: Any = print) -> tuple[Any, dict[str, Any]]:
     """Collect on `engine` (a started NativeEngine; call this on its event loop), fit the
-    head (in a worker thread, so the engine keeps serving), save it to `out` if given.
+    head (on the compute thread, off the event loop), save it to `out` if given.
     Returns (ValueModel bound to the engine's token matrix, stats)."""
-    import asyncio
-
     from tqdm.auto import tqdm
 
     from alignserve.engine import compute_thread
