@@ -37,6 +37,32 @@ def test_rows_pick_the_weight_copy():
         assert torch.equal(few(x), lin(x))  # more rows: fp32 exactly
 
 
+def test_bf16_out_hands_on_bf16_and_bf16_inputs_are_taken_as_they_are():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48, bias=False)
+    few = FewRowBf16Linear(lin, max_rows=4)
+    x = torch.randn(3, 32)
+    rounded = F.linear(x.bfloat16(), lin.weight.bfloat16())
+    few.bf16_out = True
+    assert few(x).dtype == torch.bfloat16 and torch.equal(few(x), rounded)
+    assert torch.equal(few(x.bfloat16()), rounded)  # no second rounding of a bf16 input
+    many = torch.randn(6, 32).bfloat16()  # past max_rows: fp32 weights, fp32 out, as before
+    assert torch.equal(few(many), lin(many.float()))
+    few.bf16_out = False
+    assert torch.equal(few(x.bfloat16()), rounded.float())
+
+    class Mlp(nn.Module):
+        bf16_outputs = ("up",)
+
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    m = Mlp()
+    use_bf16_for_few_rows(m)
+    assert m.up.bf16_out and not m.down.bf16_out
+
+
 def test_swap_keeps_tied_weights_and_counts():
     class Tiny(nn.Module):
         def __init__(self):

@@ -14,7 +14,10 @@ Which row counts use bf16 depends on the CPU, so it is decided at run time from 
 Each linear keeps its fp32 weight beside the copy, so a test (the `exact_engine` fixture) or a
 flag (`--no-cpu-bf16-decode`) can switch the same model back to bit-for-bit fp32 at run time:
 `set_few_rows(model, 0)`. Inputs are rounded to bf16, products accumulate in fp32 and outputs
-return as fp32, so the residual stream, norms and attention stay fp32 either way.
+return as fp32, so the residual stream, norms and attention stay fp32 either way; the one
+exception is a `bf16_out` linear (the MLP's gate/up), whose output stays bf16 through SiLU and
+the product into the down projection (a 1,447-token prefill 0.93-0.99 s against 1.13-1.15 s,
+bench/native_cpu_profile.py).
 """
 
 from __future__ import annotations
@@ -86,22 +89,28 @@ class FewRowBf16Linear(nn.Module):
                              else linear.bias.detach().to(torch.bfloat16), persistent=False)
         # A plain attribute, not a buffer: module-wide moves and casts must not touch it.
         self.weight_packed = _pack(self.weight_bf16)
+        # Return bf16 where it ran in bf16: for a linear whose output only feeds elementwise
+        # ops and then another linear (which rounds its input to bf16 anyway), the two
+        # conversions are pure cost (`use_bf16_for_few_rows` sets it from the parent module).
+        self.bf16_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > self.max_rows or x.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
+        if rows > self.max_rows or x.dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x.float() if x.dtype == torch.bfloat16 else x, self.weight, self.bias)
+        xb = x.to(torch.bfloat16)  # a bf16 input (a `bf16_out` linear's output) as it is
         if self.weight_packed is not None:
-            return _PACKED_LINEAR(x.to(torch.bfloat16), self.weight_packed, self.bias_bf16,
-                                  "none", [], "").float()
-        if rows == 1:
+            y = _PACKED_LINEAR(xb, self.weight_packed, self.bias_bf16, "none", [], "")
+        elif rows == 1:
             # One row: torch.mv's bf16 GEMV reads the weight ~1.7x faster than F.linear's
             # GEMM, which pads the row to a tile on AMX CPUs (bench/results/native_cpu-*).
-            row = x.reshape(-1).to(torch.bfloat16)
+            row = xb.reshape(-1)
             y = (torch.mv(self.weight_bf16, row) if self.bias_bf16 is None
                  else torch.addmv(self.bias_bf16, self.weight_bf16, row))
-            return y.float().view(*x.shape[:-1], y.shape[0])
-        return F.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).float()
+            y = y.view(*x.shape[:-1], y.shape[0])
+        else:
+            y = F.linear(xb, self.weight_bf16, self.bias_bf16)
+        return y if self.bf16_out else y.float()
 
 
 def use_bf16_for_few_rows(model: nn.Module, max_rows: int | None = None) -> int:
@@ -112,7 +121,9 @@ def use_bf16_for_few_rows(model: nn.Module, max_rows: int | None = None) -> int:
     done = 0
     for parent, name, child in swaps:
         if child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-            setattr(parent, name, FewRowBf16Linear(child, max_rows))
+            swapped = FewRowBf16Linear(child, max_rows)
+            swapped.bf16_out = name in getattr(parent, "bf16_outputs", ())
+            setattr(parent, name, swapped)
             done += 1
     _first_linear.pop(model, None)
     return done

@@ -99,6 +99,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
+    # Linears whose output feeds only elementwise ops and then another linear: on a CPU with
+    # bf16 weights they may hand it on in bf16 (`cpu_linear.FewRowBf16Linear.bf16_out`).
+    bf16_outputs = ("gate_up",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
