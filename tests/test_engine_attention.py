@@ -54,6 +54,58 @@ def test_decode_plan_matches_full_attention(heads, kv_heads, dim, prefix, suffix
         torch.testing.assert_close(out[i : i + 1], ref, **attention_tol(dim, len(k)))
 
 
+@pytest.mark.parametrize("force", ["reference", None])
+@pytest.mark.parametrize("prefix,before,answer", [(200, 0, 1), (37, 0, 40), (1408, 3, 70)])
+def test_one_sequence_attends_over_its_window(monkeypatch, force, prefix, before, answer):
+    """A lone sequence whose prompt and answer lie in one run of pages (gaps: the tails of
+    partly used pages) is served by one masked attention over the run; it equals attention
+    over its own keys, and other sequences' KV inside the run is masked out."""
+    from alignserve.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "FORCE", force)
+    heads, kv_heads, dim = 9, 3, 64
+    gen = torch.Generator().manual_seed(prefix + answer)
+    cache = KVCache(2, 4096, kv_heads, dim, torch.float32, torch.device("cpu"))
+    root = cache.new_chain(0)
+    _fill(cache, root, prefix, gen)
+    [chain] = cache.fork(root, 0, [1])
+    other = cache.new_chain(2)  # another sequence's page between the prompt's and the answer's
+    if before:
+        _fill(cache, other, before, gen)
+    _fill(cache, chain, answer - 1, gen)
+    slot = cache.append_slots(chain, 1)
+    plan = DecodePlan(cache, [chain], slot, dim**-0.5)
+    lo, hi, runs = plan.window
+    assert len(runs) == 2 and hi - lo >= prefix + answer + (PAGE if before else 0)
+    q = torch.randn(1, heads, dim, generator=gen)
+    k_new, v_new = torch.randn(1, kv_heads, dim, generator=gen), torch.randn(1, kv_heads, dim, generator=gen)
+    out = plan.attend(1, q, k_new, v_new)
+    k, v = _chain_kv(cache, [chain[0], chain[1]], 1)
+    ref, _ = attention_lse_reference(q, k, v, dim**-0.5)
+    torch.testing.assert_close(out, ref, **attention_tol(dim, len(k)))
+    plan.window = None  # the general path (gather, second attention, merge) agrees
+    torch.testing.assert_close(plan.attend(1, q, k_new, v_new), ref, **attention_tol(dim, len(k)))
+
+
+def test_no_window_where_the_keys_are_scattered():
+    gen = torch.Generator().manual_seed(5)
+    cache = KVCache(1, 4096, 1, 8, torch.float32, torch.device("cpu"))
+    root = cache.new_chain(0)
+    _fill(cache, root, 20, gen)
+    [chain] = cache.fork(root, 0, [1])
+    far = cache.new_chain(2)
+    _fill(cache, far, 5 * PAGE, gen)  # the answer starts five pages past the prompt
+    _fill(cache, chain, 3, gen)
+    assert DecodePlan(cache, [chain], cache.append_slots(chain, 1), 0.3).window is None
+    other = cache.new_chain(3)
+    _fill(cache, chain, PAGE, gen)
+    _fill(cache, other, 1, gen)  # takes the next page: the answer's next page is not adjacent
+    _fill(cache, chain, PAGE, gen)
+    assert DecodePlan(cache, [chain], cache.append_slots(chain, 1), 0.3).window is None
+    two = cache.fork(root, 0, [4, 5])  # two rows: the grouped path, never a window
+    assert DecodePlan(cache, two, [cache.append_slots(c, 1)[0] for c in two], 0.3).window is None
+
+
 def test_deep_tree_of_segments_and_merge_after_release():
     gen = torch.Generator().manual_seed(3)
     cache = KVCache(1, 2048, 2, 16, torch.float32, torch.device("cpu"))

@@ -103,6 +103,18 @@ def padded_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     return out, lse
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One sequence's decode query q [1, H, D] over a window of the pool k/v [W, KVH, D] with
+    an additive mask [W] (0: its key, -inf: another's or free): out fp32 [1, H, D]. The G query
+    heads of a KV head are that head's G query rows, so one op reads each key once."""
+    _, h, d = q.shape
+    w, kvh, _ = k.shape
+    out, _ = _call(q.view(1, kvh, h // kvh, d), k.permute(1, 0, 2).unsqueeze(0),
+                   v.permute(1, 0, 2).unsqueeze(0), scale, False, mask.view(1, 1, 1, w))
+    return out.reshape(1, h, d)
+
+
 def cuda_ok(device: torch.device) -> bool:
     """Whether the CUDA flash op gives the reference's out and lse on this device (checked once,
     on small random inputs, causal and not, with GQA)."""

@@ -14,6 +14,7 @@ flash attention serves where it can, `attention_fused.py`, and the plain referen
     leaf_attention(q [B,H,D], k_pool, v_pool, slot_table [B,Lmax], lengths [B], scale)
         -> (out [B,H,D], lse [B,H])
     merge_attention(out_a, lse_a, out_b, lse_b) -> (out, lse)
+    window_attention(q [1,H,D], k, v [W,KVH,D], mask [W], scale) -> out [1,H,D]
     merge_attention_into(out, lse, rows, part_out, part_lse) -> None (in place on out[rows])
 with k_pool / v_pool [num_slots, KVH, D]; outputs fp32, lse natural-log, -inf for an empty part.
 
@@ -51,7 +52,7 @@ __all__ = [
     "causal_attention", "leaf_attention",
     "leaf_gather", "merge",
     "merge_attention", "merge_attention_into",
-    "sample", "segment_attention", "triton_available", "uses_triton",
+    "sample", "segment_attention", "triton_available", "uses_triton", "window_attention",
 ]
 
 _MODES = ("triton", "reference", "auto")
@@ -194,6 +195,17 @@ def leaf_attention(
         return _fused_attn.padded_attention_lse(q, k, v, gather.lengths, scale,
                                                 prepared=gather.fused_mask)
     return _attn.padded_attention_lse_reference(q, k, v, gather.lengths, scale)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float, *, force: str | None = None) -> torch.Tensor:
+    """One sequence's query q [1, H, D] over a run of pool slots k/v [W, KVH, D], masked by an
+    additive mask [W] (0 for its own keys, -inf between them): out fp32 [1, H, D]. torch's
+    fused op where it serves, the reference's matmuls otherwise (never Triton: a CPU step's
+    shortcut, `attention.DecodePlan`)."""
+    if _fused(q, force):
+        return _fused_attn.window_attention(q, k, v, mask, scale)
+    return _attn.window_attention_reference(q, k, v, mask, scale)
 
 
 def merge_attention(

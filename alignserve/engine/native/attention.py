@@ -38,6 +38,30 @@ def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, sc
     return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device), scale)
 
 
+def _window(chain: list[Segment]) -> tuple[int, int, list[tuple[int, int]]] | None:
+    """(lo, hi, runs): the slots of a chain as runs inside [lo, hi), when each segment is one
+    run and the gaps between them are at most a page per run (a page's unused tail); else None."""
+    runs = []
+    for seg in chain[:-1]:
+        if len(seg):
+            rng = seg.contiguous_range()
+            if rng is None:
+                return None
+            runs.append(rng)
+    leaf = chain[-1]
+    if len(leaf):
+        pages = leaf.pages  # a leaf fills its pages in order: consecutive pages, one run
+        if any(b - a != 1 for a, b in zip(pages, pages[1:])):
+            return None
+        runs.append((pages[0] * PAGE, pages[0] * PAGE + len(leaf)))
+    if not runs:
+        return None
+    lo, hi = min(a for a, _ in runs), max(b for _, b in runs)
+    if hi - lo > sum(b - a for a, b in runs) + PAGE * len(runs):
+        return None
+    return lo, hi, runs
+
+
 class DecodePlan:
     """One decode step's attention. Every device tensor it indexes with is a view of, or derived
     from, one packed int32 tensor (`host` on the CPU, sent in one copy), so that a step can also
@@ -93,6 +117,11 @@ class DecodePlan:
                 (seg.id, len(seg), t.data_ptr(), tuple(rs))
                 for (seg, rs), t in zip(self._group_rows, self.segment_tensors)))
         self.write: torch.Tensor | None = None
+        # One sequence whose keys lie in one run of slots but for small gaps (a prompt's pages,
+        # then its answer's): one masked attention over that run replaces the leaf gather, a
+        # second attention and the merge in every layer. Only off CUDA graphs and Triton.
+        self.window = None if for_graphs or self.batch != 1 else _window(chains[0])
+        self._window_mask: torch.Tensor | None = None
         # Groups that hold every row in order; their merge needs no gather and scatter (used
         # off the Triton path, where in-place merges into graph buffers do not matter).
         self._whole = [rs == list(range(self.batch)) for _, rs in self._group_rows]
@@ -121,6 +150,16 @@ class DecodePlan:
         c = self.cache
         c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+        if self.window is not None and not dispatch.uses_triton(q):
+            lo, hi, runs = self.window
+            if self._window_mask is None:  # built once a step, for every layer
+                mask = torch.full((hi - lo,), float("-inf"), device=c.device,
+                                  dtype=torch.promote_types(q.dtype, c.k.dtype))
+                for a, b in runs:
+                    mask[a - lo : b - lo] = 0.0
+                self._window_mask = mask
+            return dispatch.window_attention(q, c.k[layer, lo:hi], c.v[layer, lo:hi],
+                                             self._window_mask, self.scale)
         if self._gather is _UNSET:  # what every layer's leaf gather shares: built once a step
             self._gather = dispatch.leaf_gather(q, c.k[layer], self.leaf_table, self.leaf_lengths)
         out, lse = dispatch.leaf_attention(
