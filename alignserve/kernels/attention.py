@@ -42,7 +42,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [1, H, D] over k/v [W, KVH, D] with an additive mask [W] (0 or -inf): out [1, H, D]."""
     _, h, d = q.shape
-    w, kvh, _ = k.shape
+    kvh = k.shape[1]
     qf = q.float().view(kvh, h // kvh, d)
     scores = torch.matmul(qf, k.float().permute(1, 2, 0)) * scale + mask.float()  # [KVH, G, W]
     out = torch.matmul(torch.softmax(scores, dim=-1), v.float().permute(1, 0, 2))  # [KVH, G, D]

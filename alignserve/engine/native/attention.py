@@ -10,6 +10,7 @@ extends): the queries attend to the chain so far, then causally to themselves.
 from __future__ import annotations
 
 from array import array
+from itertools import pairwise
 
 import torch
 
@@ -51,7 +52,7 @@ def _window(chain: list[Segment]) -> tuple[int, int, list[tuple[int, int]]] | No
     leaf = chain[-1]
     if len(leaf):
         pages = leaf.pages  # a leaf fills its pages in order: consecutive pages, one run
-        if any(b - a != 1 for a, b in zip(pages, pages[1:])):
+        if any(b - a != 1 for a, b in pairwise(pages)):
             return None
         runs.append((pages[0] * PAGE, pages[0] * PAGE + len(leaf)))
     if not runs:
