@@ -26,6 +26,7 @@ from alignserve.engine.native.amateurs import open_contexts
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan
 from alignserve.engine.native.cpu_linear import use_bf16_for_few_rows
 from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
+from alignserve.engine.native.host_memory import keep_freed_memory
 from alignserve.engine.native.kv_cache import KVCache, OutOfKVMemory, Segment
 from alignserve.engine.native.loader import load_model
 from alignserve.engine.native.model import CausalLM
@@ -140,6 +141,8 @@ class NativeEngine(TextCodec):
         # parallel regions too, and their OpenMP team must be the one the steps use
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        if dev.type == "cpu":
+            keep_freed_memory()
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
         if dev.type == "cpu" and cpu_bf16_decode is not False:
             use_bf16_for_few_rows(m)
