@@ -13,6 +13,9 @@ case repeats one prompt, which vLLM's prefix cache and the native engine's `--pr
 All servers stay up and take turns (never two requests at once): for each case and repeat each
 server answers the same request in turn, after one untimed warm-up each, so a busy machine
 weighs on all of them alike; ratios between servers are medians of those back-to-back pairs.
+While one server answers, the others' processes are stopped (SIGSTOP, `--no-pause` leaves them
+idling): vLLM's OpenMP workers spin for a while after each of its requests, on the cores the
+next server's request needs.
 Each server's time to /health 200 is recorded from its launch (started one at a time). Goals (issue 13): `--engine vllm` best_of_n with 16
 candidates <= 1.05x vLLM's own n=16; deal at defaults <= 2.5x a plain sample on --engine vllm;
 `--engine vllm` healthy within 40 s of its start. Goals (issue 14, native against vLLM's own
@@ -30,6 +33,7 @@ spread of each timing (min, max) is kept beside its median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -180,19 +184,47 @@ def summary(times: list[float], last) -> dict:
     return row
 
 
-def measure(clients: dict, ids: list[int], reps: int) -> dict:
+@contextlib.contextmanager
+def alone(procs: dict, kind: str):
+    """The other servers' processes (with their children) stopped while `kind` answers: an
+    idle server's threads must not spin on the cores (vLLM's OpenMP workers keep spinning
+    for a while after each request) or take them between requests."""
+    import psutil
+
+    others = []
+    for k, proc in procs.items():
+        if k != kind:
+            root = psutil.Process(proc.pid)
+            others += [root, *root.children(recursive=True)]
+    for p in others:
+        p.suspend()
+    try:
+        yield
+    finally:
+        for p in others:
+            p.resume()
+
+
+def measure(clients: dict, ids: list[int], reps: int, procs: dict | None = None) -> dict:
     """Every case on every server, interleaved: for each repeat, each server in turn answers
-    the same request (never two at once), so that a busy machine weighs on all of them alike.
-    One untimed warm-up request per server and case first."""
+    the same request (never two at once), so that a busy machine weighs on all of them alike;
+    with `procs`, the others are stopped meanwhile (`alone`). One untimed warm-up request per
+    server and case first."""
     times: dict = {k: {c: [] for c in cases(k)} for k in clients}
     last: dict = {k: {} for k in clients}
+
+    def turn(k: str):
+        return contextlib.nullcontext() if procs is None else alone(procs, k)
+
     for label in CASES:
         kinds = [k for k in clients if label in times[k]]
         for k in kinds:
-            once(clients[k], ids, label)  # warm-up
+            with turn(k):
+                once(clients[k], ids, label)  # warm-up
         for r in range(reps):
             for k in kinds:
-                t, last[k][label] = once(clients[k], ids, label, r)
+                with turn(k):
+                    t, last[k][label] = once(clients[k], ids, label, r)
                 times[k][label].append(t)
         for k in kinds:
             print(k, label, [round(t, 2) for t in times[k][label]], flush=True)
@@ -212,6 +244,8 @@ def main() -> int:
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     ap.add_argument("--block-size", type=int, default=None,
                     help="vLLM's KV block size for both vLLM servers (default: vLLM's own)")
+    ap.add_argument("--no-pause", action="store_true",
+                    help="leave the other servers running while one answers (they idle)")
     args = ap.parse_args()
     # a SIGTERM unwinds through `finally`, so the server being measured is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -234,7 +268,7 @@ def main() -> int:
             print(kind, "healthy after", ready[kind], "s", flush=True)
             clients[kind] = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
                                           timeout=900)
-        results = measure(clients, ids, args.reps)
+        results = measure(clients, ids, args.reps, None if args.no_pause else procs)
     finally:
         for proc in procs.values():
             stop(proc)
@@ -281,7 +315,7 @@ def main() -> int:
                                                         "torch": torch.__version__},
                "prompt_tokens": len(ids), "max_tokens": TOKENS, "kv_cache_gib": args.kv_cache_gib,
                "block_size": args.block_size, "servers": args.servers,
-               "results": results, "ratios": ratios, "goals": goals}
+               "others_paused": not args.no_pause, "results": results, "ratios": ratios, "goals": goals}
     path = write_result("vllm_cpu", payload)
     print("ratios", ratios, "goals", goals)
     print("wrote", path)
