@@ -257,9 +257,11 @@ def test_live_contrastive_bad_input_names_the_field(client, model_name, alignmen
     assert e.value.body["param"] == param
 
 
-def test_live_engine_as_its_own_served_amateur_is_greedy(live_server):
+def test_live_engine_as_its_own_served_amateur_is_greedy(live_server, exact_engine):
     """A served amateur identical to the expert contrasts nothing: the engine's lockstep must
-    then decode exactly greedy's tokens (checks that it feeds both engines)."""
+    then decode exactly greedy's tokens (checks that it feeds both engines). In exact fp32:
+    greedy alone attends through a lone sequence's window, the two rows here through the
+    grouped path, and bf16 rounding of that difference can flip a near-tie."""
     engine = live_server.engine
     msgs = PROMPTS[0]
     text, ids = engine.encode_chat(msgs)
