@@ -197,7 +197,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from alignserve.engine import compute_thread
-
-    # as the server runs it: every tensor op on one thread (engine/compute_thread.py)
-    sys.exit(compute_thread.call(main))
+    sys.exit(main())

@@ -32,6 +32,8 @@ def test_calls_run_on_one_thread_and_nest_in_place():
         return await compute_thread.run(_name)
 
     assert asyncio.run(awaited()).startswith("alignserve-compute")
+    # an event loop run on the compute thread itself: `run` cannot queue behind it
+    assert compute_thread.call(asyncio.run, awaited()).startswith("alignserve-compute")
 
 
 class RecordingReward:

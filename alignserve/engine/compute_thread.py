@@ -56,6 +56,10 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 
 async def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """Await fn(*args, **kwargs) run on the compute thread (asyncio.to_thread's place)."""
+    """Await fn(*args, **kwargs) run on the compute thread (asyncio.to_thread's place). An event
+    loop that itself runs on the compute thread (a script handed whole to `call`) runs fn in
+    place: queued behind the loop's own thread, it would wait forever."""
+    if on_compute_thread():
+        return fn(*args, **kwargs)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(executor(), functools.partial(fn, *args, **kwargs))

@@ -111,7 +111,6 @@ class NativeEngine(TextCodec):
         self._generating: dict[int, SeqState] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._executor = compute_thread.executor()  # shared by every engine: see its docstring
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
@@ -164,7 +163,7 @@ class NativeEngine(TextCodec):
             self._task = None
         # The compute thread is the process's, not this engine's: it stays; a step in flight
         # finishes before close returns (what the thread runs next waits behind it).
-        await asyncio.wrap_future(self._executor.submit(lambda: None))
+        await compute_thread.run(lambda: None)
 
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self._crashed is None
@@ -430,7 +429,6 @@ class NativeEngine(TextCodec):
                     or any(not st.amateur_pending for st in self._generating.values()))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._has_work():
                 self._wake.clear()
@@ -444,7 +442,8 @@ class NativeEngine(TextCodec):
                 self._feeds = []
                 gen = [st for st in self._generating.values() if not st.released]
                 try:
-                    result = await loop.run_in_executor(self._executor, self._step, prefills, feeds, gen)
+                    # steps run on the process's compute thread (shared by every engine)
+                    result = await compute_thread.run(self._step, prefills, feeds, gen)
                 except Exception as exc:  # a bug in a step must not take the server down
                     log.exception("engine step failed")
                     result = _StepResult()
