@@ -49,3 +49,16 @@ def write_result(name: str, payload: dict, folder: Path | None = None) -> Path:
     path = folder / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def alternate_children(script: str, kinds: list[str], rounds: int, args: list[str]):
+    """Yield (round, kind, result) running `script --child KIND *args` in fresh interpreters, the
+    kinds taking turns `rounds` times (a busy machine weighs on each alike); a child prints its
+    result as JSON on its last line. For settings that last a process's lifetime."""
+    import sys
+
+    for r in range(rounds):
+        for kind in kinds:
+            done = subprocess.run([sys.executable, script, "--child", kind, *args],
+                                  capture_output=True, text=True, check=True)
+            yield r, kind, json.loads(done.stdout.strip().splitlines()[-1])

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result
+from common import alternate_children, provenance, write_result
 from native_cpu import PROMPT_TOKENS, TEXT, cpu_info
 
 
@@ -62,13 +61,10 @@ def main() -> int:
         print(json.dumps(compute_thread.call(prefills, args.child == "kept", args.prefills)))
         return 0
     runs: dict[str, list[float]] = {"kept": [], "returned": []}
-    for r in range(args.rounds):
-        for kind in runs:
-            done = subprocess.run([sys.executable, __file__, "--child", kind, "--prefills",
-                                   str(args.prefills)], capture_output=True, text=True, check=True)
-            times = json.loads(done.stdout.strip().splitlines()[-1])
-            runs[kind] += times
-            print(r, kind, [round(t, 3) for t in times], flush=True)
+    for r, kind, times in alternate_children(__file__, list(runs), args.rounds,
+                                             ["--prefills", str(args.prefills)]):
+        runs[kind] += times
+        print(r, kind, [round(t, 3) for t in times], flush=True)
     summary = {k: {"median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3),
                    "max_s": round(max(v), 3)} for k, v in runs.items()}
     payload = {**provenance(), "cpu": cpu_info(), "args": vars(args),

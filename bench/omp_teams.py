@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result
+from common import alternate_children, provenance, write_result
 from native_cpu import PROMPT_TOKENS, TEXT, cpu_info
 
 ROWS = (1, 16)
@@ -101,12 +100,10 @@ def main() -> int:
         child(args.child, args.steps)
         return 0
     runs: dict[str, list[dict]] = {"one": [], "two": []}
-    for r in range(args.rounds):
-        for kind in ("one", "two"):
-            done = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
-            runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(r, kind, runs[kind][-1], flush=True)
+    for r, kind, result in alternate_children(__file__, list(runs), args.rounds,
+                                              ["--steps", str(args.steps)]):
+        runs[kind].append(result)
+        print(r, kind, result, flush=True)
     summary = {kind: {rows: round(statistics.median(run[str(rows)] for run in rs), 1) for rows in ROWS}
                for kind, rs in runs.items()}
     ratios = {rows: round(summary["two"][rows] / summary["one"][rows], 3) for rows in ROWS}
