@@ -41,14 +41,12 @@ def native_engine() -> Any:
 @pytest.fixture
 def exact_engine(live_server: LiveServer) -> Iterator[Any]:
     """The live server's engine in exact fp32, for tests that hold it to transformers' numbers
-    or to itself across batch shapes, which few-row bf16 steps (cpu_linear.py, tested in
-    test_cpu_linear.py) would round."""
-    from alignserve.engine.native.cpu_linear import set_few_rows
-
+    or to itself across batch shapes, which bf16 linears and a bf16 KV pool (cpu_linear.py,
+    tested in test_cpu_linear.py) would round."""
     engine = live_server.engine
-    previous = set_few_rows(engine.model, 0)
+    engine.set_exact(True)
     yield engine
-    set_few_rows(engine.model, previous)
+    engine.set_exact(False)
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,22 @@ def test_the_default_follows_the_cpus_bf16_units():
     assert FewRowBf16Linear(nn.Linear(4, 4)).max_rows == default_max_rows()
 
 
+def test_kv_pool_follows_the_linears_and_exact_mode_converts_it(live_server):
+    engine = live_server.engine
+    default = torch.bfloat16 if cpu_has_bf16_units() else torch.float32
+    assert engine.kv.k.dtype == engine.kv.v.dtype == default
+    engine.set_exact(True)
+    try:
+        assert engine.kv.k.dtype == engine.kv.v.dtype == torch.float32
+        assert all(m.max_rows == 0 for m in engine.model.modules()
+                   if isinstance(m, FewRowBf16Linear))
+    finally:
+        engine.set_exact(False)
+    assert engine.kv.k.dtype == default
+    assert all(m.max_rows == default_max_rows() for m in engine.model.modules()
+               if isinstance(m, FewRowBf16Linear))
+
+
 @pytest.mark.parametrize("max_rows", [FEW_ROWS, ALL_ROWS])
 def test_embedded_model_decodes_within_bf16_rounding_of_fp32(live_server, max_rows):
     engine = live_server.engine

@@ -14,8 +14,8 @@ from tests.tolerance import attention_tol
 def _fill(cache: KVCache, chain, n: int, gen: torch.Generator) -> None:
     slots = torch.tensor(cache.append_slots(chain, n), dtype=torch.int64)
     for layer in range(cache.k.shape[0]):
-        cache.k[layer, slots] = torch.randn(n, *cache.k.shape[2:], generator=gen)
-        cache.v[layer, slots] = torch.randn(n, *cache.v.shape[2:], generator=gen)
+        cache.k[layer, slots] = torch.randn(n, *cache.k.shape[2:], generator=gen).to(cache.k.dtype)
+        cache.v[layer, slots] = torch.randn(n, *cache.v.shape[2:], generator=gen).to(cache.v.dtype)
 
 
 def _chain_kv(cache: KVCache, chain, layer: int):
@@ -104,6 +104,31 @@ def test_no_window_where_the_keys_are_scattered():
     assert DecodePlan(cache, [chain], cache.append_slots(chain, 1), 0.3).window is None
     two = cache.fork(root, 0, [4, 5])  # two rows: the grouped path, never a window
     assert DecodePlan(cache, two, [cache.append_slots(c, 1)[0] for c in two], 0.3).window is None
+
+
+@pytest.mark.parametrize("suffixes", [[9], [1, 5, 17]])
+def test_a_bf16_pool_is_read_in_bf16(suffixes):
+    """A CPU's bf16 KV pool with fp32 queries (the engine's default where the linears run in
+    bf16): the lone row's window and the grouped path both compute in bf16 and stay within
+    bf16 rounding of fp32 attention over the same (rounded) keys."""
+    heads, kv_heads, dim, prefix = 9, 3, 64, 700
+    gen = torch.Generator().manual_seed(len(suffixes))
+    cache = KVCache(1, 4096, kv_heads, dim, torch.bfloat16, torch.device("cpu"))
+    root = cache.new_chain(0)
+    _fill(cache, root, prefix, gen)
+    children = cache.fork(root, 0, list(range(1, len(suffixes) + 1)))
+    for chain, n in zip(children, suffixes):
+        _fill(cache, chain, n - 1, gen)
+    plan = DecodePlan(cache, children, [cache.append_slots(c, 1)[0] for c in children], dim**-0.5)
+    assert (plan.window is not None) == (len(children) == 1)
+    q = torch.randn(len(children), heads, dim, generator=gen)
+    kv_new = torch.randn(len(children), kv_heads, dim, generator=gen)
+    out = plan.attend(0, q, kv_new, kv_new)
+    assert out.dtype == torch.float32
+    for i, chain in enumerate(children):
+        k, v = _chain_kv(cache, chain, 0)
+        ref, _ = attention_lse_reference(q[i : i + 1], k.float(), v.float(), dim**-0.5)
+        torch.testing.assert_close(out[i : i + 1], ref, **attention_tol(dim, len(k), torch.bfloat16))
 
 
 def test_deep_tree_of_segments_and_merge_after_release():

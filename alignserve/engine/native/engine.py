@@ -95,6 +95,11 @@ class NativeEngine(TextCodec):
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.eos_token_ids = frozenset(eos)
         dtype = next(model.parameters()).dtype
+        if device.type == "cpu" and cpu_linear.bf16_rows(model) == cpu_linear.ALL_ROWS:
+            # bf16 units run every linear in bf16: the KV pool follows (half the bytes a decode
+            # step reads; `set_exact` converts it back for exact fp32)
+            dtype = torch.bfloat16
+        self._kv_dtype = dtype
         per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         gib = kv_cache_gib if kv_cache_gib is not None else (2.0 if device.type == "cpu" else 16.0)
         self.kv = KVCache(cfg.num_layers, int(gib * 2**30) // per_token, cfg.num_kv_heads, cfg.head_dim,
@@ -147,6 +152,16 @@ class NativeEngine(TextCodec):
             use_bf16_for_few_rows(m)
         return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
+
+    def set_exact(self, exact: bool) -> None:
+        """Exact fp32 linears and KV pool (True) or this CPU's default (False), at run time:
+        what holds the engine to transformers' numbers in the tests. The pool is converted in
+        place (values kept; back to bf16 they round), on the compute thread, between steps."""
+        def switch() -> None:
+            cpu_linear.set_few_rows(self.model, 0 if exact else None)
+            self.kv.convert(next(self.model.parameters()).dtype if exact else self._kv_dtype)
+
+        compute_thread.call(switch)
 
     async def start(self) -> None:
         if self._task is None:

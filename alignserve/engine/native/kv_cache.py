@@ -113,6 +113,12 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.allocator = SlotAllocator(num_slots)
 
+    def convert(self, dtype: torch.dtype) -> None:
+        """Hold the pool in `dtype` from now on, values kept (rounded when narrower): what the
+        engine's exact-fp32 switch does to a CPU's bf16 pool. Slots, chains and segments stay."""
+        if self.k.dtype != dtype:
+            self.k, self.v = self.k.to(dtype), self.v.to(dtype)
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
