@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from common import provenance, write_result
 
+from alignserve.engine import compute_thread
 from alignserve.engine.grammar import (
     GrammarSpec,
     TokenizerGrammars,
@@ -179,7 +180,9 @@ def main() -> int:
             compiled = grammars.compile(spec)
             compile_ms.setdefault(name, round(1000 * (time.perf_counter() - t0), 2))
             tokens = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-            cost = mask_step_ms(compiled, tokens, rows, vocab)
+            # on the compute thread, as the engine applies masks: tensor work from this thread
+            # would give the process a second OpenMP team and slow every step (omp_teams.py)
+            cost = compute_thread.call(mask_step_ms, compiled, tokens, rows, vocab)
             cost["percent_of_decode_step"] = round(100 * cost["median_ms"] / step, 2)
             # the mean carries the rare costly steps (a string near its maxLength: xgrammar
             # computes those masks at run time, milliseconds each)

@@ -561,15 +561,21 @@ def test_backpressure_429_with_retry_after(live_server, model_name):
 # ---------------------------------------------------------------------------- KV budget
 
 
-def _tiny_kv_engine(live_server: Any, gib: float) -> Any:
+def _tiny_kv_engine(live_server: Any, slots: int) -> Any:
+    """An engine on the live one's model whose KV pool holds about `slots` tokens (bf16 or
+    fp32, as the live engine's pool)."""
     from alignserve.engine.native.engine import NativeEngine
+    from alignserve.engine.native.kv_cache import KVCache
 
     e = live_server.engine
-    return NativeEngine(e.model, e.tokenizer, e.model_name, e.device, kv_cache_gib=gib)
+    cfg = e.cfg
+    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, e.kv.k.dtype)
+    return NativeEngine(e.model, e.tokenizer, e.model_name, e.device,
+                        kv_cache_gib=slots * per_token / 2**30)
 
 
 def test_kv_never_fits_is_400_and_not_now_waits(live_server, model_name):
-    tiny = _tiny_kv_engine(live_server, 0.02)  # ~460 slots
+    tiny = _tiny_kv_engine(live_server, 460)
     total = tiny.kv.num_slots
     assert 300 < total < 600
     with side_server(live_server, engine=tiny) as app, \
