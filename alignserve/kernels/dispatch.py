@@ -49,7 +49,7 @@ from .logits_ops import (
 __all__ = [
     "FORCE", "LAST_SAMPLE", "SAMPLE_CALLS", "Contrastive", "LeafGather", "LogitBias",
     "Penalties", "SampleCall", "ValueGuidance", "attention",
-    "causal_attention", "leaf_attention",
+    "attention_dtype", "causal_attention", "leaf_attention",
     "leaf_gather", "merge",
     "merge_attention", "merge_attention_into",
     "sample", "segment_attention", "triton_available", "uses_triton", "window_attention",
@@ -165,7 +165,7 @@ def leaf_gather(q: torch.Tensor, k_pool: torch.Tensor, slot_table: torch.Tensor,
     lengths = lengths.to(device=q.device).clamp(max=width)
     mask = None
     if not q.is_cuda and _fused(q, force):
-        mask = _fused_attn.padded_mask(lengths, width, torch.promote_types(q.dtype, k_pool.dtype))
+        mask = _fused_attn.padded_mask(lengths, width, attention_dtype(q, k_pool))
     return LeafGather(idx, lengths, mask)
 
 
@@ -197,13 +197,19 @@ def leaf_attention(
     return _attn.padded_attention_lse_reference(q, k, v, gather.lengths, scale)
 
 
+def attention_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+    """The dtype torch's fused CPU op computes q over k in: build its masks in it, so that no
+    layer converts them."""
+    return _fused_attn.compute_dtype(q.dtype, k.dtype)
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float, *, force: str | None = None) -> torch.Tensor:
     """One sequence's query q [1, H, D] over a run of pool slots k/v [W, KVH, D], masked by an
     additive mask [W] (0 for its own keys, -inf between them): out fp32 [1, H, D]. torch's
-    fused op where it serves, the reference's matmuls otherwise (never Triton: a CPU step's
-    shortcut, `attention.DecodePlan`)."""
-    if _fused(q, force):
+    fused CPU op where it serves (its CUDA twin takes no mask), the reference's matmuls
+    otherwise (never Triton: a CPU step's shortcut, `attention.DecodePlan`)."""
+    if not q.is_cuda and _fused(q, force):
         return _fused_attn.window_attention(q, k, v, mask, scale)
     return _attn.window_attention_reference(q, k, v, mask, scale)
 

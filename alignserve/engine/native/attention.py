@@ -155,7 +155,7 @@ class DecodePlan:
             lo, hi, runs = self.window
             if self._window_mask is None:  # built once a step, for every layer
                 mask = torch.full((hi - lo,), float("-inf"), device=c.device,
-                                  dtype=torch.promote_types(q.dtype, c.k.dtype))
+                                  dtype=dispatch.attention_dtype(q, c.k))
                 for a, b in runs:
                     mask[a - lo : b - lo] = 0.0
                 self._window_mask = mask
