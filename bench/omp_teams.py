@@ -38,7 +38,7 @@ def load():
     from alignserve.engine.native.engine import NativeEngine
     from alignserve.engine.native.kv_cache import Segment
 
-    engine = NativeEngine._load(None, "cpu", None, None, False, None, None, False)
+    engine = NativeEngine.load.__wrapped__(NativeEngine, device="cpu")  # on this very thread
     kv = engine.kv
     prompt = engine.encode(TEXT * (PROMPT_TOKENS // 10 + 2))[:PROMPT_TOKENS]
     with torch.inference_mode():

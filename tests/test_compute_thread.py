@@ -32,6 +32,8 @@ def test_calls_run_on_one_thread_and_nest_in_place():
         return await compute_thread.run(_name)
 
     assert asyncio.run(awaited()).startswith("alignserve-compute")
+    pinned = compute_thread.pinned(_name)
+    assert pinned().startswith("alignserve-compute") and pinned.__wrapped__() == _name()
     # an event loop run on the compute thread itself: `run` cannot queue behind it
     assert compute_thread.call(asyncio.run, awaited()).startswith("alignserve-compute")
 

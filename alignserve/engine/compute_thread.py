@@ -55,6 +55,16 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     return executor().submit(fn, *args, **kwargs).result()
 
 
+def pinned(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, always run on the compute thread (through `call`); the plain function stays at
+    `__wrapped__` for a caller that means to run it elsewhere (bench/omp_teams.py)."""
+    @functools.wraps(fn)
+    def on_compute(*args: Any, **kwargs: Any) -> T:
+        return call(fn, *args, **kwargs)
+
+    return on_compute
+
+
 async def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Await fn(*args, **kwargs) run on the compute thread (asyncio.to_thread's place). An event
     loop that itself runs on the compute thread (a script handed whole to `call`) runs fn in

@@ -129,20 +129,15 @@ class NativeEngine(TextCodec):
 
     # construction -----------------------------------------------------------------------
     @classmethod
+    @compute_thread.pinned
     def load(cls, model: str | None = None, device: str = "cpu", kv_cache_gib: float | None = None,
              max_model_len: int | None = None, random_weights: bool = False,
              cuda_graphs: bool | None = None, cpu_bf16_decode: bool | None = None,
              prompt_cache: bool = False) -> NativeEngine:
         """`cpu_bf16_decode` (None: on for a CPU): few-row steps use bf16 weight copies
-        (`cpu_linear.py`). `prompt_cache`: see `__init__`."""
-        return compute_thread.call(cls._load, model, device, kv_cache_gib, max_model_len,
-                                   random_weights, cuda_graphs, cpu_bf16_decode, prompt_cache)
-
-    @classmethod
-    def _load(cls, model, device, kv_cache_gib, max_model_len, random_weights, cuda_graphs,
-              cpu_bf16_decode, prompt_cache) -> NativeEngine:
-        # on the compute thread: loading and packing weights and zeroing the KV cache run
-        # parallel regions too, and their OpenMP team must be the one the steps use
+        (`cpu_linear.py`). `prompt_cache`: see `__init__`. Runs on the compute thread: loading
+        and packing weights and zeroing the KV cache run parallel regions too, and their
+        OpenMP team must be the one the steps use."""
         dev = torch.device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         if dev.type == "cpu":
@@ -153,15 +148,13 @@ class NativeEngine(TextCodec):
         return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
 
+    @compute_thread.pinned
     def set_exact(self, exact: bool) -> None:
         """Exact fp32 linears and KV pool (True) or this CPU's default (False), at run time:
         what holds the engine to transformers' numbers in the tests. The pool is converted in
         place (values kept; back to bf16 they round), on the compute thread, between steps."""
-        def switch() -> None:
-            cpu_linear.set_few_rows(self.model, 0 if exact else None)
-            self.kv.convert(next(self.model.parameters()).dtype if exact else self._kv_dtype)
-
-        compute_thread.call(switch)
+        cpu_linear.set_few_rows(self.model, 0 if exact else None)
+        self.kv.convert(next(self.model.parameters()).dtype if exact else self._kv_dtype)
 
     async def start(self) -> None:
         if self._task is None:
