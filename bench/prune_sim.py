@@ -90,7 +90,7 @@ async def sample_pool(args) -> dict:
 # ---- replaying a rule -----------------------------------------------------------------------
 def parse_rule(spec: str) -> dict:
     rule = {"segment": 4, "keep": 0.5, "tie": "lp", "hold": 0, "first": 0, "stop": 0,
-            "cap": 1.0, "top": 0}
+            "cap": 1.0, "top": 0, "settle": 0}
     for kv in filter(None, spec.split(",")):
         k, _, v = kv.partition("=")
         rule[k] = v if k == "tie" else (float(v) if "." in v else int(v))
@@ -105,18 +105,22 @@ class Scorer:
 
         self.entry, self.max_tokens = entry, max_tokens
         self.reward = RewardRegistry.default().build(entry["rewards"])
-        self.cache: dict[tuple[int, int, bool], float] = {}
+        self.cache: dict[tuple[int, int, bool], object] = {}
 
-    def __call__(self, i: int, length: int, final: bool) -> float:
+    def score(self, i: int, length: int, final: bool):
+        """The RewardScore of sample i's first `length` tokens (final or partial)."""
         key = (i, length, final)
         if key not in self.cache:
             prefixes = self.entry["samples"][i]["prefixes"]
             text = prefixes[min(length, len(prefixes) - 1)]
             prompt = self.entry["prompt_text"]
-            s = (self.reward.score([text], prompt)[0] if final else
-                 self.reward.score_partial([text], prompt, [self.max_tokens - length])[0])
-            self.cache[key] = float(s.total)
+            self.cache[key] = (self.reward.score([text], prompt)[0] if final else
+                               self.reward.score_partial([text], prompt,
+                                                         [self.max_tokens - length])[0])
         return self.cache[key]
+
+    def __call__(self, i: int, length: int, final: bool) -> float:
+        return float(self.score(i, length, final).total)
 
 
 def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> tuple[float, int]:
@@ -131,7 +135,9 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
     1 (the rewards here cannot exceed it). When one particle is left going and no finished one
     competes, it runs to its end. tie "keep" keeps at most a `cap` fraction. top=1: once a
     going particle's partial score is 1 (keywords: all present, it cannot fall), the particles
-    below 1 are pruned.
+    below 1 are pruned. settle=1: the server's rule (decoding/segments.py, ComposedReward's
+    ceiling): a finished particle at the ceiling ends the search; else the going particles
+    sure of it leave only the likeliest of them going.
     The pick is the best finished particle by final reward (ties: mean log-prob)."""
     samples = entry["samples"]
     seg, keep = int(rule["segment"]), float(rule["keep"])
@@ -152,6 +158,15 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
         for i in going:
             (finished if len(samples[i]["tokens"]) <= t_next else still).append(i)
         going, t = still, t_next
+        if rule["settle"]:
+            reward = scorer.reward
+            if any(reward.reaches_ceiling(scorer.score(i, len(samples[i]["tokens"]), True))
+                   for i in finished):
+                break
+            sure = [i for i in going if reward.sure_of_ceiling(scorer.score(i, t, False))]
+            if sure:
+                going = [max(sure, key=lambda i: sum(samples[i]["lps"][:t]) / t)]
+                continue
         if len(going) <= 1:
             continue
         scores = {i: scorer(i, t, False) for i in going}

@@ -63,3 +63,31 @@ def test_classifiers_without_a_rule_score_the_text_as_it_is(registry):
     assert not hasattr(item.reward, "score_partial")
     texts = ["I love this, it is wonderful", "This is awful"]
     assert partial_scores(item.reward, texts, "", [5, 5]) == item.reward.score(texts, "")
+
+
+def test_ceiling_is_each_reward_at_its_best_end_by_weight_sign(registry):
+    build = registry.build
+    assert build([{"name": "keywords", "keywords": ["a"], "weight": 2.0},
+                  {"name": "sentiment", "weight": 0.5}]).ceiling == pytest.approx(2.5)
+    # a negative weight's best is its reward's lowest score: 0 for profanity (all profane)
+    assert build([{"name": "keywords", "keywords": ["a"]},
+                  {"name": "profanity", "weight": -1.0}]).ceiling == pytest.approx(1.0)
+    assert build([{"name": "json_schema", "schema": {"type": "object"}}]).ceiling == 1.0
+    assert build([]).ceiling is None
+
+
+def test_sure_of_ceiling_needs_floor_rules_at_their_top(registry):
+    kw = registry.build([{"name": "keywords", "keywords": ["dog", "park"]}])
+    half, full = kw.score_partial(["The dog", "The dog in the park"], "", [10, 10])
+    assert not kw.sure_of_ceiling(half) and kw.sure_of_ceiling(full)
+    assert kw.reaches_ceiling(kw.score(["a dog park"])[0])
+    assert not kw.reaches_ceiling(kw.score(["a dog"])[0])
+    # length's partial rule is the best reachable value, not a floor: never sure while going
+    both = registry.build([{"name": "keywords", "keywords": ["dog"]},
+                           {"name": "length", "target_words": 2}])
+    (going,) = both.score_partial(["The dog"], "", [10])
+    assert going.total == both.ceiling and not both.sure_of_ceiling(going)
+    # under a negative weight coverage may still grow (and lower the total): never sure
+    neg = registry.build([{"name": "keywords", "keywords": ["dog"], "weight": -1.0}])
+    (s,) = neg.score_partial(["The cat"], "", [10])
+    assert s.total == neg.ceiling == 0.0 and not neg.sure_of_ceiling(s)

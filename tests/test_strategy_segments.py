@@ -135,14 +135,24 @@ def _run(engine, strategy, params, rewards=None, n=1, stream=False, max_tokens=8
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("strategy, params, population", [
-    ("speculative_rejection", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
-    ("particle_filter", {"candidates": 4, "segment": 2, "keep": 0.5}, [2, 1]),
-    ("particle_filter", {"candidates": 3, "segment": 2, "keep": 1.0}, [3, 3]),
+# keywords alone settle: coverage can only grow, so " a b c d" is sure of the ceiling after the
+# second segment and one particle (of the identical greedy ones) runs on; a length reward beside
+# it has an optimistic partial rule, which is never sure, so the policy prunes as before
+SURE = [{"name": "keywords", "keywords": ["d"]}]
+NEVER_SURE = SURE + [{"name": "length", "target_words": 4}]
+
+
+@pytest.mark.parametrize("strategy, params, rewards, population, settled_at", [
+    ("speculative_rejection", {"candidates": 4, "segment": 2, "keep": 0.5}, SURE, [2, 1], 2),
+    ("speculative_rejection", {"candidates": 4, "segment": 2, "keep": 0.5}, NEVER_SURE, [2, 1],
+     None),
+    ("particle_filter", {"candidates": 4, "segment": 2, "keep": 0.5}, SURE, [2, 1], 2),
+    ("particle_filter", {"candidates": 3, "segment": 2, "keep": 1.0}, SURE, [3, 1], 2),
+    ("particle_filter", {"candidates": 3, "segment": 2, "keep": 1.0}, NEVER_SURE, [3, 3], None),
 ])
-def test_driver_rounds_prune_and_release_everything(strategy, params, population):
+def test_driver_rounds_prune_and_release_everything(strategy, params, rewards, population,
+                                                    settled_at):
     eng = FakeEngine(CHAIN_WORDS, CHAIN)
-    rewards = [{"name": "keywords", "keywords": ["d"]}]
     events = _run(eng, strategy, params, rewards, stream=True)
     finals = [e for e in events if isinstance(e, ChoiceFinal)]
     summary = events[-1]
@@ -151,8 +161,10 @@ def test_driver_rounds_prune_and_release_everything(strategy, params, population
     # greedy: every particle follows " a b c d" EOS; segments of 2 tokens end at a b | c d | EOS
     assert (final.text, final.token_ids, final.finish_reason) == (" a b c d", [1, 2, 3, 4, 0],
                                                                  "stop")
-    assert final.reward == 1.0 and final.cumulative_logprob == pytest.approx(5 * math.log(.6))
+    assert final.reward == len(rewards) and final.cumulative_logprob == pytest.approx(
+        5 * math.log(.6))
     assert summary.search["rounds"] == 3 and summary.search["population"] == population
+    assert summary.search["settled_at"] == settled_at
     start = params["candidates"]
     assert summary.search["pruned"] == start - population[-1]
     # every particle's tokens after the first segment are fed once: a segment's last token by
@@ -211,6 +223,29 @@ def test_live_speculative_rejection_spends_less_than_best_of_n(client, model_nam
     bon = _chat(client, model_name, "best_of_n", candidates=8, max_tokens=32
                 ).model_dump()["alignment"]
     assert sr["model_tokens"] < bon["model_tokens"]
+
+
+@pytest.mark.parametrize("strategy", ["speculative_rejection", "particle_filter"])
+def test_live_search_settles_once_a_text_is_sure_of_the_ceiling(client, model_name, strategy):
+    """Asked to use "dog" in a sentence about a dog, the model writes it within a few tokens:
+    that candidate's coverage is 1 and can only stay there, so the search stops the others and
+    lets it finish alone, and spends fewer tokens than without pruning."""
+    keys = {"candidates": 8, "segment": 4, "keep": 1.0}
+    reward = [{"name": "keywords", "keywords": ["dog"]}]
+
+    def ask(strategy: str, **more):
+        return client.chat.completions.create(
+            model=model_name, messages=DOG, max_tokens=32, temperature=0.8, seed=5,
+            extra_body={"alignment": {"strategy": strategy, "rewards": reward, **more}}
+        ).model_dump()
+
+    out = ask(strategy, **keys)
+    search = out["alignment"]["search"]
+    assert out["choices"][0]["alignment"]["reward"] == 1.0
+    assert search["settled_at"] is not None and search["population"][-1] == 1
+    assert search["pruned"] >= keys["candidates"] - 1
+    bon = ask("best_of_n", candidates=keys["candidates"])
+    assert out["alignment"]["model_tokens"] < bon["alignment"]["model_tokens"]
 
 
 def test_live_soft_best_of_n_is_seeded_and_tiny_lambda_is_argmax(client, model_name):

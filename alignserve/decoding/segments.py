@@ -7,7 +7,11 @@ A population of partial answers (particles) branches from one prefill. Each roun
    one `generate` call, so they step together in the engine's batch;
 2. score: the request's rewards score every particle, unfinished ones by each reward's
    partial-text rule (rewardmodels.partial), finished ones on their final text;
-3. select: the strategy's policy says how many copies of each particle go on (0: pruned;
+3. settle: once n particles are sure of the reward's ceiling (finished at it, or going with
+   a partial score that is a floor and already at it: keyword coverage), nothing else can beat
+   them; every other particle is dropped, and of those still going only as many as are needed
+   (the likeliest) run on;
+4. select: the strategy's policy says how many copies of each particle go on (0: pruned;
    more than 1: its KV is forked, the copies share everything computed so far).
 
 A particle that finishes (EOS, a stop, max_tokens) leaves the population for the archive,
@@ -149,7 +153,8 @@ class SegmentSearch:
         self.pruned = 0  # particles dropped by the policy
         self.forked = 0  # copies made beyond the first
         self.cut_tokens = 0  # computed tokens cut at entropy boundaries
-        self.population: list[int] = []  # population size after each round's selection
+        self.population: list[int] = []  # population after each round's settle or selection
+        self.settled_at: int | None = None  # the round after which the ceiling was sure
 
     # ---- engine bookkeeping --------------------------------------------------------------
     async def release(self, seqs: list[SeqHandle]) -> None:
@@ -266,6 +271,27 @@ class SegmentSearch:
         self.ctx.reward_seconds += time.perf_counter() - start
         self.ctx.candidates_scored += len(particles)
 
+    async def settle(self, pool: list[Particle]) -> list[Particle]:
+        """Drop what can no longer win (step 3 of the module docstring); returns the particles
+        that go on."""
+        reward = self.req.reward
+        if not reward or reward.ceiling is None or not pool:
+            return pool
+        need = self.req.n - sum(1 for p in self.archive if reward.reaches_ceiling(p.score))
+        sure = [p for p in pool if reward.sure_of_ceiling(p.score)]
+        if need > len(sure):
+            return pool
+        going = sorted(sure, key=lambda p: p.mean_logprob, reverse=True)[: max(0, need)]
+        kept = {id(p) for p in going}
+        drop = [p for p in pool if id(p) not in kept]
+        self.pruned += len(drop)
+        await self.release([p.seq for p in drop])
+        for p in drop:
+            p.seq = None
+        self.settled_at = self.rounds
+        self.population.append(len(going))
+        return going
+
     async def select(self, pool: list[Particle]) -> list[Particle]:
         """Apply the policy to the particles still going: drop, keep or fork each one; returns
         the new population."""
@@ -297,7 +323,8 @@ class SegmentSearch:
     def report(self, strategy_keys: dict[str, Any]) -> dict[str, Any]:
         return {"rounds": self.rounds, "pruned": self.pruned, "forked": self.forked,
                 "population": self.population, "cut_tokens": self.cut_tokens,
-                "finished": len(self.archive), **strategy_keys}
+                "finished": len(self.archive), "settled_at": self.settled_at,
+                **strategy_keys}
 
 
 
@@ -331,6 +358,7 @@ async def run_search(ctx: DecodeContext, params: SegmentParams, policy: Policy,
             await search.propose(pool, segment)
             await search.score(pool)
             pool = [p for p in pool if not p.finished]  # finished ones went to the archive
+            pool = await search.settle(pool)
             if len(pool) > 1:
                 pool = await search.select(pool)
             if stream:

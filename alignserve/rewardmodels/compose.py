@@ -21,6 +21,9 @@ from alignserve.rewardmodels.structured import JSON_SCHEMA
 
 BUILTIN_KINDS: tuple[RewardKind, ...] = (KEYWORDS, LENGTH, REGEX, JSON_SCHEMA, SENTIMENT, PROFANITY)
 DEFAULT_MAX_REWARDS = 16
+# Relative slack when a total is compared with the ceiling: the total is a weighted sum of a
+# few float64 terms (rounding far below this), and the built-in scores are exact fractions.
+CEILING_TOLERANCE = 1e-9
 
 WEIGHT_ARGUMENT = {
     "name": "weight",
@@ -66,6 +69,46 @@ class ComposedReward:
     @property
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
+
+    @property
+    def ceiling(self) -> float | None:
+        """The highest total any text can score (each reward at its best end of `score_range`,
+        the low end under a negative weight); None when a reward is unbounded there."""
+        if not self.items:
+            return None
+        total = 0.0
+        for item in self.items:
+            bounds = getattr(item.reward, "score_range", None)
+            if item.weight == 0:
+                continue
+            if bounds is None:
+                return None
+            total += item.weight * (bounds[1] if item.weight > 0 else bounds[0])
+        return total
+
+    def reaches_ceiling(self, score: RewardScore) -> bool:
+        """Whether a final score is the ceiling: no other text can score higher."""
+        top = self.ceiling
+        return (top is not None and score.total is not None
+                and score.total >= top - CEILING_TOLERANCE * max(1.0, abs(top)))
+
+    def sure_of_ceiling(self, partial: RewardScore) -> bool:
+        """Whether an unfinished text whose partial score is `partial` is sure to finish at the
+        ceiling: every weighted reward's partial rule is a floor (`partial_floor`) and it is
+        at the top of its range already. (A negative weight would need a ceiling rule that no
+        built-in reward has, so it never is.)"""
+        if self.ceiling is None:
+            return False
+        for item in self.items:
+            if item.weight == 0:
+                continue
+            if item.weight < 0 or not getattr(item.reward, "partial_floor", False):
+                return False
+            hi = item.reward.score_range[1]
+            value = partial.components.get(item.label)
+            if value is None or value < hi - CEILING_TOLERANCE * max(1.0, abs(hi)):
+                return False
+        return True
 
     def score(self, texts: list[str], prompt: str = "") -> list[RewardScore]:
         self.last_seconds = {}

@@ -49,6 +49,8 @@ class KeywordsReward:
     """Fraction of the keywords present (each listed keyword counts once)."""
 
     name = "keywords"
+    score_range = (0.0, 1.0)
+    partial_floor = True  # coverage only grows as the text does
 
     def __init__(self, keywords: list[str]) -> None:
         self.keywords = list(keywords)
@@ -121,6 +123,7 @@ class LengthReward:
     linearly with the distance relative to the target (or the nearest bound)."""
 
     name = "length"
+    score_range = (0.0, 1.0)
 
     def __init__(
         self, target: int | None = None, lo: int | None = None, hi: int | None = None

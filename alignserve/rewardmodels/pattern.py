@@ -36,6 +36,7 @@ class RegexReward:
     """1.0 when the pattern matches the text, else 0.0 (also on timeout)."""
 
     name = "regex"
+    score_range = (0.0, 1.0)
 
     def __init__(
         self, compiled: regex.Pattern, mode: str, timeout_s: float = MATCH_TIMEOUT_S

@@ -37,6 +37,7 @@ class ProfanityReward:
     so one slip is penalised clearly and a tirade approaches 0."""
 
     name = "profanity"
+    score_range = (0.0, 1.0)
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         return [0.5 ** count_profanities(t) for t in texts]

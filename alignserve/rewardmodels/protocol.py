@@ -19,6 +19,15 @@ class Reward(Protocol):
     def score(self, texts: list[str], prompt: str) -> list[float]: ...
 
 
+# Optional attributes a reward may define (rewardmodels.compose reads them with getattr):
+# - `score_range = (lo, hi)`: every score lies in [lo, hi] (unset: unbounded, e.g. a reward
+#   model's logit). It gives the composed total its ceiling, which lets a search stop once a
+#   text has reached it (nothing can beat it).
+# - `partial_floor = True`: `score_partial` never exceeds the final score of any continuation
+#   (keywords: a keyword present stays present), so a partial text already at `hi` is sure to
+#   finish there.
+
+
 class RewardSpecError(ValueError):
     """A reward spec the client sent is invalid.
 

@@ -37,6 +37,7 @@ class SentimentReward:
     target, (1 - c) / 2 for a negative one; neutral text scores 0.5."""
 
     name = "sentiment"
+    score_range = (0.0, 1.0)  # (1 + compound) / 2, compound in [-1, 1]
 
     def __init__(self, target: str = "positive") -> None:
         self.sign = 1.0 if target == "positive" else -1.0

@@ -146,6 +146,7 @@ class JsonSchemaReward:
     """1.0 valid JSON matching the schema, 0.5 JSON that does not match, 0.0 no JSON."""
 
     name = "json_schema"
+    score_range = (SCORE_NO_JSON, SCORE_VALID)
 
     def __init__(self, validator: Any, timeout_s: float = PATTERN_TIMEOUT_S) -> None:
         self.validator = validator
