@@ -36,7 +36,7 @@ def parse(spec: str) -> list[tuple[str, dict | None]]:
         keys: dict = {}
         for kv in filter(None, part.split(",")):
             k, _, v = kv.partition("=")
-            keys[k] = float(v) if k in ("alpha", "beta") else v
+            keys[k] = float(v) if k in ("alpha", "beta", "repetition_penalty") else v
         out.append((part or "defaults", keys))
     return out
 

@@ -42,6 +42,11 @@ DEAL = {  # label -> alignment (the server's defaults fill the rest)
     "deal_b3": {"strategy": "deal", "beam": 3},
     "deal_la12": {"strategy": "deal", "lookahead": 12},
     "deal_la16": {"strategy": "deal", "lookahead": 16},
+    "deal_k8": {"strategy": "deal", "top_k": 8},
+    "deal_k6_la12": {"strategy": "deal", "top_k": 6, "lookahead": 12},
+    "deal_k6_b3": {"strategy": "deal", "top_k": 6, "beam": 3},
+    "deal_k4_b3": {"strategy": "deal", "top_k": 4, "beam": 3},
+    "deal_sampled": {"strategy": "deal", "rollout": "sample"},
 }
 
 

@@ -4,7 +4,8 @@ in process on the native engine (no HTTP), on a slice of items the evaluation's 
 not use (the evaluation reports on each task's first --limit items; this takes items from
 the end), so the defaults are not tuned on the items they are judged on.
 
-    .venv/bin/python bench/segment_sweep.py [--keywords 12] [--sentiment 6] [--max-tokens 40]
+    .venv/bin/python bench/segment_sweep.py [--keywords 12] [--sentiment 6] [--skip 0]
+        [--seed-offset 0] [--max-tokens 40]
         [--configs "sr:segment=4,keep=0.5;pf:segment=4,keep=0.5"]
 
 Writes bench/results/segment-sweep-STAMP.json (device, commit, date) and prints, per task and
@@ -42,7 +43,7 @@ def parse_configs(spec: str) -> list[tuple[str, str, dict]]:
     return out
 
 
-async def one(engine, strategy, keys, item, max_tokens, temperature):
+async def one(engine, strategy, keys, item, max_tokens, temperature, seed_offset=0):
     from alignserve.decoding.base import STRATEGIES, ChoiceFinal, DecodeContext, DecodeRequest
     from alignserve.engine.protocol import SamplingParams
     from alignserve.rewardmodels.compose import RewardRegistry
@@ -50,7 +51,7 @@ async def one(engine, strategy, keys, item, max_tokens, temperature):
     text, ids = engine.encode_chat([{"role": "user", "content": item.prompt}])
     spec = STRATEGIES[strategy]
     req = DecodeRequest("sweep", ids, text, SamplingParams(max_tokens=max_tokens,
-                        temperature=temperature, seed=item.seed), 1, strategy,
+                        temperature=temperature, seed=item.seed + seed_offset), 1, strategy,
                         spec.params.model_validate(keys),
                         RewardRegistry.default().build(item.rewards))
     ctx = DecodeContext(engine=engine, request=req)
@@ -73,10 +74,12 @@ async def sweep(args) -> list[dict]:
     for task, count in (("keywords", args.keywords), ("sentiment", args.sentiment)):
         if not count:
             continue
-        items = load_task(task).items[-count:]
+        every = load_task(task).items
+        items = every[len(every) - count - args.skip: len(every) - args.skip]
         for label, strategy, keys in parse_configs(args.configs):
             res = await asyncio.gather(*(one(engine, strategy, keys, it, args.max_tokens,
-                                             args.temperature) for it in items))
+                                             args.temperature, args.seed_offset)
+                                         for it in items))
             row = {"task": task, "config": label, "strategy": strategy, "keys": keys,
                    "items": [r["item"] for r in res],
                    "reward": sum(r["reward"] for r in res) / len(res),
@@ -97,6 +100,10 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keywords", type=int, default=12, help="keyword items, from the end")
     p.add_argument("--sentiment", type=int, default=6, help="sentiment items, from the end")
+    p.add_argument("--skip", type=int, default=0,
+                   help="items left out at the end (another slice of the same tuning items)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="added to each item's seed: other samples of the same items")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--configs", default=DEFAULT_CONFIGS,

@@ -288,3 +288,26 @@ def test_live_engine_as_its_own_served_amateur_is_greedy(live_server, exact_engi
     greedy, twin = asyncio.run_coroutine_threadsafe(go(), engine.loop).result(300)
     assert _finals(twin)[0].token_ids == _finals(greedy)[0].token_ids
     assert twin[-1].tally.decode > greedy[-1].tally.decode  # both engines were fed
+
+
+def test_live_repetition_penalty_is_the_strategys_unless_the_client_sets_one(client,
+                                                                             model_name):
+    """The strategy's repetition_penalty applies to the expert before the contrast; a client's
+    own repetition_penalty takes its place (so two strategy values give the same text under it).
+    A continuation prompt that greedy decoding loops on: the penalized text repeats less."""
+    from alignserve.evaluation.metrics import repetition
+
+    prompt = "I'm not sure what to say to them. I'm not sure what to say to them."
+
+    def complete(alignment, **extra):
+        return client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=48, temperature=0,
+            extra_body={"alignment": {"strategy": "contrastive", **alignment}, **extra}
+        ).choices[0].text
+
+    plain = complete({"repetition_penalty": 1.0})
+    damped = complete({"repetition_penalty": 1.5})
+    assert plain != damped
+    assert repetition(damped, 4) < repetition(plain, 4)
+    assert (complete({"repetition_penalty": 3.0}, repetition_penalty=1.5)
+            == complete({"repetition_penalty": 1.0}, repetition_penalty=1.5))

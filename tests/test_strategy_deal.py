@@ -118,7 +118,7 @@ def test_heuristic_reward_never_rewards_an_unfinished_cut():
 def test_params_bounds_alias_and_schema():
     p = DealParams.model_validate({"lambda": 2.5, "top_k": 5})
     assert (p.lambda_, p.top_k, p.lookahead, p.beam, p.commit, p.rollout) == (
-        2.5, 5, 8, 2, 8, "greedy")
+        2.5, 5, 8, 3, 8, "greedy")
     for bad in [{"top_k": 0}, {"top_k": 17}, {"lookahead": 65}, {"lookahead": -1}, {"beam": 9},
                 {"lambda": -1}, {"commit": 0}, {"commit": 17}, {"lambda_": 1}, {"depth": 2},
                 {"rollout": "beam"}]:

@@ -86,8 +86,8 @@ def test_soft_pick_is_seeded_tends_to_argmax_and_to_uniform():
 def test_params_bounds_and_defaults():
     sr = SpeculativeRejectionParams()
     pf = ParticleFilterParams.model_validate({"segment": "entropy", "resample_temperature": 0.5})
-    assert (sr.segment, sr.keep) == (3, 0.6)
-    assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (4, 0.5)
+    assert (sr.segment, sr.keep) == (2, 0.75)
+    assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (3, 0.6)
     assert (sr.candidates, pf.segment, pf.resample_temperature) == (16, "entropy", 0.5)
     for bad in [{"segment": 0}, {"segment": "words"}, {"keep": 0}, {"keep": 1.5},
                 {"candidates": 65}, {"max_segment": 1}, {"entropy_threshold": 0}, {"beam": 2}]:

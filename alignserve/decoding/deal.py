@@ -25,11 +25,14 @@ max_tokens); they are greedy (the search is deterministic, the sampling fields d
 unless `rollout` is "sample": then they sample with the request's temperature, top_p, top_k,
 min_p and seed.
 
-Defaults (beam 2, top_k 6, lookahead 8, commit 8, lambda 4) were chosen by measurement on the
+Defaults (beam 3, top_k 6, lookahead 8, commit 8, lambda 4) were chosen by measurement on the
 evaluation's keyword task (bench/results, issue 3's note; top_k 4 instead of 3 by
 bench/deal_sweep.py on items 12-27, issue 17: coverage 0.953 -> 0.969 at 144 -> 177 model
 tokens, where lambda 8 changed nothing; then top_k 6: 0.969 -> 1.000 at 176 -> 240, where
-lookahead 12 or beam 3 stayed at 0.969 for 217-229): committing the scored block instead
+lookahead 12 or beam 3 stayed at 0.969 for 217-229; then beam 3 on items 12-55: 0.960 ->
+0.975 at 224 -> 294, where top_k 8 gave 0.955 at 284 and lookahead 12 0.946 at 283 on items
+28-55, deal-sweep-20261206-213749 and -214455: a third beam keeps a sentence that has not
+finished alive beside a short one that finished a keyword short): committing the scored block instead
 of one token cuts the model tokens per output token from beam*top_k*(lookahead+1) to
 beam*top_k*(lookahead+1)/commit, which is what lets the search beat best_of_n at equal model
 tokens; commit 1 is the paper's finer, costlier token-by-token search.
@@ -94,7 +97,7 @@ class DealParams(StrategyParams):
     lookahead: int = Field(8, ge=0, le=MAX_LOOKAHEAD,
                            description="Tokens each action is rolled out (greedily) before its "
                            "text is scored.")
-    beam: int = Field(2, ge=1, le=MAX_BEAM,
+    beam: int = Field(3, ge=1, le=MAX_BEAM,
                       description="Beams kept each step; n must not exceed it.")
     lambda_: float = Field(4.0, ge=0.0, le=1e6, allow_inf_nan=False, alias="lambda",
                            description="Weight of the reward against the log-likelihood "

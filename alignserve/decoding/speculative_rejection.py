@@ -15,11 +15,19 @@ partial texts tie at 0 coverage, and the likelier ones are the generic ones, whi
 of the keywords (bench/prune_sim.py on keyword items 12-43: 0.935 with the log-likelihood
 tie-break, 0.966 without, at the same tokens).
 
-Defaults (segment 3, keep 0.6; issue 17) were chosen by bench/prune_sim.py, which replays
-pruning rules on one pool of 16 samples per item (keyword items 12-43, sentiment 12-23, none
-of them in the evaluation's report): keywords 0.961 at 0.40x best_of_16's model tokens
-(best_of_16 0.992), sentiment 0.941 at 0.31x (0.964); the earlier segment 4, keep 0.5 gave
-0.935 at 0.43x and 0.908 at 0.28x there.
+Once the rewards' ceiling is sure (segments.py: settle), the rest is dropped.
+
+Defaults (segment 2, keep 0.75; issue 17) were chosen by bench/prune_sim.py, which replays
+pruning rules on a pool of 48 samples per item (keyword items 12-55, sentiment 12-23, none of
+them in the evaluation's report), 8 random draws of 16 per item, with settling: keywords 0.945
+at 0.40x best_of_16's model tokens (best_of_16 0.976), sentiment 0.926 at 0.35x (0.955); the
+earlier segment 3, keep 0.6 gave 0.935 at 0.40x and 0.917 at 0.31x there
+(prune-sim-20261206-212508.json). Ranking by the final reward (an oracle) reaches best_of_16
+at 0.30x there: the limit is how little a few tokens' coverage says about the finished
+sentence. Decoded for real (bench/segment_sweep.py, three draws on the same tuning items,
+segment-sweep-20261206-213148, -213822, -214512): over 88 keyword requests 0.955 against
+best_of_16's 0.977 at about 0.37x its model tokens, over 32 sentiment requests 0.931 against
+0.958 at about 0.34x.
 """
 
 from __future__ import annotations
@@ -41,10 +49,10 @@ from alignserve.decoding.segments import (
 
 class SpeculativeRejectionParams(SegmentParams):
     segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] = Field(
-        3, description="Tokens per segment between two prunings, or \"entropy\": a segment "
+        2, description="Tokens per segment between two prunings, or \"entropy\": a segment "
         "ends before the first token (after at least 2) whose next-token entropy reaches "
         "`entropy_threshold` (CARDS), at most `max_segment` tokens.")
-    keep: float = Field(0.6, gt=0.0, le=1.0, allow_inf_nan=False,
+    keep: float = Field(0.75, gt=0.0, le=1.0, allow_inf_nan=False,
                         description="Fraction of the candidates kept at each pruning (rounded "
                         "up, at least n); 1 never prunes (best_of_n's result, by segments).")
 
