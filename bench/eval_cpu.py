@@ -3,7 +3,8 @@ runs every task set with every strategy configuration where it is meaningful (se
 alignserve/evaluation/strategies.py), prints the Markdown table and the issue's goals, and
 writes bench/results/eval-cpu-STAMP.{json,md,svg} (the JSON with device, commit and date).
 
-    .venv/bin/python bench/eval_cpu.py [--limit 12] [--max-tokens 40] [--concurrency 4]
+    .venv/bin/python bench/eval_cpu.py [--limit 12] [--draws 1] [--max-tokens 40]
+        [--concurrency 4]
         [--tasks keywords,length,sentiment,continuation] [--strategies all]
 """
 

@@ -118,6 +118,17 @@ def test_plan_runs_each_configuration_where_it_is_meaningful():
         "strategy": "best_of_n", "candidates": 16}
 
 
+def test_draws_repeat_sampled_items_with_other_seeds_and_greedy_ones_once():
+    tasks = [load_task("continuation")]
+    sampled, greedy = plan(tasks, parse_configs("sample,greedy"), limit=2, draws=3)
+    assert [(i.id, i.draw) for i in sampled.items] == [
+        (tasks[0].items[0].id, 0), (tasks[0].items[1].id, 0), (tasks[0].items[0].id, 1),
+        (tasks[0].items[1].id, 1), (tasks[0].items[0].id, 2), (tasks[0].items[1].id, 2)]
+    seeds = [i.seed for i in sampled.items]
+    assert len(set(seeds)) == 6 and seeds[0] == tasks[0].items[0].seed  # draw 0: as before
+    assert len(greedy.items) == 2
+
+
 # ---------------------------------------------------------------------------- report
 
 

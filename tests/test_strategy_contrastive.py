@@ -297,7 +297,7 @@ def test_live_repetition_penalty_is_the_strategys_unless_the_client_sets_one(cli
     A continuation prompt that greedy decoding loops on: the penalized text repeats less."""
     from alignserve.evaluation.metrics import repetition
 
-    prompt = "I'm not sure what to say to them. I'm not sure what to say to them."
+    prompt = "The letter had no return address. Inside was"
 
     def complete(alignment, **extra):
         return client.completions.create(

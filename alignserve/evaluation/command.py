@@ -2,7 +2,7 @@
 and write the report (JSON, Markdown, SVG) into --out.
 
     alignserve eval --spawn --out eval-out [--tasks keywords,length] [--strategies sample,deal]
-                    [--limit 10] [--max-tokens 40] [--concurrency 4]
+                    [--limit 10] [--draws 1] [--max-tokens 40] [--concurrency 4]
     alignserve eval --base-url http://127.0.0.1:8000 --out eval-out
 """
 
@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run every configuration on every task (default: each where it is "
                    "meaningful: vas on sentiment, greedy and contrastive on continuation, ...)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--draws", type=int, default=1,
+                   help="times each item runs under a sampled configuration, with other seeds "
+                   "(greedy ones run once): means over more samples of the same items")
     p.add_argument("--max-tokens", type=int, default=40,
                    help="max_tokens per request (length items get room for their N words)")
     p.add_argument("--temperature", type=float, default=0.7,
@@ -53,7 +56,7 @@ def evaluate(base_url: str, tasks: list[str], strategies: str | None = None,
              limit: int | None = None, max_tokens: int = 40, temperature: float = 0.7,
              concurrency: int = 4, timeout: float = 900.0, model: str | None = None,
              api_key: str | None = None, all_pairs: bool = False, progress: bool = True,
-             meta: dict[str, Any] | None = None) -> dict[str, Any]:
+             meta: dict[str, Any] | None = None, draws: int = 1) -> dict[str, Any]:
     """Run the evaluation against `base_url`; returns the result dict (see report.py)."""
     from alignserve.evaluation import report
     from alignserve.evaluation.runner import Runner, RunSettings, plan
@@ -62,7 +65,7 @@ def evaluate(base_url: str, tasks: list[str], strategies: str | None = None,
 
     task_objs = [load_task(t) for t in tasks]
     configs = parse_configs(strategies)
-    pairs = plan(task_objs, configs, limit, all_pairs)
+    pairs = plan(task_objs, configs, limit, all_pairs, draws)
     if not pairs:
         raise ValueError("no (task, strategy) pair to run: see --all-pairs")
     settings = RunSettings(max_tokens=max_tokens, temperature=temperature,
@@ -78,7 +81,8 @@ def evaluate(base_url: str, tasks: list[str], strategies: str | None = None,
     return {
         "meta": {"model": runner.model, "base_url": base_url,
                  "date": started.isoformat(timespec="seconds"), "max_tokens": max_tokens,
-                 "temperature": temperature, "limit": limit, "concurrency": concurrency,
+                 "temperature": temperature, "limit": limit, "draws": draws,
+                 "concurrency": concurrency,
                  "pairs": [f"{p.task.name}/{p.config.label}" for p in pairs],
                  **(meta or {})},
         "tasks": {t.name: t.describe() for t in task_objs},
@@ -106,7 +110,7 @@ def run_eval(args: argparse.Namespace, meta: dict[str, Any] | None = None, stem:
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASK_NAMES)}")
     for flag, value in (("--limit", args.limit), ("--max-tokens", args.max_tokens),
-                        ("--concurrency", args.concurrency)):
+                        ("--concurrency", args.concurrency), ("--draws", args.draws)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1")
     out = Path(args.out)
@@ -123,7 +127,7 @@ def run_eval(args: argparse.Namespace, meta: dict[str, Any] | None = None, stem:
                           max_tokens=args.max_tokens, temperature=args.temperature,
                           concurrency=args.concurrency, timeout=args.timeout, model=args.model,
                           api_key=args.api_key, all_pairs=args.all_pairs,
-                          progress=not args.no_progress, meta=meta)
+                          progress=not args.no_progress, meta=meta, draws=args.draws)
     return result, report.write(result, out, stem)
 
 

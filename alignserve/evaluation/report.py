@@ -222,7 +222,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"## {task}")
         if info.get("description"):
             lines.append("")
-            lines.append(f"{info['description']} ({task_rows[0]['requests']} items)")
+            lines.append(f"{info['description']} ({task_rows[0]['requests']} requests)")
         lines.append("")
         head = ["strategy", "alignment"] + [f"{m['name']} {arrow[m['name']]}" for m in metric_info]
         if has_base:

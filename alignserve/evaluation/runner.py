@@ -11,6 +11,7 @@ request is recorded and the run goes on).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -35,14 +36,18 @@ class Pair:
 
 
 def plan(tasks: Sequence[Task], configs: Sequence[StrategyConfig], limit: int | None = None,
-         all_pairs: bool = False) -> list[Pair]:
-    """The (task, configuration) pairs to run, each with the task's first `limit` items."""
+         all_pairs: bool = False, draws: int = 1) -> list[Pair]:
+    """The (task, configuration) pairs to run, each with the task's first `limit` items; a
+    sampled configuration runs each item `draws` times with other seeds (a greedy one once:
+    it would only repeat itself), so that its means rest on more samples."""
     pairs = []
     for task in tasks:
         items = task.items[:limit] if limit is not None else list(task.items)
         for config in configs:
             if all_pairs or config.applies_to(task.name):
-                pairs.append(Pair(task, config, items))
+                times = draws if config.decoding == "sampled" else 1
+                pairs.append(Pair(task, config, [dataclasses.replace(it, draw=d)
+                                                 for d in range(times) for it in items]))
     return pairs
 
 
@@ -97,7 +102,8 @@ class Runner:
 
     def request(self, pair: Pair, item: TaskItem) -> dict[str, Any]:
         record: dict[str, Any] = {"task": pair.task.name, "strategy": pair.config.label,
-                                  "strategy_name": pair.config.strategy, "item": item.id}
+                                  "strategy_name": pair.config.strategy, "item": item.id,
+                                  "draw": item.draw}
         kw = self.body(pair, item)
         record["max_tokens"] = kw["max_tokens"]
         start = time.perf_counter()

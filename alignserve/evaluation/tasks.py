@@ -38,11 +38,16 @@ class TaskItem:
     prompt: str  # the user message (chat) or the raw prompt (completions)
     rewards: list[dict[str, Any]] | None  # alignment.rewards, None: nothing to score
     data: dict[str, Any] = field(default_factory=dict)  # the item as stored
+    draw: int = 0  # which of an evaluation's --draws of this item (another seed)
 
     @property
     def seed(self) -> int:
-        """A seed fixed per item: every strategy samples item i with the same seed."""
-        return zlib.crc32(self.id.encode())
+        """A seed fixed per item and draw: every strategy samples item i's draw d with the same
+        seed."""
+        return zlib.crc32(self.id.encode()) + DRAW_SEED_STRIDE * self.draw
+
+
+DRAW_SEED_STRIDE = 1_000_003  # draws of one item take seeds this far apart
 
 
 class Task:
