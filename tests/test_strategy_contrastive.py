@@ -229,7 +229,9 @@ def test_live_contrastive_answers_and_differs_from_greedy(client, model_name, al
 
 
 @pytest.mark.parametrize("alignment", [{"amateur": "self:8"}, {"amateur": "lame_prompt"}])
-def test_live_contrastive_stream_joins_to_the_non_streamed_text(client, model_name, alignment):
+def test_live_contrastive_stream_joins_to_the_non_streamed_text(client, model_name, alignment,
+                                                              exact_engine):
+    # exact: n=2 is another batch shape, where bf16 rounding may flip a near tie (README)
     msgs = PROMPTS[1]
     whole = _chat(client, model_name, msgs, strategy="contrastive", **alignment).choices[0]
     chunks = list(_chat(client, model_name, msgs, stream=True, strategy="contrastive",
