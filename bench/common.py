@@ -51,6 +51,24 @@ def write_result(name: str, payload: dict, folder: Path | None = None) -> Path:
     return path
 
 
+def write_step_ratio(name: str, what: str, extra: dict, runs: dict[str, list[dict]],
+                     rows: tuple[int, ...], base: str, other: str) -> Path:
+    """Median ms per decode step of each variant and row count over its rounds (a round's keys
+    may be ints or, from a child's JSON, strings), `other`'s over `base`'s as OTHER_vs_BASE:
+    printed, and written as bench/results/NAME-*.json with provenance, `extra` and every run."""
+    import statistics
+
+    summary = {variant: {n: round(statistics.median(run.get(n, run.get(str(n))) for run in rs), 1)
+                         for n in rows} for variant, rs in runs.items()}
+    key = f"{other}_vs_{base}"
+    ratios = {n: round(summary[other][n] / summary[base][n], 3) for n in rows}
+    print(json.dumps({"ms_per_step": summary, key: ratios}))
+    path = write_result(name, {**provenance(), **extra, "what": what, "ms_per_step": summary,
+                               key: ratios, "runs": runs})
+    print("wrote", path)
+    return path
+
+
 def alternate_children(script: str, kinds: list[str], rounds: int, args: list[str]):
     """Yield (round, kind, result) running `script --child KIND *args` in fresh interpreters, the
     kinds taking turns `rounds` times (a busy machine weighs on each alike); a child prints its

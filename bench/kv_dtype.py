@@ -9,7 +9,6 @@ linears as this CPU's default runs them, everything on the compute thread.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result
+from common import write_step_ratio
 from native_cpu import PROMPT_TOKENS, TEXT, cpu_info
 
 from alignserve.engine import compute_thread
@@ -73,14 +72,8 @@ def main() -> int:
         for name, dtype in DTYPES.items():
             runs[name].append(steps_ms(engine, dtype, prompt, args.steps))
             print(r, name, {n: round(ms, 1) for n, ms in runs[name][-1].items()}, flush=True)
-    summary = {name: {n: round(statistics.median(run[n] for run in rs), 1) for n in ROWS}
-               for name, rs in runs.items()}
-    ratios = {n: round(summary["bf16"][n] / summary["fp32"][n], 3) for n in ROWS}
-    payload = {**provenance(), "cpu": cpu_info(), "args": vars(args),
-               "what": "ms per decode step (1,447-token prompt): fp32 vs bf16 KV pool",
-               "ms_per_step": summary, "bf16_vs_fp32": ratios, "runs": runs}
-    print(json.dumps({"ms_per_step": summary, "bf16_vs_fp32": ratios}))
-    print("wrote", write_result("kv_dtype", payload))
+    write_step_ratio("kv_dtype", "ms per decode step (1,447-token prompt): fp32 vs bf16 KV pool",
+                     {"cpu": cpu_info(), "args": vars(args)}, runs, ROWS, "fp32", "bf16")
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate_children, provenance, write_result
+from common import alternate_children, write_step_ratio
 from native_cpu import PROMPT_TOKENS, TEXT, cpu_info
 
 ROWS = (1, 16)
@@ -104,14 +104,8 @@ def main() -> int:
                                               ["--steps", str(args.steps)]):
         runs[kind].append(result)
         print(r, kind, result, flush=True)
-    summary = {kind: {rows: round(statistics.median(run[str(rows)] for run in rs), 1) for rows in ROWS}
-               for kind, rs in runs.items()}
-    ratios = {rows: round(summary["two"][rows] / summary["one"][rows], 3) for rows in ROWS}
-    payload = {**provenance(), "cpu": cpu_info(), "args": vars(args),
-               "what": "ms per decode step (1,447-token prompt): one OpenMP team vs two",
-               "ms_per_step": summary, "two_vs_one": ratios, "runs": runs}
-    print(json.dumps({"ms_per_step": summary, "two_vs_one": ratios}))
-    print("wrote", write_result("omp_teams", payload))
+    write_step_ratio("omp_teams", "ms per decode step (1,447-token prompt): one OpenMP team vs two",
+                     {"cpu": cpu_info(), "args": vars(args)}, runs, ROWS, "one", "two")
     return 0
 
 
