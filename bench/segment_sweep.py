@@ -75,6 +75,9 @@ async def sweep(args) -> list[dict]:
         if not count:
             continue
         every = load_task(task).items
+        if count + args.skip > len(every):
+            raise SystemExit(f"{task} has {len(every)} items: --{task} {count} with --skip "
+                             f"{args.skip} asks for more")
         items = every[len(every) - count - args.skip: len(every) - args.skip]
         for label, strategy, keys in parse_configs(args.configs):
             res = await asyncio.gather(*(one(engine, strategy, keys, it, args.max_tokens,

@@ -3,6 +3,7 @@ sum of rewards built from the client's `alignment.rewards` list."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -70,10 +71,11 @@ class ComposedReward:
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
 
-    @property
+    @functools.cached_property
     def ceiling(self) -> float | None:
         """The highest total any text can score (each reward at its best end of `score_range`,
-        the low end under a negative weight); None when a reward is unbounded there."""
+        the low end under a negative weight); None when a reward is unbounded there. Computed
+        once: the items do not change after construction, and a search asks every round."""
         if not self.items:
             return None
         total = 0.0
