@@ -16,6 +16,9 @@ flash attention serves where it can, `attention_fused.py`, and the plain referen
     merge_attention(out_a, lse_a, out_b, lse_b) -> (out, lse)
     window_attention(q [1,H,D], k, v [W,KVH,D], mask [W], scale) -> out [1,H,D]
     merge_attention_into(out, lse, rows, part_out, part_lse) -> None (in place on out[rows])
+    cpu_step_attention(q [B,H,D], k_pool, v_pool, jobs, scale) -> (out [B,H,D], lse [B,H])
+        a whole CPU decode step's attention (shared segments, leaves, merges) in one call of
+        the C++ kernel (`attention_cpu.py`), where `cpu_step_attention_available`
 with k_pool / v_pool [num_slots, KVH, D]; outputs fp32, lse natural-log, -inf for an empty part.
 
 Sampling (see `logits_ops.py` for the order of operations):
@@ -37,6 +40,7 @@ from functools import lru_cache
 import torch
 
 from . import attention as _attn
+from . import attention_cpu as _cpu_attn
 from . import attention_fused as _fused_attn
 from .logits_ops import (
     Contrastive,
@@ -49,7 +53,8 @@ from .logits_ops import (
 __all__ = [
     "FORCE", "LAST_SAMPLE", "SAMPLE_CALLS", "Contrastive", "LeafGather", "LogitBias",
     "Penalties", "SampleCall", "ValueGuidance", "attention",
-    "attention_dtype", "causal_attention", "leaf_attention",
+    "attention_dtype", "causal_attention", "cpu_step_attention",
+    "cpu_step_attention_available", "leaf_attention",
     "leaf_gather", "merge",
     "merge_attention", "merge_attention_into",
     "sample", "segment_attention", "triton_available", "uses_triton", "window_attention",
@@ -212,6 +217,20 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if not q.is_cuda and _fused(q, force):
         return _fused_attn.window_attention(q, k, v, mask, scale)
     return _attn.window_attention_reference(q, k, v, mask, scale)
+
+
+def cpu_step_attention_available(q: torch.Tensor, k_pool: torch.Tensor, *,
+                                 force: str | None = None) -> bool:
+    """Whether `cpu_step_attention` serves queries like q over this pool: CPU tensors, fp32
+    queries, a bf16 pool, the kernel built here, and neither path forced."""
+    return (force or FORCE) is None and not uses_triton(q) and _cpu_attn.available(q, k_pool)
+
+
+def cpu_step_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       jobs: _cpu_attn.DecodeJobs, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's attention on the CPU: row b of q [B, H, D] over the keys of every job
+    that holds it, merged exactly; (out fp32 [B, H, D], lse fp32 [B, H])."""
+    return _cpu_attn.decode_attention(q, k_pool, v_pool, jobs, scale)
 
 
 def merge_attention(

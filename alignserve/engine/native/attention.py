@@ -16,6 +16,7 @@ import torch
 
 from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment
 from alignserve.kernels import dispatch
+from alignserve.kernels.attention_cpu import DecodeJobs
 from alignserve.kernels.attention import merge_attention
 
 # The narrowest leaf table a graph-laid step uses: a best-of-N's candidates keep one layout for
@@ -37,6 +38,37 @@ def attend_segment(cache: KVCache, layer: int, q: torch.Tensor, seg: Segment, sc
     if view is not None and not dispatch.uses_triton(q):  # a view serves torch's kernels
         return dispatch.attention(q, view[0], view[1], scale)
     return dispatch.segment_attention(q, cache.k[layer], cache.v[layer], seg.slot_tensor(q.device), scale)
+
+
+def _leaf_runs(leaf: Segment) -> list[tuple[int, int]]:
+    """A leaf's slots as runs, from its pages (it fills them in order: slot j lives in
+    pages[j // PAGE]), without walking every slot."""
+    runs: list[tuple[int, int]] = []
+    left = len(leaf)
+    for page in leaf.pages:
+        if left <= 0:
+            break
+        a = page * PAGE
+        b = a + min(PAGE, left)
+        left -= b - a
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
+
+
+def step_jobs(chains: list[list[Segment]]) -> DecodeJobs:
+    """The CPU kernel's jobs for a decode step over these chains: each shared segment once,
+    with every row whose chain holds it, then each row's own leaf."""
+    groups: dict[int, tuple[Segment, list[int]]] = {}
+    for row, chain in enumerate(chains):
+        for seg in chain[:-1]:
+            if len(seg):
+                groups.setdefault(seg.id, (seg, []))[1].append(row)
+    jobs = [(rows, seg.runs()) for seg, rows in groups.values()]
+    jobs += [([row], _leaf_runs(chain[-1])) for row, chain in enumerate(chains) if len(chain[-1])]
+    return DecodeJobs.build(len(chains), jobs)
 
 
 def _window(chain: list[Segment]) -> tuple[int, int, list[tuple[int, int]]] | None:
@@ -76,6 +108,9 @@ class DecodePlan:
     def __init__(self, cache: KVCache, chains: list[list[Segment]], new_slots: list[int], scale: float,
                  *, for_graphs: bool = False):
         self.cache, self.scale = cache, scale
+        self.chains, self.for_graphs = chains, for_graphs
+        # The CPU kernel's jobs (`step_jobs`), built at the first layer where it serves.
+        self._cpu_jobs: DecodeJobs | None | object = _UNSET
         # A leaf fills its own pages in order (kv_cache: slot j lives in pages[j // PAGE]), so
         # its slots follow from its page list: the host sends pages, the device expands them.
         leaves = [c[-1] for c in chains]
@@ -151,6 +186,12 @@ class DecodePlan:
         c = self.cache
         c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+        if self._cpu_jobs is _UNSET:
+            serves = not self.for_graphs and dispatch.cpu_step_attention_available(q, c.k)
+            self._cpu_jobs = step_jobs(self.chains) if serves else None
+        if self._cpu_jobs is not None:  # every part and merge of the step in one kernel call
+            return dispatch.cpu_step_attention(q, c.k[layer], c.v[layer], self._cpu_jobs,
+                                               self.scale)[0]
         if self.window is not None and not dispatch.uses_triton(q):
             lo, hi, runs = self.window
             if self._window_mask is None:  # built once a step, for every layer

@@ -70,6 +70,7 @@ class Segment:
         self.users: set[int] = set()  # ids of the sequences whose chain holds this segment
         self._tensor: torch.Tensor | None = None
         self._range: tuple[int, int] | None = None
+        self._runs: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -77,6 +78,20 @@ class Segment:
     def changed(self) -> None:
         self._tensor = None
         self._range = None
+        self._runs = None
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The slots as runs of consecutive slots [(start, stop), ...] (what the CPU attention
+        kernel reads), built once until the segment changes."""
+        if self._runs is None:
+            runs: list[tuple[int, int]] = []
+            for s in self.slots:
+                if runs and runs[-1][1] == s:
+                    runs[-1] = (runs[-1][0], s + 1)
+                else:
+                    runs.append((s, s + 1))
+            self._runs = runs
+        return self._runs
 
     def slot_tensor(self, device: torch.device) -> torch.Tensor:
         """The slots as an int32 tensor (what the kernels index with), built once per device.

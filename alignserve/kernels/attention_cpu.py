@@ -1,0 +1,179 @@
+"""A decode step's attention on the CPU in one call of a small C++ kernel (`cpu_attention.cpp`).
+
+torch's fused CPU flash attention is built for blocks of queries: a decode step hands it 3 to
+48 query rows per KV head, and it ran the embedded model's 1-row step at ~190 us a layer (1.1 MB
+of bf16 KV, ~6 GB/s) and a 16-row shared prefix at ~610 us (~87 GFLOP/s), with two more ops
+for the leaves and the merge. The kernel takes every job of the step at once (each shared
+segment with its group's rows, each row's leaf), splits them over the threads by KV head, lanes
+and key chunks, and merges by log-sum-exp inside; see the .cpp file's header.
+
+It is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) for this
+machine (-march=native) into the user's cache (`$XDG_CACHE_HOME/alignserve`, keyed by source,
+compiler and CPU), and loaded with ctypes: no torch headers, a build takes ~2 s. It links
+OpenMP by soname, so it shares the thread pool torch already loaded. Where no compiler is found
+or the build fails, `available()` is False (logged once) and callers keep torch's ops;
+`ALIGNSERVE_CPU_ATTENTION=off` turns it off (benchmarks compare both ways).
+
+Inputs: fp32 queries, bf16 pools [slots, KVH, D] with D 64 or 128; outputs fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from array import array
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+VERSION = 1  # alignserve_cpu_attention_version() of the source this module speaks to
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+HEAD_DIMS = (64, 128)
+
+
+def enabled() -> bool:
+    """Off when ALIGNSERVE_CPU_ATTENTION is off / 0 / false (read at each call: benches flip it)."""
+    return os.environ.get("ALIGNSERVE_CPU_ATTENTION", "on").strip().lower() not in ("off", "0", "false")
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: $CXX, else g++, else c++ (None: none on PATH)."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "alignserve" / "kernels"
+
+
+def build(cxx: str) -> Path:
+    """Compile the kernel (or find it already compiled) and return the library's path."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()))
+                         .encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: processes building at once never load a half file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first call; None (logged once) where it cannot be."""
+    cxx = compiler()
+    if cxx is None:
+        log.warning("no C++ compiler (CXX, g++, c++) on PATH: CPU decode attention uses "
+                    "torch's ops")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cxx)))
+        if lib.alignserve_cpu_attention_version() != VERSION:
+            raise RuntimeError("the built library is of another version")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("the CPU attention kernel could not be built (%s): CPU decode attention "
+                    "uses torch's ops", exc)
+        return None
+    fn = lib.alignserve_decode_attention
+    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, ctypes.c_float,
+                   p, p, i32]
+    return lib
+
+
+def available(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+    """Whether the kernel serves fp32 queries q [B, H, D] over the pool k_pool."""
+    return (enabled() and q.device.type == "cpu" and k_pool.device.type == "cpu"
+            and q.dtype == torch.float32 and k_pool.dtype == torch.bfloat16
+            and q.shape[-1] in HEAD_DIMS and library() is not None)
+
+
+@dataclass
+class DecodeJobs:
+    """A step's jobs in the kernel's packed form, built once and used by every layer: job j
+    is the query rows `rows[j]` reading the slot ranges `ranges[j]`."""
+
+    n_rows: int
+    n_jobs: int
+    row_off: torch.Tensor  # int32 [n_jobs + 1]
+    rows: torch.Tensor  # int32
+    rng_off: torch.Tensor  # int32 [n_jobs + 1]
+    lo: torch.Tensor  # int32
+    hi: torch.Tensor  # int32
+
+    @classmethod
+    def build(cls, n_rows: int, jobs: list[tuple[list[int], list[tuple[int, int]]]]) -> DecodeJobs:
+        row_off, rows, rng_off, lo, hi = array("i", [0]), array("i"), array("i", [0]), \
+            array("i"), array("i")
+        for job_rows, job_ranges in jobs:
+            rows.extend(job_rows)
+            row_off.append(len(rows))
+            for a, b in job_ranges:
+                lo.append(a)
+                hi.append(b)
+            rng_off.append(len(lo))
+
+        def t(a: array) -> torch.Tensor:
+            return torch.frombuffer(a, dtype=torch.int32) if len(a) else torch.zeros(1, dtype=torch.int32)
+
+        return cls(n_rows, len(jobs), t(row_off), t(rows), t(rng_off), t(lo), t(hi))
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     jobs: DecodeJobs, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out fp32 [B, H, D], lse fp32 [B, H]) of q [B, H, D] (fp32, rows contiguous) over one
+    layer's pools [slots, KVH, D] (bf16): each row attends to the keys of every job that holds
+    it; a row in none gets out 0 and lse -inf. Check `available` first."""
+    lib = library()
+    b, h, d = q.shape
+    kvh = k_pool.shape[1]
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    if k_pool.stride()[1:] != (d, 1) or v_pool.stride() != k_pool.stride():
+        raise ValueError("the pools must be [slots, KVH, D] with heads and dimensions contiguous")
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    lse = torch.empty(b, h, dtype=torch.float32)
+    rc = lib.alignserve_decode_attention(
+        q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0),
+        b, h, kvh, d, jobs.n_jobs, jobs.row_off.data_ptr(), jobs.rows.data_ptr(),
+        jobs.rng_off.data_ptr(), jobs.lo.data_ptr(), jobs.hi.data_ptr(), scale,
+        out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"the CPU attention kernel refused head_dim {d}")
+    return out, lse
