@@ -101,8 +101,8 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
     }
     v16 m[NT], l[NT];
     for (int t = 0; t < NT; t++) m[t] = splat(NEG), l[t] = splat(0.0f);
-    static thread_local float acc[MAX_TILES * LANES][D] __attribute__((aligned(64)));
-    memset(acc, 0, sizeof(float) * it.lanes * D);
+    static thread_local v16 acc[MAX_TILES * LANES][ND];  // unnormalised outputs per lane
+    memset(acc, 0, sizeof(v16) * ND * it.lanes);
 
     // Walk the ranges to the chunk's first key.
     int r = 0;
@@ -121,23 +121,33 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
             remaining--;
         }
         v16 sc[KB][NT];
-        for (int j = 0; j < nb; j++) {
-            float kf[D] __attribute__((aligned(64)));
-            const uint16_t *kp = s.k + slots[j] * s.slot_stride + head_off;
-            for (int c = 0; c < ND; c++) {
-                v16 x = load_bf16(kp + c * LANES);
-                memcpy(kf + c * LANES, &x, sizeof x);
-            }
-            v16 a0[NT], a1[NT], a2[NT], a3[NT];  // four chains: FMA latency, not throughput
-            for (int t = 0; t < NT; t++) a0[t] = a1[t] = a2[t] = a3[t] = splat(0.0f);
-            for (int d = 0; d < D; d += 4)
-                for (int t = 0; t < NT; t++) {
-                    a0[t] += kf[d] * qt[d][t];
-                    a1[t] += kf[d + 1] * qt[d + 1][t];
-                    a2[t] += kf[d + 2] * qt[d + 2][t];
-                    a3[t] += kf[d + 3] * qt[d + 3][t];
+        // Four keys at a time: each query vector loaded once feeds four FMA chains (one per
+        // key), so loads stay below the FMAs and the chains hide their latency.
+        for (int j0 = 0; j0 < nb; j0 += 4) {
+            float kf[4][D] __attribute__((aligned(64)));
+            for (int u = 0; u < 4; u++) {
+                const uint16_t *kp = s.k + slots[j0 + u < nb ? j0 + u : j0] * s.slot_stride + head_off;
+                for (int c = 0; c < ND; c++) {
+                    v16 x = load_bf16(kp + c * LANES);
+                    memcpy(&kf[u][c * LANES], &x, sizeof x);
                 }
-            for (int t = 0; t < NT; t++) sc[j][t] = (a0[t] + a1[t]) + (a2[t] + a3[t]);
+            }
+            v16 a0[NT], a1[NT], a2[NT], a3[NT];
+            for (int t = 0; t < NT; t++) a0[t] = a1[t] = a2[t] = a3[t] = splat(0.0f);
+            for (int d = 0; d < D; d++)
+                for (int t = 0; t < NT; t++) {
+                    v16 qd = qt[d][t];
+                    a0[t] += kf[0][d] * qd;
+                    a1[t] += kf[1][d] * qd;
+                    a2[t] += kf[2][d] * qd;
+                    a3[t] += kf[3][d] * qd;
+                }
+            for (int t = 0; t < NT; t++) {
+                sc[j0][t] = a0[t];
+                if (j0 + 1 < nb) sc[j0 + 1][t] = a1[t];
+                if (j0 + 2 < nb) sc[j0 + 2][t] = a2[t];
+                if (j0 + 3 < nb) sc[j0 + 3][t] = a3[t];
+            }
         }
         float alpha[NT * LANES] __attribute__((aligned(64)));
         float p[KB][NT * LANES] __attribute__((aligned(64)));
@@ -161,13 +171,20 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
             const uint16_t *vp = s.v + slots[j] * s.slot_stride + head_off;
             for (int c = 0; c < ND; c++) vf[j][c] = load_bf16(vp + c * LANES);
         }
-        for (int L = 0; L < it.lanes; L++) {
-            v16 o[ND];
-            memcpy(o, acc[L], sizeof o);
-            for (int c = 0; c < ND; c++) o[c] *= alpha[L];
+        // Lanes a few at a time: each value row loaded once feeds LB lanes' FMAs.
+        const int LB = ND <= 4 ? 4 : 2;
+        for (int L0 = 0; L0 < it.lanes; L0 += LB) {
+            const int nl = it.lanes - L0 < LB ? it.lanes - L0 : LB;
+            v16 o[LB][ND];
+            for (int u = 0; u < LB; u++)
+                for (int c = 0; c < ND; c++)
+                    o[u][c] = u < nl ? acc[L0 + u][c] * alpha[L0 + u] : splat(0.0f);
             for (int j = 0; j < nb; j++)
-                for (int c = 0; c < ND; c++) o[c] += p[j][L] * vf[j][c];
-            memcpy(acc[L], o, sizeof o);
+                for (int c = 0; c < ND; c++) {
+                    v16 x = vf[j][c];
+                    for (int u = 0; u < LB; u++) o[u][c] += p[j][u < nl ? L0 + u : L0] * x;
+                }
+            for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
         }
     }
     float *dst = partials + it.partial;
