@@ -2,8 +2,10 @@
 
 Each case is a decode step's jobs: shared segments with the rows that read them, each row's own
 leaf, rows in several jobs (a tree of segments) or in none, key runs with gaps. The kernel's
-pools are bf16 and its queries fp32, and it computes in fp32, so the reference runs in fp32 on
-the same (rounded) keys and the tolerance is fp32 reordering's (`attention_tol`).
+pools are bf16 and its queries fp32; it accumulates in fp32, and its scores multiply fp32 queries
+or, on CPUs with bf16 dot products, queries rounded to bf16. So the reference runs in fp32 on the
+same (rounded) keys and the tolerance is that of reordering in the dtype the queries enter in
+(`attention_tol`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from alignserve.engine.native.kv_cache import KVCache
 from alignserve.kernels import attention_cpu
 from alignserve.kernels.attention import attention_lse_reference
 from tests.tolerance import attention_tol
+
+def _query_dtype() -> torch.dtype:
+    return torch.bfloat16 if attention_cpu.bf16_scores() else torch.float32
+
 
 needs_kernel = pytest.mark.skipif(attention_cpu.compiler() is None,
                                   reason="no C++ compiler on PATH (the kernel's fallback is tested)")
@@ -87,7 +93,7 @@ def test_kernel_matches_the_reference(heads, kv_heads, dim, layout):
     ref_out, ref_lse = _reference(q, k_pool, v_pool, jobs, scale)
     longest = max(sum(b - a for job_rows, ranges in jobs if r in job_rows for a, b in ranges)
                   for r in range(rows))
-    tol = attention_tol(dim, longest)
+    tol = attention_tol(dim, longest, _query_dtype())
     torch.testing.assert_close(out, ref_out, **tol)
     torch.testing.assert_close(lse, ref_lse, **tol)
     empty = torch.isinf(ref_lse[:, 0])
@@ -116,7 +122,7 @@ def test_threads_do_not_change_the_result():
     finally:
         torch.set_num_threads(before)
     for n in (2, 3):
-        torch.testing.assert_close(outs[n], outs[1], **attention_tol(64, 1447 + 110))
+        torch.testing.assert_close(outs[n], outs[1], **attention_tol(64, 1447 + 110, _query_dtype()))
 
 
 def _step(kv_heads: int, dim: int, suffixes: list[int], seed: int):
@@ -161,3 +167,40 @@ def test_unserved_shapes_keep_torchs_ops(monkeypatch):
     plan.attend(0, q, kn, kn)
     assert plan._cpu_jobs is None
     assert not attention_cpu.available(torch.zeros(1, 6, 64), torch.zeros(4, 2, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim,context,counts", [(64, 0, [1447]), (64, 300, [37, 1, 70]),
+                                                (128, 17, [5, 64])])
+def test_extend_plan_runs_the_kernel_causally(dim, context, counts):
+    """A prompt's prefill (nothing before) and extends after a shared context: every new token
+    sees the context and the new tokens up to itself, through the kernel's causal jobs."""
+    from alignserve.engine.native.attention import ExtendPlan
+
+    kv_heads, heads = 2, 8
+    gen = torch.Generator().manual_seed(context + len(counts))
+    cache = KVCache(1, 8192, kv_heads, dim, torch.bfloat16, torch.device("cpu"))
+    root = cache.new_chain(0)
+    if context:
+        s = torch.tensor(cache.append_slots(root, context), dtype=torch.long)
+        cache.k[0, s] = torch.randn(context, kv_heads, dim, generator=gen).bfloat16()
+        cache.v[0, s] = torch.randn(context, kv_heads, dim, generator=gen).bfloat16()
+    chains = cache.fork(root, 0, list(range(1, len(counts) + 1)))
+    new = [slot for chain, n in zip(chains, counts) for slot in cache.append_slots(chain, n)]
+    total = sum(counts)
+    q = torch.randn(total, heads, dim, generator=gen)
+    k = torch.randn(total, kv_heads, dim, generator=gen).bfloat16().float()
+    v = torch.randn(total, kv_heads, dim, generator=gen).bfloat16().float()
+    plan = ExtendPlan(cache, [c[:-1] for c in chains], counts, new, dim**-0.5)
+    out = plan.attend(0, q, k, v)
+    assert plan._cpu_jobs is not None
+    start = 0
+    for chain, n in zip(chains, counts):
+        slots = torch.tensor([s for seg in chain for s in seg.slots])
+        kc, vc = cache.k[0, slots].float(), cache.v[0, slots].float()
+        assert torch.equal(kc[len(kc) - n:], k[start : start + n])  # the new KV was stored
+        ref, _ = attention_lse_reference(q[start : start + n], kc, vc, dim**-0.5,
+                                         causal_offset=len(kc) - n)
+        torch.testing.assert_close(out[start : start + n], ref,
+                                   **attention_tol(dim, len(kc), _query_dtype()))
+        start += n

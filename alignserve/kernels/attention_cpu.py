@@ -36,7 +36,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-VERSION = 1  # alignserve_cpu_attention_version() of the source this module speaks to
+VERSION = 2  # alignserve_cpu_attention_version() of the source this module speaks to
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 HEAD_DIMS = (64, 128)
 
@@ -112,9 +112,16 @@ def library() -> ctypes.CDLL | None:
     fn = lib.alignserve_decode_attention
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, ctypes.c_float,
-                   p, p, i32]
+    fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, p,
+                   ctypes.c_float, p, p, i32]
     return lib
+
+
+def bf16_scores() -> bool:
+    """Whether the built kernel rounds the queries to bf16 for its scores (CPUs with AVX512-BF16
+    dot products); else it computes them in fp32."""
+    lib = library()
+    return lib is not None and bool(lib.alignserve_cpu_attention_bf16_scores())
 
 
 def available(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
@@ -127,7 +134,8 @@ def available(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
 @dataclass
 class DecodeJobs:
     """A step's jobs in the kernel's packed form, built once and used by every layer: job j
-    is the query rows `rows[j]` reading the slot ranges `ranges[j]`."""
+    is the query rows `rows[j]` reading the slot ranges `ranges[j]`; a causal job's last
+    len(rows) keys are its rows' own tokens in order, and row i sees the keys up to its own."""
 
     n_rows: int
     n_jobs: int
@@ -136,11 +144,14 @@ class DecodeJobs:
     rng_off: torch.Tensor  # int32 [n_jobs + 1]
     lo: torch.Tensor  # int32
     hi: torch.Tensor  # int32
+    causal: torch.Tensor  # int32 [n_jobs], 0 or 1
 
     @classmethod
-    def build(cls, n_rows: int, jobs: list[tuple[list[int], list[tuple[int, int]]]]) -> DecodeJobs:
+    def build(cls, n_rows: int, jobs: list[tuple[list[int], list[tuple[int, int]]]],
+              causal: list[bool] | None = None) -> DecodeJobs:
         row_off, rows, rng_off, lo, hi = array("i", [0]), array("i"), array("i", [0]), \
             array("i"), array("i")
+        flags = array("i", [int(c) for c in causal] if causal is not None else [0] * len(jobs))
         for job_rows, job_ranges in jobs:
             rows.extend(job_rows)
             row_off.append(len(rows))
@@ -152,7 +163,7 @@ class DecodeJobs:
         def t(a: array) -> torch.Tensor:
             return torch.frombuffer(a, dtype=torch.int32) if len(a) else torch.zeros(1, dtype=torch.int32)
 
-        return cls(n_rows, len(jobs), t(row_off), t(rows), t(rng_off), t(lo), t(hi))
+        return cls(n_rows, len(jobs), t(row_off), t(rows), t(rng_off), t(lo), t(hi), t(flags))
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -172,7 +183,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     rc = lib.alignserve_decode_attention(
         q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0),
         b, h, kvh, d, jobs.n_jobs, jobs.row_off.data_ptr(), jobs.rows.data_ptr(),
-        jobs.rng_off.data_ptr(), jobs.lo.data_ptr(), jobs.hi.data_ptr(), scale,
+        jobs.rng_off.data_ptr(), jobs.lo.data_ptr(), jobs.hi.data_ptr(), jobs.causal.data_ptr(), scale,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"the CPU attention kernel refused head_dim {d}")

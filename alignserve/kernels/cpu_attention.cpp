@@ -16,6 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -57,6 +60,37 @@ static inline v16 vexp(v16 x) {
     return p * (v16)e;
 }
 
+// bf16 of x, rounded to nearest even (what the pool holds, and what bf16 dot products take).
+static inline uint32_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
+
+#ifdef __AVX512BF16__
+// Where the CPU has bf16 dot products (AVX512-BF16), the scores multiply bf16 queries by the
+// pool's bf16 keys as they lie, two dimensions per instruction, accumulating in fp32: half the
+// instructions of converting the keys and using fp32 FMAs. The queries round to bf16, as in
+// torch's fused op over a bf16 pool.
+typedef uint32_t v16p __attribute__((vector_size(64)));  // 16 pairs of bf16
+static inline v16 dot2(v16 acc, v16p a, v16p b) {
+    return (v16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+// 16 floats rounded to bf16 (nearest even), each in the low half of its 32 bits.
+static inline v16p to_bf16v(v16 x) {
+    v16p u = (v16p)x;
+    return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
+// Value rows a and b (16 dimensions of each, bf16) as pairs: element i = (a[i], b[i]), so one
+// bf16 dot product adds two keys' weighted values (the weights paired alike).
+static inline v16p value_pair(const uint16_t *a, const uint16_t *b) {
+    v16h x, y;
+    memcpy(&x, a, sizeof x);
+    if (b) memcpy(&y, b, sizeof y); else y = v16h{};
+    return __builtin_convertvector(x, v16p) | __builtin_convertvector(y, v16p) << 16;
+}
+#endif
+
 static inline float hmax(v16 a) {
     float m = a[0];
     for (int i = 1; i < LANES; i++) m = a[i] > m ? a[i] : m;
@@ -69,6 +103,10 @@ struct Job {
     const int32_t *lo, *hi;  // key slot ranges [lo, hi)
     int n_ranges;
     int64_t keys;
+    // Causal (a prompt's rows over itself): the last n_rows keys are the rows' own tokens, in
+    // order, and row i sees keys up to diag0 + i (diag0 = keys - n_rows).
+    bool causal;
+    int64_t diag0;
 };
 
 struct Item {
@@ -99,6 +137,13 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                            + (int64_t)(it.head * s.G + lane % s.G) * D;
         for (int d = 0; d < D; d++) qt[d][L / LANES][L % LANES] = src[d] * s.scale;
     }
+#ifdef __AVX512BF16__
+    v16p qp[D / 2][NT];  // the same, as bf16 pairs of dimensions (2i, 2i + 1)
+    for (int d = 0; d < D; d += 2)
+        for (int t = 0; t < NT; t++)
+            for (int i = 0; i < LANES; i++)
+                qp[d / 2][t][i] = to_bf16(qt[d][t][i]) | to_bf16(qt[d + 1][t][i]) << 16;
+#endif
     v16 m[NT], l[NT];
     for (int t = 0; t < NT; t++) m[t] = splat(NEG), l[t] = splat(0.0f);
     static thread_local v16 acc[MAX_TILES * LANES][ND];  // unnormalised outputs per lane
@@ -111,6 +156,13 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
     int64_t slot = r < job.n_ranges ? job.lo[r] + skip : 0;
     int64_t remaining = it.key1 - it.key0;
     const int64_t head_off = (int64_t)it.head * D;
+    v16i row_of[NT];  // each lane's row within the job (causal masks)
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < LANES; i++) {
+            int L = t * LANES + i;
+            row_of[t][i] = L < it.lanes ? (it.lane0 + L) / s.G : 1 << 30;
+        }
+    int64_t kbase = it.key0;  // the job's index of the block's first key
 
     while (remaining > 0) {
         int64_t slots[KB];
@@ -120,10 +172,29 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
             slots[nb++] = slot++;
             remaining--;
         }
+        const bool masked = job.causal && kbase + nb - 1 > job.diag0 + it.lane0 / s.G;
+        const int first = (int)(kbase - job.diag0);  // row that first sees the block's key 0
+        kbase += nb;
         v16 sc[KB][NT];
         // Four keys at a time: each query vector loaded once feeds four FMA chains (one per
         // key), so loads stay below the FMAs and the chains hide their latency.
         for (int j0 = 0; j0 < nb; j0 += 4) {
+            v16 a0[NT], a1[NT], a2[NT], a3[NT];
+            for (int t = 0; t < NT; t++) a0[t] = a1[t] = a2[t] = a3[t] = splat(0.0f);
+#ifdef __AVX512BF16__
+            const uint32_t *kp[4];
+            for (int u = 0; u < 4; u++)
+                kp[u] = (const uint32_t *)(s.k + slots[j0 + u < nb ? j0 + u : j0] * s.slot_stride
+                                           + head_off);
+            for (int d = 0; d < D / 2; d++)
+                for (int t = 0; t < NT; t++) {
+                    v16p qd = qp[d][t];
+                    a0[t] = dot2(a0[t], qd, v16p{} + kp[0][d]);
+                    a1[t] = dot2(a1[t], qd, v16p{} + kp[1][d]);
+                    a2[t] = dot2(a2[t], qd, v16p{} + kp[2][d]);
+                    a3[t] = dot2(a3[t], qd, v16p{} + kp[3][d]);
+                }
+#else
             float kf[4][D] __attribute__((aligned(64)));
             for (int u = 0; u < 4; u++) {
                 const uint16_t *kp = s.k + slots[j0 + u < nb ? j0 + u : j0] * s.slot_stride + head_off;
@@ -132,8 +203,6 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                     memcpy(&kf[u][c * LANES], &x, sizeof x);
                 }
             }
-            v16 a0[NT], a1[NT], a2[NT], a3[NT];
-            for (int t = 0; t < NT; t++) a0[t] = a1[t] = a2[t] = a3[t] = splat(0.0f);
             for (int d = 0; d < D; d++)
                 for (int t = 0; t < NT; t++) {
                     v16 qd = qt[d][t];
@@ -142,6 +211,7 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                     a2[t] += kf[2][d] * qd;
                     a3[t] += kf[3][d] * qd;
                 }
+#endif
             for (int t = 0; t < NT; t++) {
                 sc[j0][t] = a0[t];
                 if (j0 + 1 < nb) sc[j0 + 1][t] = a1[t];
@@ -149,6 +219,9 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                 if (j0 + 3 < nb) sc[j0 + 3][t] = a3[t];
             }
         }
+        if (masked)
+            for (int j = 0; j < nb; j++)
+                for (int t = 0; t < NT; t++) sc[j][t] = row_of[t] >= first + j ? sc[j][t] : splat(NEG);
         float alpha[NT * LANES] __attribute__((aligned(64)));
         float p[KB][NT * LANES] __attribute__((aligned(64)));
         for (int t = 0; t < NT; t++) {
@@ -159,6 +232,7 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
             v16 sum = splat(0.0f);
             for (int j = 0; j < nb; j++) {
                 v16 pj = vexp(sc[j][t] - mn);
+                if (masked) pj = row_of[t] >= first + j ? pj : splat(0.0f);
                 sum += pj;
                 memcpy(&p[j][t * LANES], &pj, sizeof pj);
             }
@@ -166,13 +240,47 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
             m[t] = mn;
             memcpy(&alpha[t * LANES], &al, sizeof al);
         }
+        // Lanes a few at a time: each value row loaded once feeds LB lanes' FMAs.
+        const int LB = ND <= 4 ? 4 : 2;
+#ifdef __AVX512BF16__
+        // Weighted values by bf16 dot products over pairs of keys: the weights round to bf16
+        // (as torch's fused op's do over a bf16 pool), the sums stay fp32.
+        const int np = (nb + 1) / 2;
+        v16p vp2[KB / 2][ND];
+        uint32_t pp[KB / 2][NT * LANES] __attribute__((aligned(64)));
+        for (int jp = 0; jp < np; jp++) {
+            const uint16_t *va = s.v + slots[2 * jp] * s.slot_stride + head_off;
+            const uint16_t *vb = 2 * jp + 1 < nb ? s.v + slots[2 * jp + 1] * s.slot_stride + head_off
+                                                 : nullptr;
+            for (int c = 0; c < ND; c++) vp2[jp][c] = value_pair(va + c * LANES, vb ? vb + c * LANES : nullptr);
+            for (int t = 0; t < NT; t++) {
+                v16 pa, pb = splat(0.0f);
+                memcpy(&pa, &p[2 * jp][t * LANES], sizeof pa);
+                if (2 * jp + 1 < nb) memcpy(&pb, &p[2 * jp + 1][t * LANES], sizeof pb);
+                v16p pair = to_bf16v(pa) | to_bf16v(pb) << 16;
+                memcpy(&pp[jp][t * LANES], &pair, sizeof pair);
+            }
+        }
+        for (int L0 = 0; L0 < it.lanes; L0 += LB) {
+            const int nl = it.lanes - L0 < LB ? it.lanes - L0 : LB;
+            v16 o[LB][ND];
+            for (int u = 0; u < LB; u++)
+                for (int c = 0; c < ND; c++)
+                    o[u][c] = u < nl ? acc[L0 + u][c] * alpha[L0 + u] : splat(0.0f);
+            for (int jp = 0; jp < np; jp++)
+                for (int c = 0; c < ND; c++) {
+                    v16p x = vp2[jp][c];
+                    for (int u = 0; u < LB; u++)
+                        o[u][c] = dot2(o[u][c], x, v16p{} + pp[jp][u < nl ? L0 + u : L0]);
+                }
+            for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
+        }
+#else
         v16 vf[KB][ND];
         for (int j = 0; j < nb; j++) {
             const uint16_t *vp = s.v + slots[j] * s.slot_stride + head_off;
             for (int c = 0; c < ND; c++) vf[j][c] = load_bf16(vp + c * LANES);
         }
-        // Lanes a few at a time: each value row loaded once feeds LB lanes' FMAs.
-        const int LB = ND <= 4 ? 4 : 2;
         for (int L0 = 0; L0 < it.lanes; L0 += LB) {
             const int nl = it.lanes - L0 < LB ? it.lanes - L0 : LB;
             v16 o[LB][ND];
@@ -186,6 +294,7 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                 }
             for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
         }
+#endif
     }
     float *dst = partials + it.partial;
     for (int L = 0; L < it.lanes; L++, dst += D + 2) {
@@ -237,6 +346,13 @@ static void run_item_few(const Shape &s, const Job &job, const Item &it, float *
             qv[L][c] *= s.scale;
         }
     }
+#ifdef __AVX512BF16__
+    v16p qp[FEW_LANES][ND / 2];  // bf16 pairs: element i of qp[L][c] is dimensions 32c + 2i, +1
+    for (int L = 0; L < it.lanes; L++)
+        for (int d = 0; d < D; d += 2)
+            qp[L][d / 32][(d % 32) / 2] = to_bf16(qv[L][d / LANES][d % LANES])
+                                           | to_bf16(qv[L][(d + 1) / LANES][(d + 1) % LANES]) << 16;
+#endif
     float m[FEW_LANES], l[FEW_LANES];
     v16 acc[FEW_LANES][ND];
     for (int L = 0; L < it.lanes; L++) {
@@ -249,6 +365,7 @@ static void run_item_few(const Shape &s, const Job &job, const Item &it, float *
     int64_t slot = r < job.n_ranges ? job.lo[r] + skip : 0;
     int64_t remaining = it.key1 - it.key0;
     const int64_t head_off = (int64_t)it.head * D;
+    int64_t kbase = it.key0;
     static const v16i IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
     while (remaining > 0) {
@@ -269,16 +386,30 @@ static void run_item_few(const Shape &s, const Job &job, const Item &it, float *
             }
             const uint16_t *kp = s.k + slots[j] * s.slot_stride + head_off;
             const uint16_t *vp = s.v + slots[j] * s.slot_stride + head_off;
+            for (int c = 0; c < ND; c++) vf[j][c] = load_bf16(vp + c * LANES);
+#ifdef __AVX512BF16__
+            v16p kr[ND / 2];
+            memcpy(kr, kp, sizeof kr);
+            for (int L = 0; L < it.lanes; L++) {
+                v16 a = dot2(splat(0.0f), kr[0], qp[L][0]);
+                for (int c = 1; c < ND / 2; c++) a = dot2(a, kr[c], qp[L][c]);
+                t[L][j] = a;
+            }
+#else
             v16 kr[ND];
-            for (int c = 0; c < ND; c++) kr[c] = load_bf16(kp + c * LANES), vf[j][c] = load_bf16(vp + c * LANES);
+            for (int c = 0; c < ND; c++) kr[c] = load_bf16(kp + c * LANES);
             for (int L = 0; L < it.lanes; L++) {
                 v16 a = kr[0] * qv[L][0];
                 for (int c = 1; c < ND; c++) a += kr[c] * qv[L][c];
                 t[L][j] = a;
             }
+#endif
         }
-        const v16i live = IOTA < nb;
+        const int first = (int)(kbase - job.diag0);
+        kbase += nb;
         for (int L = 0; L < it.lanes; L++) {
+            v16i live = IOTA < nb;
+            if (job.causal) live &= IOTA + first <= (it.lane0 + L) / s.G;
             v16 sc = reduce16(t[L]);
             sc = live ? sc : splat(NEG);
             float mn = hmax(sc);
@@ -319,17 +450,28 @@ static void run_item_nd(const Shape &s, const Job &job, const Item &it, float *p
 extern "C" {
 
 // The library's interface version: attention_cpu.py refuses a stale build.
-int alignserve_cpu_attention_version(void) { return 1; }
+int alignserve_cpu_attention_version(void) { return 2; }
+
+// Whether this build's scores use bf16 dot products (queries rounded to bf16), else fp32.
+int alignserve_cpu_attention_bf16_scores(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // q [rows, H, D] fp32 (row stride q_stride floats); k, v: one layer's pools [slots, KVH, D] bf16
 // (slot stride slot_stride elements). Jobs: job j reads rows job_rows[row_off[j]:row_off[j+1]]
-// and key ranges [rng_lo[i], rng_hi[i]) for i in rng_off[j]:rng_off[j+1]. out [n_rows, H, D]
+// and key ranges [rng_lo[i], rng_hi[i]) for i in rng_off[j]:rng_off[j+1], causally where
+// causal[j] (see Job). out [n_rows, H, D]
 // and lse [n_rows, H] (fp32, natural log) receive, per row, the attention over all its jobs'
 // keys: out 0 and lse -inf for a row with none. Returns 0, or -1 for an unsupported D.
 int alignserve_decode_attention(
     const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, int64_t slot_stride,
     int n_rows, int H, int KVH, int D, int n_jobs, const int32_t *row_off, const int32_t *job_rows,
-    const int32_t *rng_off, const int32_t *rng_lo, const int32_t *rng_hi, float scale,
+    const int32_t *rng_off, const int32_t *rng_lo, const int32_t *rng_hi, const int32_t *causal,
+    float scale,
     float *out, float *lse, int n_threads) {
     if (D != 64 && D != 128) return -1;
     const int G = H / KVH;
@@ -346,6 +488,8 @@ int alignserve_decode_attention(
         jb.n_ranges = rng_off[j + 1] - rng_off[j];
         jb.keys = 0;
         for (int i = 0; i < jb.n_ranges; i++) jb.keys += jb.hi[i] - jb.lo[i];
+        jb.causal = causal[j] != 0;
+        jb.diag0 = jb.keys - jb.n_rows;
         work += jb.keys * KVH * ((jb.n_rows * G + 63) / 64);
     }
     // Chunks of at least 128 keys, small enough for ~4 items per thread.

@@ -22,6 +22,9 @@ from alignserve.kernels.attention import merge_attention
 # The narrowest leaf table a graph-laid step uses: a best-of-N's candidates keep one layout for
 # their first 256 tokens, then for each doubling.
 MIN_GRAPH_LEAF_WIDTH = 256
+# Query lanes (rows x query heads per KV head) in one of the CPU kernel's work items
+# (cpu_attention.cpp's MAX_TILES x 16): an extend's rows are blocked to fill them.
+CPU_LANES_PER_JOB = 64
 _UNSET = object()
 
 
@@ -69,6 +72,40 @@ def step_jobs(chains: list[list[Segment]]) -> DecodeJobs:
     jobs = [(rows, seg.runs()) for seg, rows in groups.values()]
     jobs += [([row], _leaf_runs(chain[-1])) for row, chain in enumerate(chains) if len(chain[-1])]
     return DecodeJobs.build(len(chains), jobs)
+
+
+def _prefix_runs(runs: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    """The runs that hold the first `count` slots of `runs`."""
+    out = []
+    for a, b in runs:
+        if count <= 0:
+            break
+        out.append((a, min(b, a + count)))
+        count -= b - a
+    return out
+
+
+def extend_jobs(contexts: list[list[Segment]], counts: list[int], new_slots: list[int],
+                lanes_per_job: int, group: int) -> DecodeJobs:
+    """The CPU kernel's jobs for an extend (a prompt's chunk, new tokens after a context):
+    each sequence's rows in blocks that fill a work item's lanes (`lanes_per_job` over `group`
+    query heads per KV head), each block over the context and the new tokens up to its last,
+    causally."""
+    jobs, start = [], 0
+    rows_per_job = max(1, lanes_per_job // group)
+    for segs, n in zip(contexts, counts):
+        context = [r for seg in segs if len(seg) for r in seg.runs()]
+        new_runs: list[tuple[int, int]] = []
+        for s in new_slots[start : start + n]:
+            if new_runs and new_runs[-1][1] == s:
+                new_runs[-1] = (new_runs[-1][0], s + 1)
+            else:
+                new_runs.append((s, s + 1))
+        for b0 in range(0, n, rows_per_job):
+            b1 = min(n, b0 + rows_per_job)
+            jobs.append((list(range(start + b0, start + b1)), context + _prefix_runs(new_runs, b1)))
+        start += n
+    return DecodeJobs.build(start, jobs, [True] * len(jobs))
 
 
 def _window(chain: list[Segment]) -> tuple[int, int, list[tuple[int, int]]] | None:
@@ -227,11 +264,21 @@ class ExtendPlan:
         """`dtype`: what a sequence without earlier KV computes its causal attention in (None:
         the queries' dtype; the engine passes bf16 when the model's linears run in bf16)."""
         self.cache, self.scale, self.dtype = cache, scale, dtype
-        self.contexts, self.counts = contexts, counts
+        self.contexts, self.counts, self.new_slots = contexts, counts, new_slots
         self.write = torch.tensor(new_slots, dtype=torch.int64, device=cache.device)
+        self._cpu_jobs: DecodeJobs | None | object = _UNSET
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
+        if self._cpu_jobs is _UNSET:
+            serves = dispatch.cpu_step_attention_available(q, c.k)
+            self._cpu_jobs = extend_jobs(self.contexts, self.counts, self.new_slots,
+                                         CPU_LANES_PER_JOB, q.shape[1] // c.k.shape[2]) if serves else None
+        if self._cpu_jobs is not None:  # the new tokens' KV first: the kernel reads the pool
+            c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
+            c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
+            return dispatch.cpu_step_attention(q, c.k[layer], c.v[layer], self._cpu_jobs,
+                                               self.scale)[0]
         outs = []
         start = 0
         for segs, n in zip(self.contexts, self.counts):
