@@ -15,7 +15,7 @@ import torch
 
 from alignserve.engine.native.attention import DecodePlan
 from alignserve.engine.native.kv_cache import KVCache
-from alignserve.kernels import attention_cpu
+from alignserve.kernels import attention_cpu, cpu_build
 from alignserve.kernels.attention import attention_lse_reference
 from tests.tolerance import attention_tol
 
@@ -23,12 +23,12 @@ def _query_dtype() -> torch.dtype:
     return torch.bfloat16 if attention_cpu.bf16_scores() else torch.float32
 
 
-needs_kernel = pytest.mark.skipif(attention_cpu.compiler() is None,
+needs_kernel = pytest.mark.skipif(cpu_build.compiler() is None,
                                   reason="no C++ compiler on PATH (the kernel's fallback is tested)")
 
 
 def test_the_kernel_builds_where_a_compiler_is():
-    if attention_cpu.compiler() is None:
+    if cpu_build.compiler() is None:
         pytest.skip("no C++ compiler on PATH")
     assert attention_cpu.library() is not None
 
@@ -36,8 +36,26 @@ def test_the_kernel_builds_where_a_compiler_is():
 def test_a_failing_build_raises_with_the_compilers_words(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match="failed"):
-        attention_cpu.build("false")  # exits 1 for any arguments
+        cpu_build.build(attention_cpu.SOURCE, "false")  # exits 1 for any arguments
     assert not list(tmp_path.rglob("*.so"))  # no half-built library left to load
+
+
+def test_load_is_none_without_a_compiler_or_with_a_stale_build(tmp_path, monkeypatch, caplog):
+    source = tmp_path / "cpu_attention_copy.cpp"  # a path of its own: `load` caches per source
+    source.write_text(attention_cpu.SOURCE.read_text())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpu_build.load(source, "alignserve_cpu_attention_version", attention_cpu.VERSION) is None
+    assert "no C++ compiler" in caplog.text
+    monkeypatch.undo()
+    if cpu_build.compiler() is None:
+        return
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    other = tmp_path / "cpu_attention_other.cpp"
+    other.write_text(attention_cpu.SOURCE.read_text())
+    assert cpu_build.load(other, "alignserve_cpu_attention_version", attention_cpu.VERSION + 1) is None
+    assert "another version" in caplog.text
 
 
 def _reference(q, k_pool, v_pool, jobs, scale):

@@ -22,7 +22,7 @@ from alignserve.decoding.vas import VasParams, candidates, combine_values, resol
 from alignserve.decoding.vas import steering as vas_steering
 from alignserve.engine.protocol import SamplingParams
 from alignserve.engine.steering import ContrastiveSteer, EarlyLayers, Steering
-from alignserve.kernels import dispatch
+from alignserve.kernels import dispatch, sampling_cpu
 from alignserve.rewardmodels.compose import RewardRegistry
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -62,7 +62,9 @@ def test_strategies_steering_reaches_one_fused_sampling_call_per_step(live_serve
     events, calls, last = _run(engine, go())
     (final,) = [e for e in events if type(e).__name__ == "ChoiceFinal"]
     assert len(final.token_ids) == 4 and calls == 4  # one fused call per sampled token
-    assert last.path == ("triton" if engine.device.type == "cuda" else "reference")
+    # greedy, no top-k / top-p / min-p: on a CPU the C++ sampler where it was built
+    cpu_path = "cpu" if sampling_cpu.available(torch.zeros(1, 1)) else "reference"
+    assert last.path == ("triton" if engine.device.type == "cuda" else cpu_path)
     assert (last.penalties, last.bias, last.allowed) == (True, True, True)
     assert getattr(last, steered) and last.rows == 1
     assert not set(final.token_ids) & set(engine.eos_token_ids)

@@ -17,6 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from alignserve.rewardmodels.partial import json_prefix_ok
+
 PERSON = {
     "type": "object",
     "properties": {
@@ -92,8 +94,14 @@ def test_json_object_streamed_validates(client, model_name, strategy):
                 reasons[c.index] = c.finish_reason
     assert sorted(texts) == [0, 1]
     for i, text in texts.items():
-        assert reasons[i] == "stop"
-        assert isinstance(_valid(text, {"type": "object"}), dict)
+        # At temperature 1 the small model may write an object longer than MAX tokens (which
+        # one does depends on the seed and on the arithmetic): cut by the limit, the text is
+        # still a prefix the grammar allowed; finished, it is a whole object.
+        assert reasons[i] in ("stop", "length")
+        if reasons[i] == "length":
+            assert text.lstrip().startswith("{") and json_prefix_ok(text), text
+        else:
+            assert isinstance(_valid(text, {"type": "object"}), dict)
 
 
 def test_parse_with_a_pydantic_model(client, model_name):

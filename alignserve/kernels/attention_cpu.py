@@ -7,12 +7,9 @@ for the leaves and the merge. The kernel takes every job of the step at once (ea
 segment with its group's rows, each row's leaf), splits them over the threads by KV head, lanes
 and key chunks, and merges by log-sum-exp inside; see the .cpp file's header.
 
-It is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) for this
-machine (-march=native) into the user's cache (`$XDG_CACHE_HOME/alignserve`, keyed by source,
-compiler and CPU), and loaded with ctypes: no torch headers, a build takes ~2 s. It links
-OpenMP by soname, so it shares the thread pool torch already loaded. Where no compiler is found
-or the build fails, `available()` is False (logged once) and callers keep torch's ops;
-`ALIGNSERVE_CPU_ATTENTION=off` turns it off (benchmarks compare both ways).
+It is built at first use with the system's C++ compiler (`cpu_build.py`); where it cannot be,
+`available()` is False and callers keep torch's ops. `ALIGNSERVE_CPU_ATTENTION=off` turns it
+off (benchmarks compare both ways).
 
 Inputs: fp32 queries, bf16 pools [slots, KVH, D] with D 64 or 128; outputs fp32.
 """
@@ -20,24 +17,17 @@ Inputs: fp32 queries, bf16 pools [slots, KVH, D] with D 64 or 128; outputs fp32.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from array import array
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import cpu_build
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 VERSION = 2  # alignserve_cpu_attention_version() of the source this module speaks to
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 HEAD_DIMS = (64, 128)
 
 
@@ -46,74 +36,15 @@ def enabled() -> bool:
     return os.environ.get("ALIGNSERVE_CPU_ATTENTION", "on").strip().lower() not in ("off", "0", "false")
 
 
-def compiler() -> str | None:
-    """The C++ compiler to build with: $CXX, else g++, else c++ (None: none on PATH)."""
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_key() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return "\n".join(keep)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "alignserve" / "kernels"
-
-
-def build(cxx: str) -> Path:
-    """Compile the kernel (or find it already compiled) and return the library's path."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()))
-                         .encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: processes building at once never load a half file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first call; None (logged once) where it cannot be."""
-    cxx = compiler()
-    if cxx is None:
-        log.warning("no C++ compiler (CXX, g++, c++) on PATH: CPU decode attention uses "
-                    "torch's ops")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(cxx)))
-        if lib.alignserve_cpu_attention_version() != VERSION:
-            raise RuntimeError("the built library is of another version")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("the CPU attention kernel could not be built (%s): CPU decode attention "
-                    "uses torch's ops", exc)
-        return None
-    fn = lib.alignserve_decode_attention
-    fn.restype = ctypes.c_int
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, p,
-                   ctypes.c_float, p, p, i32]
+    """The loaded kernel, built on first call; None where it cannot be (logged once)."""
+    lib = cpu_build.load(SOURCE, "alignserve_cpu_attention_version", VERSION)
+    if lib is not None and lib.alignserve_decode_attention.argtypes is None:
+        fn = lib.alignserve_decode_attention
+        fn.restype = ctypes.c_int
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, p,
+                       ctypes.c_float, p, p, i32]
     return lib
 
 

@@ -42,13 +42,16 @@ import torch
 from . import attention as _attn
 from . import attention_cpu as _cpu_attn
 from . import attention_fused as _fused_attn
+from . import sampling_cpu as _cpu_sampling
 from .logits_ops import (
     Contrastive,
     LogitBias,
     Penalties,
     ValueGuidance,
+    process_logits_reference,
     sample_processed_reference,
 )
+from .sampling import filter_logits_reference
 
 __all__ = [
     "FORCE", "LAST_SAMPLE", "SAMPLE_CALLS", "Contrastive", "LeafGather", "LogitBias",
@@ -296,7 +299,7 @@ def _unsupported_by_triton(contrastive: Contrastive | None, vas: ValueGuidance |
 class SampleCall:
     """What one `sample` call was given (what the tests read to see production steering)."""
 
-    path: str  # "triton" | "reference"
+    path: str  # "triton" | "cpu" (the C++ kernel, sampling_cpu.py) | "reference"
     rows: int
     penalties: bool
     bias: bool
@@ -333,7 +336,8 @@ def sample(
     scratch: the Triton path writes the penalties, the bias (and VAS values of rows that keep
     the non-candidates) into it. Both paths are reproducible for given seeds and sample the
     same distribution; their noise differs (torch.Generator per row vs a counter-based hash in
-    the kernel)."""
+    the kernel; on a CPU the C++ kernel of `sampling_cpu.py` draws with the Triton kernel's
+    noise, after the reference's top-k / top-p / min-p filter where a row has one)."""
     if uses_triton(logits, force) and not _unsupported_by_triton(contrastive, vas):
         from .sampling_triton import sample_triton
 
@@ -341,6 +345,17 @@ def sample(
         return sample_triton(logits, temperature, top_k, top_p, min_p,
                              _seed_tensor(seeds, logits.device), penalties=penalties,
                              contrastive=contrastive, vas=vas, bias=bias, allowed=allowed)
+    if (force or FORCE) is None and _cpu_sampling.available(logits):
+        _record("cpu", logits.shape[0], penalties, bias, contrastive, vas, allowed)
+        scores = process_logits_reference(logits, penalties, contrastive, vas, bias, allowed)
+        filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+        if bool(filtered.any()):
+            # the reference's kept sets (scores / T, -inf outside), then the kernel's draw at T 1
+            kept = filter_logits_reference(scores, temperature, top_k, top_p, min_p)
+            scores = torch.where(filtered.unsqueeze(1), kept, scores)
+            temperature = torch.where(filtered & (temperature > 1e-5),
+                                      torch.ones_like(temperature), temperature)
+        return _cpu_sampling.sample(scores, temperature, _seed_list(seeds))
     _record("reference", logits.shape[0], penalties, bias, contrastive, vas, allowed)
     return sample_processed_reference(logits, temperature, top_k, top_p, min_p,
                                       _seed_list(seeds), penalties=penalties,
