@@ -19,6 +19,7 @@ from alignserve.kernels import attention_cpu, cpu_build
 from alignserve.kernels.attention import attention_lse_reference
 from tests.tolerance import attention_tol
 
+
 def _query_dtype() -> torch.dtype:
     return torch.bfloat16 if attention_cpu.bf16_scores() else torch.float32
 

@@ -17,7 +17,6 @@ Inputs: fp32 queries, bf16 pools [slots, KVH, D] with D 64 or 128; outputs fp32.
 from __future__ import annotations
 
 import ctypes
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,6 @@ from . import cpu_build
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 VERSION = 2  # alignserve_cpu_attention_version() of the source this module speaks to
 HEAD_DIMS = (64, 128)
-
-
-def enabled() -> bool:
-    """Off when ALIGNSERVE_CPU_ATTENTION is off / 0 / false (read at each call: benches flip it)."""
-    return os.environ.get("ALIGNSERVE_CPU_ATTENTION", "on").strip().lower() not in ("off", "0", "false")
 
 
 def library() -> ctypes.CDLL | None:
@@ -57,7 +51,8 @@ def bf16_scores() -> bool:
 
 def available(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
     """Whether the kernel serves fp32 queries q [B, H, D] over the pool k_pool."""
-    return (enabled() and q.device.type == "cpu" and k_pool.device.type == "cpu"
+    return (cpu_build.enabled("ALIGNSERVE_CPU_ATTENTION")
+            and q.device.type == "cpu" and k_pool.device.type == "cpu"
             and q.dtype == torch.float32 and k_pool.dtype == torch.bfloat16
             and q.shape[-1] in HEAD_DIMS and library() is not None)
 

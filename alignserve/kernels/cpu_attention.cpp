@@ -124,6 +124,44 @@ struct Shape {
     float scale;
 };
 
+// Walks a job's keys [key0, key1) (in range order) a block of up to KB slots at a time.
+struct KeyCursor {
+    const Job &job;
+    int r = 0;
+    int64_t slot = 0, remaining;
+    KeyCursor(const Job &j, int64_t key0, int64_t key1) : job(j), remaining(key1 - key0) {
+        int64_t skip = key0;
+        while (r < job.n_ranges && skip >= job.hi[r] - job.lo[r]) skip -= job.hi[r] - job.lo[r], r++;
+        slot = r < job.n_ranges ? job.lo[r] + skip : 0;
+    }
+    int next(int64_t *slots) {  // the block's slots; returns how many (0: done)
+        int nb = 0;
+        while (nb < KB && remaining > 0) {
+            while (slot >= job.hi[r]) slot = job.lo[++r];
+            slots[nb++] = slot++;
+            remaining--;
+        }
+        return nb;
+    }
+};
+
+// The weighted values of a block into the lanes' outputs, LB lanes at a time so that each value
+// vector loaded feeds LB lanes: acc[L] = acc[L] * alpha[L] + sum over steps j of add(., j, c, L).
+template <int ND, int LB, class Add>
+static inline void accumulate(v16 (*acc)[ND], const float *alpha, int lanes, int steps, Add add) {
+    for (int L0 = 0; L0 < lanes; L0 += LB) {
+        const int nl = lanes - L0 < LB ? lanes - L0 : LB;
+        v16 o[LB][ND];
+        for (int u = 0; u < LB; u++)
+            for (int c = 0; c < ND; c++)
+                o[u][c] = u < nl ? acc[L0 + u][c] * alpha[L0 + u] : splat(0.0f);
+        for (int j = 0; j < steps; j++)
+            for (int c = 0; c < ND; c++)
+                for (int u = 0; u < LB; u++) o[u][c] = add(o[u][c], j, c, u < nl ? L0 + u : L0);
+        for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
+    }
+}
+
 // One work item: lanes [lane0, lane0 + lanes) of a job's KV head `head` over keys [key0, key1).
 // Partials per lane: [m, l, acc[D]].
 template <int ND, int NT>
@@ -149,12 +187,7 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
     static thread_local v16 acc[MAX_TILES * LANES][ND];  // unnormalised outputs per lane
     memset(acc, 0, sizeof(v16) * ND * it.lanes);
 
-    // Walk the ranges to the chunk's first key.
-    int r = 0;
-    int64_t skip = it.key0;
-    while (r < job.n_ranges && skip >= job.hi[r] - job.lo[r]) skip -= job.hi[r] - job.lo[r], r++;
-    int64_t slot = r < job.n_ranges ? job.lo[r] + skip : 0;
-    int64_t remaining = it.key1 - it.key0;
+    KeyCursor keys(job, it.key0, it.key1);
     const int64_t head_off = (int64_t)it.head * D;
     v16i row_of[NT];  // each lane's row within the job (causal masks)
     for (int t = 0; t < NT; t++)
@@ -164,14 +197,8 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
         }
     int64_t kbase = it.key0;  // the job's index of the block's first key
 
-    while (remaining > 0) {
-        int64_t slots[KB];
-        int nb = 0;
-        while (nb < KB && remaining > 0) {
-            while (slot >= job.hi[r]) slot = job.lo[++r];
-            slots[nb++] = slot++;
-            remaining--;
-        }
+    int64_t slots[KB];
+    for (int nb; (nb = keys.next(slots)) > 0;) {
         const bool masked = job.causal && kbase + nb - 1 > job.diag0 + it.lane0 / s.G;
         const int first = (int)(kbase - job.diag0);  // row that first sees the block's key 0
         kbase += nb;
@@ -261,39 +288,18 @@ static void run_item(const Shape &s, const Job &job, const Item &it, float *part
                 memcpy(&pp[jp][t * LANES], &pair, sizeof pair);
             }
         }
-        for (int L0 = 0; L0 < it.lanes; L0 += LB) {
-            const int nl = it.lanes - L0 < LB ? it.lanes - L0 : LB;
-            v16 o[LB][ND];
-            for (int u = 0; u < LB; u++)
-                for (int c = 0; c < ND; c++)
-                    o[u][c] = u < nl ? acc[L0 + u][c] * alpha[L0 + u] : splat(0.0f);
-            for (int jp = 0; jp < np; jp++)
-                for (int c = 0; c < ND; c++) {
-                    v16p x = vp2[jp][c];
-                    for (int u = 0; u < LB; u++)
-                        o[u][c] = dot2(o[u][c], x, v16p{} + pp[jp][u < nl ? L0 + u : L0]);
-                }
-            for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
-        }
+        accumulate<ND, LB>(acc, alpha, it.lanes, np, [&](v16 o, int jp, int c, int L) {
+            return dot2(o, vp2[jp][c], v16p{} + pp[jp][L]);
+        });
 #else
         v16 vf[KB][ND];
         for (int j = 0; j < nb; j++) {
             const uint16_t *vp = s.v + slots[j] * s.slot_stride + head_off;
             for (int c = 0; c < ND; c++) vf[j][c] = load_bf16(vp + c * LANES);
         }
-        for (int L0 = 0; L0 < it.lanes; L0 += LB) {
-            const int nl = it.lanes - L0 < LB ? it.lanes - L0 : LB;
-            v16 o[LB][ND];
-            for (int u = 0; u < LB; u++)
-                for (int c = 0; c < ND; c++)
-                    o[u][c] = u < nl ? acc[L0 + u][c] * alpha[L0 + u] : splat(0.0f);
-            for (int j = 0; j < nb; j++)
-                for (int c = 0; c < ND; c++) {
-                    v16 x = vf[j][c];
-                    for (int u = 0; u < LB; u++) o[u][c] += p[j][u < nl ? L0 + u : L0] * x;
-                }
-            for (int u = 0; u < nl; u++) memcpy(acc[L0 + u], o[u], sizeof o[u]);
-        }
+        accumulate<ND, LB>(acc, alpha, it.lanes, nb, [&](v16 o, int j, int c, int L) {
+            return o + p[j][L] * vf[j][c];
+        });
 #endif
     }
     float *dst = partials + it.partial;
@@ -359,23 +365,13 @@ static void run_item_few(const Shape &s, const Job &job, const Item &it, float *
         m[L] = NEG, l[L] = 0.0f;
         for (int c = 0; c < ND; c++) acc[L][c] = splat(0.0f);
     }
-    int r = 0;
-    int64_t skip = it.key0;
-    while (r < job.n_ranges && skip >= job.hi[r] - job.lo[r]) skip -= job.hi[r] - job.lo[r], r++;
-    int64_t slot = r < job.n_ranges ? job.lo[r] + skip : 0;
-    int64_t remaining = it.key1 - it.key0;
+    KeyCursor keys(job, it.key0, it.key1);
     const int64_t head_off = (int64_t)it.head * D;
     int64_t kbase = it.key0;
     static const v16i IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-    while (remaining > 0) {
-        int64_t slots[KB];
-        int nb = 0;
-        while (nb < KB && remaining > 0) {
-            while (slot >= job.hi[r]) slot = job.lo[++r];
-            slots[nb++] = slot++;
-            remaining--;
-        }
+    int64_t slots[KB];
+    for (int nb; (nb = keys.next(slots)) > 0;) {
         v16 t[FEW_LANES][KB];
         v16 vf[KB][ND];
         for (int j = 0; j < KB; j++) {

@@ -26,6 +26,12 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 _loaded: dict[Path, ctypes.CDLL | None] = {}
 
 
+def enabled(variable: str) -> bool:
+    """Whether the environment leaves a kernel on: off where `variable` is off / 0 / false
+    (read at each call, so that benchmarks can compare both ways in one process)."""
+    return os.environ.get(variable, "on").strip().lower() not in ("off", "0", "false")
+
+
 def compiler() -> str | None:
     """The C++ compiler to build with: $CXX, else g++, else c++ (None: none on PATH)."""
     for name in (os.environ.get("CXX"), "g++", "c++"):
@@ -44,13 +50,21 @@ def _cpu_key() -> str:
 
 
 def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/alignserve/kernels (else ~/.cache/...), or a folder of this user's under
+    the temporary directory where that cannot be created (a read-only home)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "alignserve" / "kernels"
+    folder = Path(base) / "alignserve" / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"alignserve-kernels-{os.getuid()}"
 
 
 def build(source: Path, cxx: str) -> Path:
     """Compile `source` (or find it already compiled) and return the library's path."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
     key = hashlib.sha256("\0".join((source.read_text(), version, " ".join(FLAGS), _cpu_key()))
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
@@ -62,7 +76,7 @@ def build(source: Path, cxx: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)

@@ -54,13 +54,31 @@ from .logits_ops import (
 from .sampling import filter_logits_reference
 
 __all__ = [
-    "FORCE", "LAST_SAMPLE", "SAMPLE_CALLS", "Contrastive", "LeafGather", "LogitBias",
-    "Penalties", "SampleCall", "ValueGuidance", "attention",
-    "attention_dtype", "causal_attention", "cpu_step_attention",
-    "cpu_step_attention_available", "leaf_attention",
-    "leaf_gather", "merge",
-    "merge_attention", "merge_attention_into",
-    "sample", "segment_attention", "triton_available", "uses_triton", "window_attention",
+    "FORCE",
+    "LAST_SAMPLE",
+    "SAMPLE_CALLS",
+    "Contrastive",
+    "LeafGather",
+    "LogitBias",
+    "Penalties",
+    "SampleCall",
+    "ValueGuidance",
+    "attention",
+    "attention_dtype",
+    "causal_attention",
+    "cpu_step_attention",
+    "cpu_step_attention_available",
+    "leaf_attention",
+    "leaf_gather",
+    "merge",
+    "merge_attention",
+    "merge_attention_into",
+    "prepare_cpu_kernels",
+    "sample",
+    "segment_attention",
+    "triton_available",
+    "uses_triton",
+    "window_attention",
 ]
 
 _MODES = ("triton", "reference", "auto")
@@ -220,6 +238,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if not q.is_cuda and _fused(q, force):
         return _fused_attn.window_attention(q, k, v, mask, scale)
     return _attn.window_attention_reference(q, k, v, mask, scale)
+
+
+def prepare_cpu_kernels() -> None:
+    """Build (or find in the cache) the C++ CPU kernels now: an engine's load calls it, so that
+    the first request does not pay their compile (~2 s each)."""
+    _cpu_attn.library()
+    _cpu_sampling.library()
 
 
 def cpu_step_attention_available(q: torch.Tensor, k_pool: torch.Tensor, *,

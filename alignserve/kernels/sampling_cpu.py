@@ -14,7 +14,6 @@ Built at first use with the system's C++ compiler (`cpu_build.py`); where it can
 from __future__ import annotations
 
 import ctypes
-import os
 from array import array
 from pathlib import Path
 
@@ -24,10 +23,6 @@ from . import cpu_build
 
 SOURCE = Path(__file__).with_name("cpu_sampling.cpp")
 VERSION = 1
-
-
-def enabled() -> bool:
-    return os.environ.get("ALIGNSERVE_CPU_SAMPLING", "on").strip().lower() not in ("off", "0", "false")
 
 
 def library() -> ctypes.CDLL | None:
@@ -43,7 +38,8 @@ def library() -> ctypes.CDLL | None:
 
 def available(scores: torch.Tensor) -> bool:
     """Whether the kernel serves scores like these (CPU, 2-D)."""
-    return (enabled() and scores.device.type == "cpu" and scores.dim() == 2
+    return (cpu_build.enabled("ALIGNSERVE_CPU_SAMPLING")
+            and scores.device.type == "cpu" and scores.dim() == 2
             and library() is not None)
 
 

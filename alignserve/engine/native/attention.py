@@ -16,8 +16,8 @@ import torch
 
 from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment
 from alignserve.kernels import dispatch
-from alignserve.kernels.attention_cpu import DecodeJobs
 from alignserve.kernels.attention import merge_attention
+from alignserve.kernels.attention_cpu import DecodeJobs
 
 # The narrowest leaf table a graph-laid step uses: a best-of-N's candidates keep one layout for
 # their first 256 tokens, then for each doubling.

@@ -46,6 +46,7 @@ from alignserve.engine.protocol import (
 )
 from alignserve.engine.steering import AmateurPrompt, ServedAmateur, Steering
 from alignserve.engine.text import DeferredText, IncrementalText, TextCodec
+from alignserve.kernels import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ class NativeEngine(TextCodec):
         m, tok, name = load_model(model, dev, dtype, random_weights=random_weights)
         if dev.type == "cpu" and cpu_bf16_decode is not False:
             use_bf16_for_few_rows(m)
+        if dev.type == "cpu":
+            dispatch.prepare_cpu_kernels()  # compiled now, not on the first request
         return cls(m, tok, name, dev, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
 
