@@ -8,6 +8,10 @@ also counts time the process waited for a core, CPU time does not (with one thre
 work done; with more it includes spinning in parallel regions).
 
     .venv/bin/python bench/native_cpu_profile.py [--steps 4] [--variants fp32,bf16]
+
+The C++ attention kernel (kernels/cpu_attention.cpp, a bf16 pool only: the `bf16` variant) is
+not a torch op: its calls are labelled `alignserve::cpu_step_attention` for the profiler.
+ALIGNSERVE_CPU_ATTENTION=off profiles torch's ops in its place.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ from alignserve.engine.native import cpu_linear  # noqa: E402
 from alignserve.engine.native.attention import DecodePlan, ExtendPlan  # noqa: E402
 from alignserve.engine.native.engine import NativeEngine  # noqa: E402
 from alignserve.engine.native.kv_cache import Segment  # noqa: E402
+from alignserve.kernels import dispatch  # noqa: E402
+
+_kernel_call = dispatch.cpu_step_attention
+
+
+def _labelled_kernel_call(*args, **kwargs):
+    with torch.profiler.record_function("alignserve::cpu_step_attention"):
+        return _kernel_call(*args, **kwargs)
+
+
+dispatch.cpu_step_attention = _labelled_kernel_call  # the plans call it through the module
 
 
 def timed(fn) -> tuple[float, float]:
