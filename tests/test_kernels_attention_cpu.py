@@ -121,6 +121,41 @@ def test_kernel_matches_the_reference(heads, kv_heads, dim, layout):
 
 
 @needs_kernel
+def test_the_build_without_bf16_dot_products_matches_in_fp32(tmp_path, monkeypatch):
+    """The fp32 path that CPUs without AVX512-BF16 build, built here with it switched off:
+    fp32 reordering's tolerance, every layout, and a prompt's causal jobs."""
+    if not attention_cpu.bf16_scores():
+        pytest.skip("this CPU's own build is the fp32 one (the tests above cover it)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_build, "FLAGS", (*cpu_build.FLAGS, "-mno-avx512bf16"))
+    source = tmp_path / "cpu_attention_fp32.cpp"
+    source.write_text(attention_cpu.SOURCE.read_text())
+    lib = cpu_build.load(source, "alignserve_cpu_attention_version", attention_cpu.VERSION)
+    assert lib is not None and lib.alignserve_cpu_attention_bf16_scores() == 0
+    monkeypatch.setattr(attention_cpu, "library", lambda: attention_cpu.declare(lib))
+    gen = torch.Generator().manual_seed(5)
+    k_pool = torch.randn(8192, 3, 64, generator=gen).bfloat16()
+    v_pool = torch.randn(8192, 3, 64, generator=gen).bfloat16()
+    cases = [_case(name, gen) for name in ("one_row_window", "group_and_leaves", "tree",
+                                           "many_lanes", "scattered")]
+    cases.append((50, [(list(range(b, min(50, b + 21))), [(100, 100 + min(50, b + 21))])
+                       for b in range(0, 50, 21)]))  # a 50-token prompt in causal blocks
+    for i, (rows, jobs) in enumerate(cases):
+        causal = [True] * len(jobs) if i == len(cases) - 1 else None
+        q = torch.randn(rows, 9, 64, generator=gen)
+        out, lse = attention_cpu.decode_attention(
+            q, k_pool, v_pool, attention_cpu.DecodeJobs.build(rows, jobs, causal), 0.125)
+        if causal:
+            ref_out, ref_lse = attention_lse_reference(q, k_pool[100:150].float(),
+                                                       v_pool[100:150].float(), 0.125, 0)
+        else:
+            ref_out, ref_lse = _reference(q, k_pool, v_pool, jobs, 0.125)
+        tol = attention_tol(64, 1447 + 128)
+        torch.testing.assert_close(out, ref_out, **tol)
+        torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+@needs_kernel
 def test_threads_do_not_change_the_result():
     """Work is split by threads (key chunks), merged in a fixed order per thread count: every
     count is within reordering of the reference, and a given count is deterministic."""

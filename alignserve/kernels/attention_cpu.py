@@ -30,16 +30,21 @@ VERSION = 2  # alignserve_cpu_attention_version() of the source this module spea
 HEAD_DIMS = (64, 128)
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first call; None where it cannot be (logged once)."""
-    lib = cpu_build.load(SOURCE, "alignserve_cpu_attention_version", VERSION)
-    if lib is not None and lib.alignserve_decode_attention.argtypes is None:
-        fn = lib.alignserve_decode_attention
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give a build of cpu_attention.cpp its functions' C signatures."""
+    fn = lib.alignserve_decode_attention
+    if fn.argtypes is None:
         fn.restype = ctypes.c_int
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         fn.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, p, p, p, p, p, p,
                        ctypes.c_float, p, p, i32]
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first call; None where it cannot be (logged once)."""
+    lib = cpu_build.load(SOURCE, "alignserve_cpu_attention_version", VERSION)
+    return None if lib is None else declare(lib)
 
 
 def bf16_scores() -> bool:
