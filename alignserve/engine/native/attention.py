@@ -5,6 +5,10 @@ sequences that share them (all the group's queries in one matrix product per KV 
 sequence's leaf on its own, and the parts are merged exactly by log-sum-exp (Hydragen).
 `ExtendPlan`: several new tokens for each of a few sequences (prompt prefill, multi-token
 extends): the queries attend to the chain so far, then causally to themselves.
+
+On a CPU with a bf16 pool both plans hand the C++ kernel (`kernels/attention_cpu.py`) the
+step's jobs once (`step_jobs`, `extend_jobs`: the same decomposition, as slot ranges) and make
+one call per layer, which also merges; torch's ops and the Triton kernels serve elsewhere.
 """
 
 from __future__ import annotations
