@@ -1,7 +1,9 @@
-// Decode attention over a bf16 KV pool on the CPU: every query of one decode step in one call.
+// Attention over a bf16 KV pool on the CPU: every query of one decode step, or of one prompt's
+// prefill (causal jobs), in one call per layer.
 //
 // A step's attention is a set of jobs: each job is some query rows and the key slots they all
-// read (a shared prompt segment and the rows of its group, or one row's own leaf). Each job is
+// read (a shared prompt segment and the rows of its group, one row's own leaf, or a block of a
+// prompt's rows over the prompt up to them, causally). Each job is
 // split into work items (KV head x up to 64 query lanes x a chunk of its keys) that run in
 // parallel and leave a partial softmax (max, sum, unnormalised output) per lane; a second pass
 // merges, for every row and head, the partials of all the jobs that hold the row (Hydragen's
@@ -9,9 +11,11 @@
 //
 // Inside an item the lanes are the G query heads of the KV head for each of the job's rows,
 // 16 to a vector: a key's scores for all lanes are one broadcast-FMA chain over the head
-// dimension, with no horizontal sums, and the softmax runs on vectors of lanes per 16 keys.
-// Written with GCC vector extensions and compiled at first use with -march=native for the
-// machine it runs on (attention_cpu.py); everything accumulates in fp32.
+// dimension, with no horizontal sums, and the softmax runs on vectors of lanes per 16 keys
+// (items of few lanes take keys as rows instead: run_item_few). Written with GCC vector
+// extensions, compiled at first use with -march=native for the machine it runs on
+// (cpu_build.py); sums accumulate in fp32, and with AVX512-BF16 the products take bf16 queries
+// and weights (dot2 below).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +64,7 @@ static inline v16 vexp(v16 x) {
     return p * (v16)e;
 }
 
+#ifdef __AVX512BF16__
 // bf16 of x, rounded to nearest even (what the pool holds, and what bf16 dot products take).
 static inline uint32_t to_bf16(float x) {
     uint32_t u;
@@ -67,7 +72,6 @@ static inline uint32_t to_bf16(float x) {
     return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
 }
 
-#ifdef __AVX512BF16__
 // Where the CPU has bf16 dot products (AVX512-BF16), the scores multiply bf16 queries by the
 // pool's bf16 keys as they lie, two dimensions per instruction, accumulating in fp32: half the
 // instructions of converting the keys and using fp32 FMAs. The queries round to bf16, as in
