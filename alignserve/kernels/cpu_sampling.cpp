@@ -3,8 +3,9 @@
 // token = argmax_i x_i / T + g_i, with g_i the noise of the Triton kernel
 // (sampling_triton._gumbel): u_i from SplitMix64 at counter i of the row's mixed seed, E = -log u
 // (its series near u = 1), g = -log E. A row's draws depend on its seed alone, and are those of
-// the GPU kernel up to the last bit of a logarithm. Only rows without top-k, top-p or min-p come
-// here (dispatch.sample); a temperature <= 1e-5 is greedy (the argmax of x).
+// the GPU kernel up to the last bit of a logarithm. A row with top-k, top-p or min-p comes here
+// already filtered (dispatch.sample: -inf outside its kept set); a temperature <= 1e-5 is
+// greedy (the argmax of x).
 // GCC vector extensions, built with -march=native at first use (cpu_build.py).
 #include <math.h>
 #include <stdint.h>

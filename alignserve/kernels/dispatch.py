@@ -17,8 +17,9 @@ flash attention serves where it can, `attention_fused.py`, and the plain referen
     window_attention(q [1,H,D], k, v [W,KVH,D], mask [W], scale) -> out [1,H,D]
     merge_attention_into(out, lse, rows, part_out, part_lse) -> None (in place on out[rows])
     cpu_step_attention(q [B,H,D], k_pool, v_pool, jobs, scale) -> (out [B,H,D], lse [B,H])
-        a whole CPU decode step's attention (shared segments, leaves, merges) in one call of
-        the C++ kernel (`attention_cpu.py`), where `cpu_step_attention_available`
+        a whole CPU decode step's or extend's attention (shared segments, leaves, causal
+        blocks, merges) in one call of the C++ kernel (`attention_cpu.py`), where
+        `cpu_step_attention_available`
 with k_pool / v_pool [num_slots, KVH, D]; outputs fp32, lse natural-log, -inf for an empty part.
 
 Sampling (see `logits_ops.py` for the order of operations):
@@ -251,13 +252,14 @@ def cpu_step_attention_available(q: torch.Tensor, k_pool: torch.Tensor, *,
                                  force: str | None = None) -> bool:
     """Whether `cpu_step_attention` serves queries like q over this pool: CPU tensors, fp32
     queries, a bf16 pool, the kernel built here, and neither path forced."""
-    return (force or FORCE) is None and not uses_triton(q) and _cpu_attn.available(q, k_pool)
+    return (force or FORCE) is None and _cpu_attn.available(q, k_pool)
 
 
 def cpu_step_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                        jobs: _cpu_attn.DecodeJobs, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's attention on the CPU: row b of q [B, H, D] over the keys of every job
-    that holds it, merged exactly; (out fp32 [B, H, D], lse fp32 [B, H])."""
+    """A decode step's or an extend's attention on the CPU: row b of q [B, H, D] over the keys
+    of every job that holds it (causally in a causal job), merged exactly; (out fp32 [B, H, D],
+    lse fp32 [B, H])."""
     return _cpu_attn.decode_attention(q, k_pool, v_pool, jobs, scale)
 
 

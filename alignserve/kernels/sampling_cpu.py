@@ -4,8 +4,9 @@ The reference sampler draws each row's noise from its own seeded torch.Generator
 per row and step, a uniform draw, a log: ~4 ms for 16 rows of the embedded model's 49,152
 tokens), then a softmax, a division and an argmax over the vocabulary. Here one pass per row
 computes the Triton kernel's counter-based Gumbel noise (the same draws as on a GPU, up to the
-last bit of a logarithm) and the argmax of scores / T + noise, rows over the threads. Rows with
-top-k, top-p or min-p stay on the reference (`dispatch.sample` decides).
+last bit of a logarithm) and the argmax of scores / T + noise, rows over the threads. A row
+with top-k, top-p or min-p is handed over already filtered (`dispatch.sample`: the reference's
+kept set, -inf elsewhere), so its draw uses the same noise as an unfiltered row's.
 
 Built at first use with the system's C++ compiler (`cpu_build.py`); where it cannot be,
 `available()` is False. `ALIGNSERVE_CPU_SAMPLING=off` turns it off.

@@ -18,7 +18,7 @@ from itertools import pairwise
 
 import torch
 
-from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment
+from alignserve.engine.native.kv_cache import PAGE, KVCache, Segment, slot_runs
 from alignserve.kernels import dispatch
 from alignserve.kernels.attention import merge_attention
 from alignserve.kernels.attention_cpu import DecodeJobs
@@ -99,12 +99,7 @@ def extend_jobs(contexts: list[list[Segment]], counts: list[int], new_slots: lis
     rows_per_job = max(1, lanes_per_job // group)
     for segs, n in zip(contexts, counts):
         context = [r for seg in segs if len(seg) for r in seg.runs()]
-        new_runs: list[tuple[int, int]] = []
-        for s in new_slots[start : start + n]:
-            if new_runs and new_runs[-1][1] == s:
-                new_runs[-1] = (new_runs[-1][0], s + 1)
-            else:
-                new_runs.append((s, s + 1))
+        new_runs = slot_runs(new_slots[start : start + n])
         for b0 in range(0, n, rows_per_job):
             b1 = min(n, b0 + rows_per_job)
             jobs.append((list(range(start + b0, start + b1)), context + _prefix_runs(new_runs, b1)))
@@ -222,14 +217,17 @@ class DecodePlan:
         return self
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.write is None:
-            self.bind(self.host.to(self.cache.device))
         c = self.cache
-        c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
-        c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
         if self._cpu_jobs is _UNSET:
             serves = not self.for_graphs and dispatch.cpu_step_attention_available(q, c.k)
             self._cpu_jobs = step_jobs(self.chains) if serves else None
+        if self.write is None:
+            if self._cpu_jobs is not None:  # the kernel reads slot ranges: no tables to derive
+                self.write = self.host[: self.batch].long()
+            else:
+                self.bind(self.host.to(c.device))
+        c.k[layer].index_copy_(0, self.write, k.to(c.k.dtype))
+        c.v[layer].index_copy_(0, self.write, v.to(c.v.dtype))
         if self._cpu_jobs is not None:  # every part and merge of the step in one kernel call
             return dispatch.cpu_step_attention(q, c.k[layer], c.v[layer], self._cpu_jobs,
                                                self.scale)[0]

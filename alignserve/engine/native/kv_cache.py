@@ -59,6 +59,17 @@ class SlotAllocator:
             self._sorted = False
 
 
+def slot_runs(slots: list[int]) -> list[tuple[int, int]]:
+    """A slot list as its runs of consecutive slots [(start, stop), ...]."""
+    runs: list[tuple[int, int]] = []
+    for s in slots:
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], s + 1)
+        else:
+            runs.append((s, s + 1))
+    return runs
+
+
 class Segment:
     _ids = itertools.count()
 
@@ -84,13 +95,7 @@ class Segment:
         """The slots as runs of consecutive slots [(start, stop), ...] (what the CPU attention
         kernel reads), built once until the segment changes."""
         if self._runs is None:
-            runs: list[tuple[int, int]] = []
-            for s in self.slots:
-                if runs and runs[-1][1] == s:
-                    runs[-1] = (runs[-1][0], s + 1)
-                else:
-                    runs.append((s, s + 1))
-            self._runs = runs
+            self._runs = slot_runs(self.slots)
         return self._runs
 
     def slot_tensor(self, device: torch.device) -> torch.Tensor:

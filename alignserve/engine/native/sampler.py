@@ -3,9 +3,9 @@
 Everything that shapes what a row samples (the request's penalties and logit bias, min_tokens
 and its grammar, the group's Steering: contrastive and value guidance) goes to
 `kernels.dispatch.sample` as data in a single call (`steering_inputs.py` builds it): the
-fused Triton kernel on CUDA, on a CPU the C++ kernel for rows without top-k / top-p / min-p
-(the same noise as the Triton kernel's), the PyTorch reference for the rest; the same code path
-in production and in the tests. Log-probs reported for the chosen tokens are the model's own (the raw
+fused Triton kernel on CUDA, on a CPU the C++ kernel (the Triton kernel's noise, drawn over
+the reference's top-k / top-p / min-p kept set where a row has one), the PyTorch reference
+where neither is built; the same code path in production and in the tests. Log-probs reported for the chosen tokens are the model's own (the raw
 logits), as vLLM reports them.
 """
 
