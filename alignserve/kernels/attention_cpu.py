@@ -116,6 +116,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         b, h, kvh, d, jobs.n_jobs, jobs.row_off.data_ptr(), jobs.rows.data_ptr(),
         jobs.rng_off.data_ptr(), jobs.lo.data_ptr(), jobs.hi.data_ptr(), jobs.causal.data_ptr(), scale,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("the CPU attention kernel could not allocate its work buffers")
     if rc != 0:
         raise ValueError(f"the CPU attention kernel refused head_dim {d}")
     return out, lse

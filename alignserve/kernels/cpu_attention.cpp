@@ -466,7 +466,8 @@ int alignserve_cpu_attention_bf16_scores(void) {
 // and key ranges [rng_lo[i], rng_hi[i]) for i in rng_off[j]:rng_off[j+1], causally where
 // causal[j] (see Job). out [n_rows, H, D]
 // and lse [n_rows, H] (fp32, natural log) receive, per row, the attention over all its jobs'
-// keys: out 0 and lse -inf for a row with none. Returns 0, or -1 for an unsupported D.
+// keys: out 0 and lse -inf for a row with none. Returns 0, -1 for an unsupported D, or -2
+// when a work buffer cannot be allocated (nothing is written then, nothing leaks).
 int alignserve_decode_attention(
     const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, int64_t slot_stride,
     int n_rows, int H, int KVH, int D, int n_jobs, const int32_t *row_off, const int32_t *job_rows,
@@ -476,8 +477,13 @@ int alignserve_decode_attention(
     if (D != 64 && D != 128) return -1;
     const int G = H / KVH;
     Shape s{q, q_stride, k, v, slot_stride, H, KVH, G, scale};
+    struct Buffers {  // the call's work buffers, freed on every return
+        void *p[6] = {};
+        ~Buffers() { for (void *x : p) free(x); }
+    } buf;
 
-    Job *jobs = (Job *)malloc(sizeof(Job) * (n_jobs > 0 ? n_jobs : 1));
+    Job *jobs = (Job *)(buf.p[0] = malloc(sizeof(Job) * (n_jobs > 0 ? n_jobs : 1)));
+    if (!jobs) return -2;
     int64_t work = 0;
     for (int j = 0; j < n_jobs; j++) {
         Job &jb = jobs[j];
@@ -502,8 +508,9 @@ int alignserve_decode_attention(
         int64_t chunks = (jobs[j].keys + chunk - 1) / chunk;
         n_items += chunks * KVH * ((jobs[j].n_rows * G + 63) / 64);
     }
-    Item *items = (Item *)malloc(sizeof(Item) * (n_items > 0 ? n_items : 1));
-    // Per row and head, where its partials lie: row_items lists (item, lane) pairs by row.
+    Item *items = (Item *)(buf.p[1] = malloc(sizeof(Item) * (n_items > 0 ? n_items : 1)));
+    if (!items) return -2;
+    // Work items: per job, KV head, block of 64 lanes and key chunk; partials at `partial`.
     int64_t n = 0, floats = 0;
     for (int j = 0; j < n_jobs; j++) {
         const Job &jb = jobs[j];
@@ -524,7 +531,8 @@ int alignserve_decode_attention(
                     floats += (int64_t)it.lanes * (D + 2);
                 }
     }
-    float *partials = (float *)malloc(sizeof(float) * (floats > 0 ? floats : 1));
+    float *partials = (float *)(buf.p[2] = malloc(sizeof(float) * (floats > 0 ? floats : 1)));
+    if (!partials) return -2;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (int64_t i = 0; i < n_items; i++) {
@@ -543,8 +551,10 @@ int alignserve_decode_attention(
     // Index the partials by (row, head): for each item and lane, one entry.
     int64_t entries = 0;
     for (int64_t i = 0; i < n_items; i++) entries += items[i].lanes;
-    int64_t *by_rh_off = (int64_t *)calloc((size_t)n_rows * H + 1, sizeof(int64_t));
-    int64_t *by_rh = (int64_t *)malloc(sizeof(int64_t) * (entries > 0 ? entries : 1));
+    int64_t *by_rh_off = (int64_t *)(buf.p[3] = calloc((size_t)n_rows * H + 1, sizeof(int64_t)));
+    int64_t *by_rh = (int64_t *)(buf.p[4] = malloc(sizeof(int64_t) * (entries > 0 ? entries : 1)));
+    int64_t *fill = (int64_t *)(buf.p[5] = malloc(sizeof(int64_t) * ((size_t)n_rows * H + 1)));
+    if (!by_rh_off || !by_rh || !fill) return -2;
     for (int64_t i = 0; i < n_items; i++) {
         const Item &it = items[i];
         const Job &jb = jobs[it.job];
@@ -554,7 +564,6 @@ int alignserve_decode_attention(
         }
     }
     for (int64_t x = 0; x < (int64_t)n_rows * H; x++) by_rh_off[x + 1] += by_rh_off[x];
-    int64_t *fill = (int64_t *)malloc(sizeof(int64_t) * ((size_t)n_rows * H + 1));
     memcpy(fill, by_rh_off, sizeof(int64_t) * ((size_t)n_rows * H + 1));
     for (int64_t i = 0; i < n_items; i++) {
         const Item &it = items[i];
@@ -589,7 +598,6 @@ int alignserve_decode_attention(
             lse[x] = -INFINITY;
         }
     }
-    free(fill), free(by_rh), free(by_rh_off), free(partials), free(items), free(jobs);
     return 0;
 }
 
