@@ -1,9 +1,11 @@
 """A decode step's attention on the CPU in one call of a small C++ kernel (`cpu_attention.cpp`).
 
 torch's fused CPU flash attention is built for blocks of queries: a decode step hands it 3 to
-48 query rows per KV head, and it ran the embedded model's 1-row step at ~190 us a layer (1.1 MB
-of bf16 KV, ~6 GB/s) and a 16-row shared prefix at ~610 us (~87 GFLOP/s), with two more ops
-for the leaves and the merge. The kernel takes every job of the step at once (each shared
+48 query rows per KV head. On the embedded model's shapes over a 1,447-token prompt, one
+layer's attention of a lone sequence took 0.209 ms with it (1.1 MB of bf16 KV) against 0.087 ms
+here, 16 samples of the prompt 0.893 ms (with the leaves' op and the merge) against 0.306, the
+prompt's causal prefill 24.4 against 11.3 ms (bench/cpu_kernels.py, side by side,
+cpu_kernels-20261207-005459.json, an AMD EPYC with AVX512-BF16). The kernel takes every job of the step at once (each shared
 segment with its group's rows, each row's leaf), splits them over the threads by KV head, lanes
 and key chunks, and merges by log-sum-exp inside; see the .cpp file's header.
 
