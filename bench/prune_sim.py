@@ -29,6 +29,8 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import provenance, write_result
@@ -48,12 +50,25 @@ async def sample_item(engine, item, k: int, max_tokens: int, temperature: float)
     await engine.release([root])
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=item.seed,
                         logprobs=0, detokenize=False)
-    async for _ in engine.generate(seqs, sp):
+    watch = keyword_watch(engine.tokenizer, item.rewards)
+    seen: dict = {s.key: [] for s in seqs}
+
+    def observer(handles, logits, inputs):
+        # each step's probability of each keyword's first token (any casing, with or
+        # without a leading space): what the model was ready to say
+        if not watch:
+            return
+        probs = torch.softmax(logits.float(), dim=-1)
+        per_kw = torch.stack([probs[:, ids_].sum(-1) for ids_ in watch], dim=-1)
+        for h, row in zip(handles, per_kw.tolist()):
+            seen[h.key].append(row)
+
+    async for _ in engine.generate(seqs, sp, observer=observer):
         pass
     out = {"item": item.id, "prompt_text": text, "prompt_tokens": len(ids),
            "rewards": item.rewards,
            "samples": [{"tokens": s.output_ids, "lps": [e["logprob"] for e in s.logprobs],
-                        "finish": s.finish_reason,
+                        "finish": s.finish_reason, "watch": seen[s.key],
                         # every prefix's text, so that a replay needs no tokenizer
                         "prefixes": [engine.tokenizer.decode(s.output_ids[:t],
                                                              skip_special_tokens=True)
@@ -61,6 +76,23 @@ async def sample_item(engine, item, k: int, max_tokens: int, temperature: float)
                        for s in seqs]}
     await engine.release(seqs)
     return out
+
+
+def keyword_watch(tokenizer, rewards) -> list[list[int]]:
+    """Per keyword of the item's `keywords` reward, the first token ids of its spellings."""
+    words = next((r["keywords"] for r in rewards or () if r["name"] == "keywords"), [])
+    if not words:
+        return []
+    # the last column: tokens that end the sentence or the answer
+    ends = {tokenizer.encode(v, add_special_tokens=False)[0] for v in (".", "!", "?", ".\n")}
+    ends |= {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+             if isinstance(t, int) and t >= 0}
+    out = []
+    for w in words:
+        ids = {tokenizer.encode(v, add_special_tokens=False)[0]
+               for v in (w, " " + w, w.capitalize(), " " + w.capitalize())}
+        out.append(sorted(ids))
+    return out + [sorted(ends)]
 
 
 async def sample_pool(args) -> dict:
@@ -90,10 +122,12 @@ async def sample_pool(args) -> dict:
 # ---- replaying a rule -----------------------------------------------------------------------
 def parse_rule(spec: str) -> dict:
     rule = {"segment": 4, "keep": 0.5, "tie": "lp", "hold": 0, "first": 0, "stop": 0,
-            "cap": 1.0, "top": 0, "settle": 0}
+            "cap": 1.0, "top": 0, "settle": 0, "soft": 0.0, "sig": "last",
+            "round": "ceil", "grow": 0.0, "decay": 1.0, "behind": 0.0,
+            "fin": 0, "dedup": 0}
     for kv in filter(None, spec.split(",")):
         k, _, v = kv.partition("=")
-        rule[k] = v if k == "tie" else (float(v) if "." in v else int(v))
+        rule[k] = v if k in ("tie", "sig", "round") else (float(v) if "." in v else int(v))
     return rule
 
 
@@ -122,6 +156,30 @@ class Scorer:
     def __call__(self, i: int, length: int, final: bool) -> float:
         return float(self.score(i, length, final).total)
 
+    def propensity(self, i: int, length: int, how: str) -> float:
+        """How ready the model was to write the keywords sample i's first `length` tokens
+        still miss: their first tokens' probability at the last step ("last"), summed over the
+        steps ("sum") or its maximum ("max"), summed over the missing keywords."""
+        import re
+
+        words = next((r["keywords"] for r in self.entry["rewards"] if r["name"] == "keywords"),
+                     [])
+        watch = self.entry["samples"][i].get("watch") or []
+        if not words or not watch or length == 0:
+            return 0.0
+        text = self.entry["samples"][i]["prefixes"][min(length, len(watch))]
+        steps = watch[:length]
+        if how.startswith("end"):  # the sentence's end coming: the last column, negated
+            col = [row[-1] for row in steps]
+            return -{"endlast": col[-1], "endsum": sum(col), "endmax": max(col)}[how]
+        total = 0.0
+        for k, w in enumerate(words):
+            if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text, re.IGNORECASE):
+                continue
+            col = [row[k] for row in steps]
+            total += {"last": col[-1], "sum": sum(col), "max": max(col)}[how]
+        return total
+
 
 def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> tuple[float, int]:
     """(reward of the pick, model tokens) of one request under `rule` on the samples `members`.
@@ -140,7 +198,7 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
     sure of it leave only the likeliest of them going.
     The pick is the best finished particle by final reward (ties: mean log-prob)."""
     samples = entry["samples"]
-    seg, keep = int(rule["segment"]), float(rule["keep"])
+    seg, keep = float(rule["segment"]), float(rule["keep"])
     going = list(members)
     tokens = entry["prompt_tokens"]
     t, holds = 0, 0
@@ -149,11 +207,17 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
         if rule["stop"] and finished and max(scorer(i, len(samples[i]["tokens"]), True)
                                              for i in finished) >= 1.0:
             break
-        t_next = t + (rule["first"] if t == 0 and rule["first"] else seg)
+        t_next = t + (rule["first"] if t == 0 and rule["first"] else round(seg))
+        seg += rule["grow"]
         if len(going) == 1 and not finished:
             t_next = 10 ** 9
-        for i in going:
-            tokens += min(len(samples[i]["tokens"]), t_next) - t
+        if rule["dedup"]:  # twins (equal prefixes stepping together) computed once
+            for pos in range(t + 1, min(t_next, max(len(samples[i]["tokens"]) for i in going)) + 1):
+                tokens += len({tuple(samples[i]["tokens"][:pos]) for i in going
+                               if len(samples[i]["tokens"]) >= pos})
+        else:
+            for i in going:
+                tokens += min(len(samples[i]["tokens"]), t_next) - t
         still = []
         for i in going:
             (finished if len(samples[i]["tokens"]) <= t_next else still).append(i)
@@ -169,7 +233,8 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
                 continue
         if len(going) <= 1:
             continue
-        scores = {i: scorer(i, t, False) for i in going}
+        scores = {i: scorer(i, t, False) + (rule["soft"] * scorer.propensity(i, t, rule["sig"])
+                                            if rule["soft"] else 0.0) for i in going}
         if rule["hold"] and holds < rule["hold"] and len(set(scores.values())) == 1:
             holds += 1
             continue
@@ -177,16 +242,25 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
         def key(i: int) -> tuple[float, float]:
             lp = samples[i]["lps"][:t]
             mean_lp = sum(lp) / max(1, len(lp))
+            if rule["tie"].startswith("prop"):  # prop_last, prop_sum, prop_max
+                return (scores[i], scorer.propensity(i, t, rule["tie"][5:]))
             return (scores[i], {"lp": mean_lp, "lplow": -mean_lp}.get(rule["tie"], 0.0))
 
         ranked = sorted(going, key=key, reverse=True)
-        k = max(1, math.ceil(len(going) * keep))
+        k = max(1, {"ceil": math.ceil, "floor": math.floor, "near": round}[rule["round"]](
+            len(going) * keep))
+        keep = min(1.0, keep * rule["decay"])
         if rule["tie"] == "keep":
             cap = max(k, math.ceil(len(going) * rule["cap"]))
             while k < cap and scores[ranked[k]] == scores[ranked[k - 1]]:
                 k += 1
         if rule["top"] and scores[ranked[0]] >= 1.0:  # the best can only stay at the maximum
             k = min(k, sum(1 for i in ranked if scores[i] >= 1.0))
+        if rule["behind"]:  # also drop whatever trails the leader by `behind` or more
+            lead = scores[ranked[0]]
+            if rule["fin"] and finished:  # the leader may be a finished particle
+                lead = max(lead, max(scorer(i, len(samples[i]["tokens"]), True) for i in finished))
+            k = max(1, min(k, sum(1 for i in ranked if scores[i] > lead - rule["behind"] - 1e-9)))
         going = ranked[:k]
 
     def final_key(i: int) -> tuple[float, float]:

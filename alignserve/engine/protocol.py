@@ -231,6 +231,7 @@ class EngineStats:
     """Counters read by the metrics collector at scrape time (monotonic unless noted)."""
 
     prefill_tokens: int = 0  # prompt tokens actually computed
+    twin_tokens: int = 0  # decode tokens not computed: a twin row reused another's (native)
     model_tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "lookahead": 0})
     running_sequences: int = 0  # gauge
     waiting_requests: int = 0  # gauge

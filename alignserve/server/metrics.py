@@ -54,6 +54,9 @@ class EngineCollector(Collector):
                                 "Prompt tokens actually computed (a shared prompt counts once)."),
             CounterMetricFamily(P + "model_tokens", "Tokens the model computed, by kind.",
                                 labels=["kind"]),
+            CounterMetricFamily(P + "twin_tokens",
+                                "Decode tokens not computed: a sample identical to another of "
+                                "its request in the same step reused its KV and logits."),
             GaugeMetricFamily(P + "server_requests_running",
                               "Requests admitted and decoding (each may run many sequences)."),
             GaugeMetricFamily(P + "kv_cache_reserved_perc",
@@ -69,7 +72,7 @@ class EngineCollector(Collector):
         except Exception:  # a scrape must never fail because the engine is busy or broken
             log.exception("engine.stats() failed during a scrape")
             return
-        running, waiting, kv, prefill, model, admitted, reserved = self._families()
+        running, waiting, kv, prefill, model, twins, admitted, reserved = self._families()
         adm = self.admission
         running.add_metric([], stats.running_sequences)
         waiting.add_metric([], stats.waiting_requests + (adm.waiting if adm else 0))
@@ -79,12 +82,13 @@ class EngineCollector(Collector):
         total = stats.kv_total_slots
         kv.add_metric([], stats.kv_used_slots / total if total else 0.0)
         prefill.add_metric([], stats.prefill_tokens)
+        twins.add_metric([], stats.twin_tokens)
         for kind in ("prefill", "decode", "lookahead"):
             model.add_metric([kind], stats.model_tokens.get(kind, 0))
         for kind, value in stats.model_tokens.items():
             if kind not in ("prefill", "decode", "lookahead"):
                 model.add_metric([kind], value)
-        yield from (running, waiting, kv, prefill, model, admitted, reserved)
+        yield from (running, waiting, kv, prefill, model, twins, admitted, reserved)
 
 
 class ServerMetrics:

@@ -17,6 +17,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from alignserve.engine.native.model import CausalLM
 from alignserve.engine.native.prompt_cache import PromptCache
 from alignserve.engine.native.sampler import prompt_logprob_entries, sample_rows
 from alignserve.engine.native.sequence import GenGroup, SeqState
+from alignserve.engine.native.twins import twin_of
 from alignserve.engine.protocol import (
     CapacityError,
     EngineError,
@@ -47,6 +49,7 @@ from alignserve.engine.protocol import (
 from alignserve.engine.steering import AmateurPrompt, ServedAmateur, Steering
 from alignserve.engine.text import DeferredText, IncrementalText, TextCodec
 from alignserve.kernels import dispatch
+from alignserve.kernels.cpu_build import enabled
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,8 @@ class NativeEngine(TextCodec):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._crashed: BaseException | None = None
         self._stats = EngineStats(kv_total_slots=self.kv.num_slots)
+        # twins.py: a request's identical rows computed once (off: every row, as benches compare)
+        self.twin_rows = enabled("ALIGNSERVE_TWIN_ROWS")
         self.prompt_cache = (PromptCache(self.kv, self._chains, self.kv.num_slots // 4)
                              if prompt_cache else None)
         if cuda_graphs is None:
@@ -360,9 +365,7 @@ class NativeEngine(TextCodec):
                         st.text.delta(final=True)
                         st.handle.text = st.text.text
                 st.group = None
-                if st.follower is not None:
-                    st.follower.extra.pop("counts_for", None)
-                    st.follower = None
+                st.follower = None
                 st.amateur, st.amateur_pending = None, False
             await self._close_amateurs(group, contexts)
 
@@ -377,8 +380,7 @@ class NativeEngine(TextCodec):
             contexts = await open_contexts(self, handles, lambda h: prompt + h.output_ids,
                                            group.tally)
             for st, h in zip(states, contexts):
-                st.follower = self._state(h)
-                st.follower.extra["counts_for"] = group
+                st.follower = self._state(h)  # fed what st samples, charged to the group
             return contexts
         if isinstance(amateur, ServedAmateur):
             engine = amateur.model
@@ -520,14 +522,14 @@ class NativeEngine(TextCodec):
         single = [f for f in feeds if all(len(t) == 1 for t in f.tokens) and f.prompt_logprobs is None]
         multi = [f for f in feeds if f not in single]
         self._run_extends(prefills, multi, result)
-        decode_rows: list[tuple[SeqState, int]] = []
+        # (state, token to feed, whom it is charged to: its extend call or its generate group)
+        decode_rows: list[tuple[SeqState, int, Any]] = []
         for feed in single:
-            decode_rows.extend((st, toks[0]) for st, toks in zip(feed.states, feed.tokens))
+            decode_rows.extend((st, toks[0], feed) for st, toks in zip(feed.states, feed.tokens))
         decode_rows.extend(self._sample(gen, result))
         if decode_rows:
             self._run_decode(decode_rows, result)
         for feed in single:
-            self._count(feed.tally, feed.kind, len(feed.states))
             result.finished_feeds.append(feed)
         return result
 
@@ -602,8 +604,9 @@ class NativeEngine(TextCodec):
                             lambda: next(self._ids), st.logits, st.hidden)
                 result.finished_feeds.append(feed)
 
-    def _sample(self, gen: list[SeqState], result: _StepResult) -> list[tuple[SeqState, int]]:
-        """Sample a token for every generating sequence; returns those that go on."""
+    def _sample(self, gen: list[SeqState], result: _StepResult) -> list[tuple[SeqState, int, Any]]:
+        """Sample a token for every generating sequence; returns those that go on (with the
+        group their token is charged to)."""
         # Groups are read once: a cancelled `generate` clears st.group (and st.follower) from
         # the event loop while this step runs in the worker thread.
         by_group: dict[int, tuple[GenGroup, list[SeqState]]] = {}
@@ -611,7 +614,7 @@ class NativeEngine(TextCodec):
             group = st.group
             if group is not None and st.logits is not None and not st.amateur_pending:
                 by_group.setdefault(id(group), (group, []))[1].append(st)
-        cont: list[tuple[SeqState, int]] = []
+        cont: list[tuple[SeqState, int, Any]] = []
         for group, states in by_group.values():
             rows = sample_rows(states, group, self.vocab_size, self._served_logits)
             events = []
@@ -622,10 +625,10 @@ class NativeEngine(TextCodec):
                     group.live -= 1
                     self._generating.pop(st.id, None)
                 else:
-                    cont.append((st, tok))
+                    cont.append((st, tok, group))
                     follower = st.follower
                     if follower is not None and not follower.released:
-                        cont.append((follower, tok))
+                        cont.append((follower, tok, group))
                     if st.amateur is not None:
                         st.amateur_pending = True
                         result.amateur_feeds.append((group, st, tok))
@@ -658,9 +661,12 @@ class NativeEngine(TextCodec):
         return TokenEvent(seq=h, token_id=tok, logprob=lp, text_delta=delta, finished=finished,
                           finish_reason=reason, top_logprobs=top)
 
-    def _run_decode(self, rows: list[tuple[SeqState, int]], result: _StepResult) -> None:
-        states, chains, slots, tokens = [], [], [], []
-        for st, tok in rows:
+    def _run_decode(self, rows: list[tuple[SeqState, int, Any]], result: _StepResult) -> None:
+        """One token for each row: twins (twins.py) are computed once, the rest in one pass;
+        each owner (an extend call or a generate group) is charged the rows computed."""
+        fed: list[tuple[SeqState, int, Any]] = []
+        slots = []
+        for st, tok, owner in rows:
             try:
                 if self.prompt_cache and self.kv.free_slots() == 0:
                     self.prompt_cache.clear()  # kept prompts yield to running sequences
@@ -670,21 +676,33 @@ class NativeEngine(TextCodec):
                 continue
             if st.group is None:  # fed by `extend`: the token is recorded here
                 st.handle.token_ids.append(tok)
-            states.append(st)
-            chains.append(st.chain)
-            tokens.append(tok)
-        if not states:
+            fed.append((st, tok, owner))
+        if not fed:
             return
+        twin = twin_of(fed) if self.twin_rows else list(range(len(fed)))
+        computed = [i for i, t in enumerate(twin) if t == i]
+        states = [fed[i][0] for i in computed]
         positions = [st.length - 1 for st in states]
-        plan = DecodePlan(self.kv, chains, slots, self.scale, for_graphs=self.decode_runner is not None)
-        self._forward(tokens, positions, plan, states, list(range(len(states))), decode=True)
-        counts: dict[int, tuple[GenGroup, int]] = {}
-        for st in states:
-            g = st.group or st.extra.get("counts_for")
-            if g is not None:
-                counts[id(g)] = (g, counts.get(id(g), (g, 0))[1] + 1)
-        for g, n in counts.values():
-            self._count(g.tally, g.kind, n)
+        plan = DecodePlan(self.kv, [st.chain for st in states], [slots[i] for i in computed],
+                          self.scale, for_graphs=self.decode_runner is not None)
+        self._forward([fed[i][1] for i in computed], positions, plan, states,
+                      list(range(len(states))), decode=True)
+        copies = [(slots[t], slots[i]) for i, t in enumerate(twin) if t != i]
+        if copies:
+            src, dst = (torch.tensor(x, device=self.kv.device) for x in zip(*copies))
+            self.kv.k[:, dst] = self.kv.k[:, src]
+            self.kv.v[:, dst] = self.kv.v[:, src]
+            for i, t in enumerate(twin):
+                if t != i:
+                    st, rep = fed[i][0], fed[t][0]
+                    st.logits, st.hidden, st.early_logits = rep.logits, rep.hidden, rep.early_logits
+            self._stats.twin_tokens += len(copies)
+        charged: dict[int, tuple[Any, int]] = {}
+        for i in computed:
+            owner = fed[i][2]
+            charged[id(owner)] = (owner, charged.get(id(owner), (owner, 0))[1] + 1)
+        for owner, n in charged.values():
+            self._count(owner.tally, owner.kind, n)
 
     def _forward(self, tokens: list[int], positions: list[int], plan, states: list[SeqState],
                  rows: list[int], decode: bool = False, scored: list | None = None) -> None:
