@@ -13,10 +13,13 @@ skips --skip of them).
         [--candidates 16] [--max-tokens 40] [--pool pool.json]
     .venv/bin/python bench/prune_sim.py replay --pool pool.json [--rules "..."]
 
-`sample` writes the pool (a JSON file, not a result); `replay` prints, per task and rule, the
-mean reward and the mean model tokens per request with their ratios to best-of-N's, and writes
+`sample` writes the pool (a JSON file, not a result); for keyword items it also keeps, per
+sample and step, the model's probability of each keyword's first token and of the tokens that
+end a sentence (signals a rule may rank by). `replay` prints, per task and rule, the mean
+reward and the mean model tokens per request with their ratios to best-of-N's (counted the
+same way: with `dedup=1`, twin rows computed once, as engine/native/twins.py does), and writes
 bench/results/prune-sim-STAMP.json (device, commit, date).
-A rule is `segment=4,keep=0.5[,tie=lp|none][,hold=1]`: see `replay_one`.
+A rule is `segment=4,keep=0.5[,tie=lp|none|keep|prop_max|...][,dedup=1]...`: see `replay_one`.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def parse_rule(spec: str) -> dict:
     rule = {"segment": 4, "keep": 0.5, "tie": "lp", "hold": 0, "first": 0, "stop": 0,
             "cap": 1.0, "top": 0, "settle": 0, "soft": 0.0, "sig": "last",
             "round": "ceil", "grow": 0.0, "decay": 1.0, "behind": 0.0,
-            "fin": 0, "dedup": 0}
+            "fin": 0, "dedup": 0, "floor": 0}
     for kv in filter(None, spec.split(",")):
         k, _, v = kv.partition("=")
         rule[k] = v if k in ("tie", "sig", "round") else (float(v) if "." in v else int(v))
@@ -196,6 +199,14 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
     below 1 are pruned. settle=1: the server's rule (decoding/segments.py, ComposedReward's
     ceiling): a finished particle at the ceiling ends the search; else the going particles
     sure of it leave only the likeliest of them going.
+    tie "prop_max" / "prop_sum" / "prop_last": ties broken by the model's readiness to write
+    the missing keywords (Scorer.propensity), "prop_endsum" ... by its readiness to end the
+    sentence (negated); soft=w adds w times the signal `sig` to the partial score instead.
+    behind=b: also drop particles b or more below the leader (fin=1: the leader may be a
+    finished particle). round=floor|near: how the kept count rounds; floor=m: drop one when
+    rounding up would keep everyone and more than m are going. grow=g: segments lengthen by
+    g tokens a round; decay=d: keep is multiplied by d each round. dedup=1: tokens counted as
+    twin rows cost (each distinct prefix once a step).
     The pick is the best finished particle by final reward (ties: mean log-prob)."""
     samples = entry["samples"]
     seg, keep = float(rule["segment"]), float(rule["keep"])
@@ -227,7 +238,9 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
             if any(reward.reaches_ceiling(scorer.score(i, len(samples[i]["tokens"]), True))
                    for i in finished):
                 break
-            sure = [i for i in going if reward.sure_of_ceiling(scorer.score(i, t, False))]
+            prefixes = [samples[i]["prefixes"][min(t, len(samples[i]["prefixes"]) - 1)]
+                        for i in going]
+            sure = [i for i, ok in zip(going, reward.sure_of_ceiling(prefixes)) if ok]
             if sure:
                 going = [max(sure, key=lambda i: sum(samples[i]["lps"][:t]) / t)]
                 continue
@@ -239,7 +252,7 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
             holds += 1
             continue
 
-        def key(i: int) -> tuple[float, float]:
+        def key(i: int, scores=scores, t=t) -> tuple[float, float]:  # bound: used at once
             lp = samples[i]["lps"][:t]
             mean_lp = sum(lp) / max(1, len(lp))
             if rule["tie"].startswith("prop"):  # prop_last, prop_sum, prop_max
@@ -250,6 +263,8 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
         k = max(1, {"ceil": math.ceil, "floor": math.floor, "near": round}[rule["round"]](
             len(going) * keep))
         keep = min(1.0, keep * rule["decay"])
+        if rule["floor"] and k >= len(going) > rule["floor"]:  # rounding up would keep all
+            k = len(going) - 1
         if rule["tie"] == "keep":
             cap = max(k, math.ceil(len(going) * rule["cap"]))
             while k < cap and scores[ranked[k]] == scores[ranked[k - 1]]:
@@ -309,17 +324,22 @@ def run_replay(args) -> int:
         subsets = [[list(range(len(e["samples"])))] if args.draws == 1 else
                    [rng.sample(range(len(e["samples"])), args.subset) for _ in range(args.draws)]
                    for e in entries]
-        base = None
-        for spec, rule in [("best_of_n", parse_rule("segment=1000000,keep=1.0"))] + rules:
+        # best-of-N with every row computed, and with twin rows computed once: a rule's
+        # tokens are compared with the baseline that counts them the same way
+        bases = [("best_of_n", parse_rule("segment=1000000,keep=1.0"))]
+        if any(rule["dedup"] for _, rule in rules):
+            bases.append(("best_of_n,dedup=1", parse_rule("segment=1000000,keep=1.0,dedup=1")))
+        base: dict[int, tuple[float, float]] = {}
+        for spec, rule in bases + rules:
             res = [replay_one(e, sc, rule, m) for e, sc, ms in zip(entries, scorers, subsets)
                    for m in ms]
             reward = sum(r for r, _ in res) / len(res)
             tokens = sum(t for _, t in res) / len(res)
-            base = base or (reward, tokens)
+            ref = base.setdefault(rule["dedup"], (reward, tokens))
             rows.append({"task": task, "rule": spec, "reward": reward, "model_tokens": tokens,
-                         "token_share": tokens / base[1], "gap": base[0] - reward})
-            print(f"{task:10s} {spec:42s} reward {reward:.3f} (gap {base[0] - reward:+.3f})  "
-                  f"tokens {tokens:6.1f} ({tokens / base[1]:.2f}x)", flush=True)
+                         "token_share": tokens / ref[1], "gap": ref[0] - reward})
+            print(f"{task:10s} {spec:50s} reward {reward:.3f} (gap {ref[0] - reward:+.3f})  "
+                  f"tokens {tokens:6.1f} ({tokens / ref[1]:.3f}x)", flush=True)
     out = write_result("prune-sim", {**provenance(), "settings": vars(args),
                                      "pool": {k: pool[k] for k in ("candidates", "max_tokens",
                                                                    "temperature")},

@@ -78,16 +78,27 @@ def test_ceiling_is_each_reward_at_its_best_end_by_weight_sign(registry):
 
 def test_sure_of_ceiling_needs_floor_rules_at_their_top(registry):
     kw = registry.build([{"name": "keywords", "keywords": ["dog", "park"]}])
-    half, full = kw.score_partial(["The dog", "The dog in the park"], "", [10, 10])
-    assert not kw.sure_of_ceiling(half) and kw.sure_of_ceiling(full)
+    assert kw.sure_of_ceiling(["The dog", "The dog in the park."]) == [False, True]
     assert kw.reaches_ceiling(kw.score(["a dog park"])[0])
     assert not kw.reaches_ceiling(kw.score(["a dog"])[0])
     # length's partial rule is the best reachable value, not a floor: never sure while going
     both = registry.build([{"name": "keywords", "keywords": ["dog"]},
                            {"name": "length", "target_words": 2}])
     (going,) = both.score_partial(["The dog"], "", [10])
-    assert going.total == both.ceiling and not both.sure_of_ceiling(going)
+    assert going.total == both.ceiling and both.sure_of_ceiling(["The dog"]) == [False]
     # under a negative weight coverage may still grow (and lower the total): never sure
     neg = registry.build([{"name": "keywords", "keywords": ["dog"], "weight": -1.0}])
     (s,) = neg.score_partial(["The cat"], "", [10])
-    assert s.total == neg.ceiling == 0.0 and not neg.sure_of_ceiling(s)
+    assert s.total == neg.ceiling == 0.0 and neg.sure_of_ceiling(["The cat"]) == [False]
+
+
+def test_a_keyword_at_the_end_may_still_grow(registry):
+    """Ranking counts a keyword the text ends on (it usually stays a word); the floor that
+    settles a search does not: "sun" may become "sunset". Punctuation ends a word for good."""
+    kw = registry.build([{"name": "keywords", "keywords": ["sun", "C++"]}])
+    texts = ["Code in C++ under the sun", "Code in C++ under the sun.", "Under the sun, C++"]
+    ranked = kw.score_partial(texts, "", [10, 10, 10])
+    assert [r.total for r in ranked] == [1.0, 1.0, 1.0]
+    assert kw.sure_of_ceiling(texts) == [False, True, True]
+    assert kw.reaches_ceiling(kw.score(["Under the sun, C++"])[0])
+    assert not kw.reaches_ceiling(kw.score(["Under the sunset, C++"])[0])

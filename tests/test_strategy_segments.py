@@ -86,8 +86,8 @@ def test_soft_pick_is_seeded_tends_to_argmax_and_to_uniform():
 def test_params_bounds_and_defaults():
     sr = SpeculativeRejectionParams()
     pf = ParticleFilterParams.model_validate({"segment": "entropy", "resample_temperature": 0.5})
-    assert (sr.segment, sr.keep) == (2, 0.75)
-    assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (3, 0.6)
+    assert (sr.segment, sr.keep) == (3, 0.7)
+    assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (3, 0.7)
     assert (sr.candidates, pf.segment, pf.resample_temperature) == (16, "entropy", 0.5)
     for bad in [{"segment": 0}, {"segment": "words"}, {"keep": 0}, {"keep": 1.5},
                 {"candidates": 65}, {"max_segment": 1}, {"entropy_threshold": 0}, {"beam": 2}]:
@@ -135,10 +135,11 @@ def _run(engine, strategy, params, rewards=None, n=1, stream=False, max_tokens=8
     return asyncio.run(go())
 
 
-# keywords alone settle: coverage can only grow, so " a b c d" is sure of the ceiling after the
-# second segment and one particle (of the identical greedy ones) runs on; a length reward beside
-# it has an optimistic partial rule, which is never sure, so the policy prunes as before
-SURE = [{"name": "keywords", "keywords": ["d"]}]
+# keywords alone settle: a complete keyword stays, so " a b c d" is sure of the ceiling after
+# the second segment (" c" is followed by " d": it cannot grow into another word) and one
+# particle (of the identical greedy ones) runs on; a length reward beside it has an optimistic
+# partial rule, which is never sure, so the policy prunes as before
+SURE = [{"name": "keywords", "keywords": ["c"]}]
 NEVER_SURE = SURE + [{"name": "length", "target_words": 4}]
 
 

@@ -8,7 +8,7 @@ A population of partial answers (particles) branches from one prefill. Each roun
 2. score: the request's rewards score every particle, unfinished ones by each reward's
    partial-text rule (rewardmodels.partial), finished ones on their final text;
 3. settle: once n particles are sure of the reward's ceiling (finished at it, or going with
-   a partial score that is a floor and already at it: keyword coverage), nothing else can beat
+   a floor already at it: keywords all complete words), nothing else can beat
    them; every other particle is dropped, and of those still going only as many as are needed
    (the likeliest) run on;
 4. select: the strategy's policy says how many copies of each particle go on (0: pruned;
@@ -278,7 +278,8 @@ class SegmentSearch:
         if not reward or reward.ceiling is None or not pool:
             return pool
         need = self.req.n - sum(1 for p in self.archive if reward.reaches_ceiling(p.score))
-        sure = [p for p in pool if reward.sure_of_ceiling(p.score)]
+        flags = reward.sure_of_ceiling([p.text for p in pool], self.req.prompt_text)
+        sure = [p for p, ok in zip(pool, flags) if ok]
         if need > len(sure):
             return pool
         going = sorted(sure, key=lambda p: p.mean_logprob, reverse=True)[: max(0, need)]

@@ -17,17 +17,20 @@ tie-break, 0.966 without, at the same tokens).
 
 Once the rewards' ceiling is sure (segments.py: settle), the rest is dropped.
 
-Defaults (segment 2, keep 0.75; issue 17) were chosen by bench/prune_sim.py, which replays
-pruning rules on a pool of 48 samples per item (keyword items 12-55, sentiment 12-23, none of
-them in the evaluation's report), 8 random draws of 16 per item, with settling: keywords 0.945
-at 0.40x best_of_16's model tokens (best_of_16 0.976), sentiment 0.926 at 0.35x (0.955); the
-earlier segment 3, keep 0.6 gave 0.935 at 0.40x and 0.917 at 0.31x there
-(prune-sim-20261206-212508.json). Ranking by the final reward (an oracle) reaches best_of_16
-at 0.30x there: the limit is how little a few tokens' coverage says about the finished
-sentence. Decoded for real (bench/segment_sweep.py, three draws on the same tuning items,
-segment-sweep-20261206-213148, -213822, -214512): over 88 keyword requests 0.955 against
-best_of_16's 0.977 at about 0.37x its model tokens, over 32 sentiment requests 0.931 against
-0.958 at about 0.34x.
+Defaults (segment 3, keep 0.7; issue 17) were chosen on items the evaluation does not report
+on (keyword items 13-56, sentiment 13-24), counting model tokens with the engine's twin rows
+(engine/native/twins.py). Decoded for real (bench/segment_sweep.py, three draws,
+segment-sweep-20261207-014513, -014929, -015222): keywords 0.021 below best_of_16's reward at
+0.397x its model tokens, sentiment 0.025 below at 0.364x; segment 2, keep 0.8 gave 0.025 /
+0.029 at 0.39x / 0.40x, the earlier segment 2, keep 0.75 0.030 / 0.044 at 0.34x / 0.32x.
+bench/prune_sim.py replays rules on a pool of 48 samples per item, 16 draws of 16
+(prune-sim-20261207-015334 keywords, -015340 sentiment): every rule tried lies near one
+frontier, about 0.025 below best_of_16 at 0.40x its tokens, whether it prunes every 1-3
+tokens, keeps whole ties, drops what trails the leader, or breaks coverage ties by the
+model's readiness to write a missing keyword or to end the sentence (those signals order
+tied pairs by their final coverage barely better than chance: 0.47-0.60 of pairs). Ranking by
+the final reward (an oracle) reached best_of_16 at 0.30x on the earlier pool: the limit is how
+little a few tokens say about the finished text.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ from alignserve.decoding.segments import (
 
 class SpeculativeRejectionParams(SegmentParams):
     segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] = Field(
-        2, description="Tokens per segment between two prunings, or \"entropy\": a segment "
+        3, description="Tokens per segment between two prunings, or \"entropy\": a segment "
         "ends before the first token (after at least 2) whose next-token entropy reaches "
         "`entropy_threshold` (CARDS), at most `max_segment` tokens.")
-    keep: float = Field(0.75, gt=0.0, le=1.0, allow_inf_nan=False,
+    keep: float = Field(0.7, gt=0.0, le=1.0, allow_inf_nan=False,
                         description="Fraction of the candidates kept at each pruning (rounded "
                         "up, at least n); 1 never prunes (best_of_n's result, by segments).")
 

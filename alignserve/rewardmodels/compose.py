@@ -94,23 +94,26 @@ class ComposedReward:
         return (top is not None and score.total is not None
                 and score.total >= top - CEILING_TOLERANCE * max(1.0, abs(top)))
 
-    def sure_of_ceiling(self, partial: RewardScore) -> bool:
-        """Whether an unfinished text whose partial score is `partial` is sure to finish at the
-        ceiling: every weighted reward's partial rule is a floor (`partial_floor`) and it is
-        at the top of its range already. (A negative weight would need a ceiling rule that no
-        built-in reward has, so it never is.)"""
-        if self.ceiling is None:
-            return False
+    def sure_of_ceiling(self, texts: list[str], prompt: str = "") -> list[bool]:
+        """For unfinished texts: whether each is sure to finish at the ceiling, every weighted
+        reward having a floor rule (`floor_partial`) that is at the top of its range already.
+        (A negative weight would need a ceiling rule that no built-in reward has, so it never
+        is.)"""
+        never = [False] * len(texts)
+        if self.ceiling is None or not texts:
+            return never
+        sure = [True] * len(texts)
         for item in self.items:
             if item.weight == 0:
                 continue
-            if item.weight < 0 or not getattr(item.reward, "partial_floor", False):
-                return False
+            floor = getattr(item.reward, "floor_partial", None)
+            if item.weight < 0 or floor is None:
+                return never
             hi = item.reward.score_range[1]
-            value = partial.components.get(item.label)
-            if value is None or value < hi - CEILING_TOLERANCE * max(1.0, abs(hi)):
-                return False
-        return True
+            for i, value in enumerate(floor(list(texts), prompt)):
+                if value < hi - CEILING_TOLERANCE * max(1.0, abs(hi)):
+                    sure[i] = False
+        return sure
 
     def score(self, texts: list[str], prompt: str = "") -> list[RewardScore]:
         self.last_seconds = {}

@@ -50,11 +50,13 @@ class KeywordsReward:
 
     name = "keywords"
     score_range = (0.0, 1.0)
-    partial_floor = True  # coverage only grows as the text does
 
     def __init__(self, keywords: list[str]) -> None:
         self.keywords = list(keywords)
         self._patterns = [_keyword_pattern(k) for k in keywords]
+        # a keyword ending in a word character can still grow at the text's end ("sun" ->
+        # "sunset"); one ending in punctuation ("C++") cannot: the next word needs a gap
+        self._may_grow = [bool(re.match(r"\w", k[-1])) for k in keywords]
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         n = len(self._patterns)
@@ -62,8 +64,17 @@ class KeywordsReward:
 
     def score_partial(self, texts: list[str], prompt: str, tokens_left: list[int],
                       optimistic: bool = True) -> list[float]:
-        """Coverage so far: a keyword present now stays present (see rewardmodels.partial)."""
+        """Coverage so far (see rewardmodels.partial): what a search ranks by. A keyword at
+        the very end counts, as it usually stays a word; `floor_partial` does not count it."""
         return self.score(texts, prompt)
+
+    def floor_partial(self, texts: list[str], prompt: str = "") -> list[float]:
+        """The coverage no continuation can fall below: keywords present and complete (a
+        character that ends the word follows, or the keyword cannot grow)."""
+        n = len(self._patterns)
+        return [sum(1 for p, grows in zip(self._patterns, self._may_grow)
+                    if any(not grows or m.end() < len(t) for m in p.finditer(t))) / n
+                for t in texts]
 
 
 def _build_keywords(args: KeywordsArgs, param: str) -> KeywordsReward:

@@ -23,9 +23,9 @@ class Reward(Protocol):
 # - `score_range = (lo, hi)`: every score lies in [lo, hi] (unset: unbounded, e.g. a reward
 #   model's logit). It gives the composed total its ceiling, which lets a search stop once a
 #   text has reached it (nothing can beat it).
-# - `partial_floor = True`: `score_partial` never exceeds the final score of any continuation
-#   (keywords: a keyword present stays present), so a partial text already at `hi` is sure to
-#   finish there.
+# - `floor_partial(texts, prompt) -> list[float]`: for unfinished texts, a score that no
+#   continuation finishes below (keywords: the keywords already complete words), so a text
+#   whose floor is at `hi` is sure to finish there.
 
 
 class RewardSpecError(ValueError):
