@@ -272,8 +272,11 @@ def _engine(cuda_graphs, device="cpu", dtype=torch.float32, model=None):
 
     model = model or tiny_model(device=device, dtype=dtype)
     tok = FakeTokenizer([f" w{i}" for i in range(model.cfg.vocab_size)], eos=0)
-    return NativeEngine(model, tok, "tiny", torch.device(device), kv_cache_gib=0.01,
-                        cuda_graphs=cuda_graphs)
+    engine = NativeEngine(model, tok, "tiny", torch.device(device), kv_cache_gib=0.01,
+                          cuda_graphs=cuda_graphs)
+    # these tests are about batch layouts: greedy forks would be twins (twins.py), one row
+    engine.twin_rows = False
+    return engine
 
 
 def _generate_run(engine, n=5, max_tokens=6, early_layer=2, steer=None):

@@ -121,12 +121,16 @@ def test_the_largest_seed_serves_every_child(vllm_client):
     assert len(r.choices) == 2
 
 
-def test_model_tokens_mean_the_same_on_both_engines(vllm_server, vllm_client, client):
+def test_model_tokens_mean_the_same_on_both_engines(vllm_server, vllm_client, client,
+                                                   live_server):
     """API.md: a prompt shared by n samples or candidates counts once, plus every token fed
-    back to the model. ignore_eos fixes every length, so the two counts must be equal."""
+    back to the model. ignore_eos fixes every length, so the two counts must be equal, but
+    for the twin rows the native engine computed once (twins.py), which its
+    alignserve_twin_tokens_total counts."""
     for extra in ({"n": 4}, {"n": 1, "extra_body": {"alignment": {"strategy": "best_of_n",
                                                                     "candidates": 4}}}):
         counts = []
+        twins_before = _sample_value(_metrics(live_server.base_url), "alignserve_twin_tokens_total")
         for c in (vllm_client, client):
             kw = dict(extra)
             body = kw.pop("extra_body", {})
@@ -135,8 +139,10 @@ def test_model_tokens_mean_the_same_on_both_engines(vllm_server, vllm_client, cl
                                      max_tokens=6, temperature=1,
                                      extra_body={"ignore_eos": True, **body}, **kw)
             counts.append((r.usage.prompt_tokens, r.model_extra["alignment"]["model_tokens"]))
+        twins = _sample_value(_metrics(live_server.base_url),
+                              "alignserve_twin_tokens_total") - twins_before
         (prompt, on_vllm), (_, on_native) = counts
-        assert on_vllm == on_native == prompt + 4 * (6 - 1), (extra, counts)
+        assert on_vllm == on_native + twins == prompt + 4 * (6 - 1), (extra, counts, twins)
 
 
 def test_vllm_validation_errors_are_400s():
