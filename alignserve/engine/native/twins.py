@@ -1,8 +1,8 @@
 """Twin rows: samples of one request that are the same sequence in a decode step.
 
 N samples forked from one prompt draw their first tokens from the same distribution, and a
-chat model's first tokens are few ("The", "A"): of 16 samples at temperature 0.7 only about 4
-differ after one token and 8 after two (bench/prune_sim.py's pool of keyword prompts). Rows
+chat model's first tokens are few ("The", "A"): 16 samples at temperature 0.7 start with about
+4 distinct tokens and 8 distinct pairs (bench/prune_sim.py's pool of keyword prompts). Rows
 with the same KV (the same shared segments, the same tokens in their own leaves) that feed the
 same token at the same position compute the same K, V and logits. The step computes one of
 them, the representative; each twin gets a copy of its new K/V slot and its logits, and goes
