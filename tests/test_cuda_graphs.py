@@ -20,7 +20,7 @@ from alignserve.engine.native.attention import DecodePlan, ExtendPlan
 from alignserve.engine.native.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner
 from alignserve.engine.native.kv_cache import KVCache, Segment
 from alignserve.engine.native.model import CausalLM, ModelConfig
-from alignserve.engine.protocol import SamplingParams
+from alignserve.engine.protocol import SamplingParams, TokenTally
 from tests.tolerance import model_tol
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -519,3 +519,52 @@ def test_cuda_slot_tensors_are_built_once_whatever_the_device_spelling():
     assert seg.slot_tensor(t.device) is t
     cache = KVCache(2, 64, 2, 16, torch.float32, torch.device("cuda"))
     assert cache.device == t.device
+
+
+# ----------------------------------------------------------------------------------------------
+# twin rows (twins.py) through the runner: computed once, KV copied, read back exactly
+# ----------------------------------------------------------------------------------------------
+
+def _twins_run(device: str):
+    engine = _engine(cuda_graphs=True, device=device)
+    engine.twin_rows = True
+    prompt = list(range(3, 40))
+
+    async def go():
+        await engine.start()
+        try:
+            tally = TokenTally()
+            root = await engine.prefill(prompt, tally)
+            seqs = await engine.fork(root, 8)
+            await engine.release([root])
+            # cool enough that the first tokens coincide, warm enough that branches part
+            params = SamplingParams(temperature=0.5, max_tokens=10, ignore_eos=True, seed=5,
+                                    logprobs=0)
+            async for _ in engine.generate(seqs, params, tally=tally):
+                pass
+            branches = [(s.output_ids, [e["logprob"] for e in s.logprobs]) for s in seqs]
+            await engine.release(seqs)
+            fresh = []
+            for out, _ in branches:
+                seq = await engine.prefill(prompt + out, prompt_logprobs=0)
+                fresh.append([e["logprob"] for e in seq.prompt_logprobs[len(prompt):]])
+                await engine.release([seq])
+            return branches, fresh, tally, engine.decode_runner.steps
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_cuda_engine_twins_read_exact_kv(device):
+    """Twins share their first tokens, are computed once through the runner (captured on
+    CUDA), get copies of the representative's KV, and after they part every token's log-prob
+    matches a fresh pass over the branch."""
+    branches, fresh, tally, steps = _twins_run(device)
+    outputs = [o for o, _ in branches]
+    assert tally.decode == sum(len({tuple(o[:t]) for o in outputs}) for t in range(1, 10))
+    assert tally.decode < 8 * 9 and steps == 9
+    assert any(a[0] == b[0] and a != b for a in outputs for b in outputs)
+    for (_, sampled), again in zip(branches, fresh):
+        torch.testing.assert_close(torch.tensor(sampled), torch.tensor(again), **TINY_TOL)
