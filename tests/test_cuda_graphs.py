@@ -526,6 +526,8 @@ def test_cuda_slot_tensors_are_built_once_whatever_the_device_spelling():
 # ----------------------------------------------------------------------------------------------
 
 def _twins_run(device: str):
+    from tests.test_engine_twins import branch_logprobs
+
     engine = _engine(cuda_graphs=True, device=device)
     engine.twin_rows = True
     prompt = list(range(3, 40))
@@ -542,13 +544,7 @@ def _twins_run(device: str):
                                     logprobs=0)
             async for _ in engine.generate(seqs, params, tally=tally):
                 pass
-            branches = [(s.output_ids, [e["logprob"] for e in s.logprobs]) for s in seqs]
-            await engine.release(seqs)
-            fresh = []
-            for out, _ in branches:
-                seq = await engine.prefill(prompt + out, prompt_logprobs=0)
-                fresh.append([e["logprob"] for e in seq.prompt_logprobs[len(prompt):]])
-                await engine.release([seq])
+            branches, fresh = await branch_logprobs(engine, seqs, prompt)
             return branches, fresh, tally, engine.decode_runner.steps
         finally:
             await engine.close()

@@ -21,6 +21,19 @@ def engine(exact_engine):
     return exact_engine
 
 
+async def branch_logprobs(engine, seqs, prompt):
+    """Release `seqs` (generated with logprobs); per branch its output, the log-probs it was
+    sampled with, and the same tokens' log-probs from a fresh prefill of prompt + output."""
+    branches = [(s.output_ids, [e["logprob"] for e in s.logprobs]) for s in seqs]
+    await engine.release(seqs)
+    fresh = []
+    for out, _ in branches:
+        seq = await engine.prefill(prompt + out, prompt_logprobs=0)
+        fresh.append([e["logprob"] for e in seq.prompt_logprobs[len(prompt):]])
+        await engine.release([seq])
+    return branches, fresh
+
+
 async def _forked(engine, ids, n, params, tally):
     root = await engine.prefill(ids, tally)
     kids = await engine.fork(root, n)
@@ -57,14 +70,7 @@ def test_twins_that_diverge_read_exact_kv(engine):
     async def go():
         tally = TokenTally()
         kids = await _forked(engine, ids, 16, sampled, tally)
-        branches = [(k.output_ids, [e["logprob"] for e in k.logprobs]) for k in kids]
-        await engine.release(kids)
-        fresh = []
-        for out, _ in branches:
-            seq = await engine.prefill(ids + out, prompt_logprobs=0)
-            fresh.append([e["logprob"] for e in seq.prompt_logprobs[len(ids):]])
-            await engine.release([seq])
-        return branches, fresh, tally
+        return (*await branch_logprobs(engine, kids, ids), tally)
 
     branches, fresh, tally = run(engine, go())
     outputs = [o for o, _ in branches]
