@@ -102,3 +102,6 @@ def test_a_keyword_at_the_end_may_still_grow(registry):
     assert kw.sure_of_ceiling(texts) == [False, True, True]
     assert kw.reaches_ceiling(kw.score(["Under the sun, C++"])[0])
     assert not kw.reaches_ceiling(kw.score(["Under the sunset, C++"])[0])
+    # a keyword's surrounding spaces are not part of it: "dog " may still grow into "dogs"
+    spaced = registry.build([{"name": "keywords", "keywords": ["dog "]}])
+    assert spaced.sure_of_ceiling(["the dog", "the dog."]) == [False, True]

@@ -55,8 +55,9 @@ class KeywordsReward:
         self.keywords = list(keywords)
         self._patterns = [_keyword_pattern(k) for k in keywords]
         # a keyword ending in a word character can still grow at the text's end ("sun" ->
-        # "sunset"); one ending in punctuation ("C++") cannot: the next word needs a gap
-        self._may_grow = [bool(re.match(r"\w", k[-1])) for k in keywords]
+        # "sunset"); one ending in punctuation ("C++") cannot: the next word needs a gap. The
+        # pattern ignores surrounding spaces ("dog " matches "dog"), so its last character does
+        self._may_grow = [bool(re.match(r"\w", k.rstrip()[-1])) for k in keywords]
 
     def score(self, texts: list[str], prompt: str = "") -> list[float]:
         n = len(self._patterns)
