@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,21 +42,21 @@ def kernel_rows(iters: int) -> list[dict]:
         q = torch.randn(m, H, D, generator=g)
         k, v = torch.randn(2, length, KVH, D, generator=g).unbind(0)
         rows.append({"case": "prefix", "queries": m, "keys": length,
-                     "reference_ms": median_ms(lambda: attention_lse_reference(q, k, v, 0.125), iters),
-                     "fused_ms": median_ms(lambda: attention_fused.attention_lse(q, k, v, 0.125), iters)})
+                     "reference_ms": median_ms(partial(attention_lse_reference, q, k, v, 0.125), iters),
+                     "fused_ms": median_ms(partial(attention_fused.attention_lse, q, k, v, 0.125), iters)})
     for b, lmax in ((16, 64), (64, 64), (64, 128)):
         q = torch.randn(b, H, D, generator=g)
         k, v = torch.randn(2, b, lmax, KVH, D, generator=g).unbind(0)
         lengths = torch.randint(1, lmax + 1, (b,), generator=g)
         rows.append({"case": "leaf", "queries": b, "keys": lmax,
-                     "reference_ms": median_ms(lambda: padded_attention_lse_reference(q, k, v, lengths, 0.125), iters),
-                     "fused_ms": median_ms(lambda: attention_fused.padded_attention_lse(q, k, v, lengths, 0.125), iters)})
+                     "reference_ms": median_ms(partial(padded_attention_lse_reference, q, k, v, lengths, 0.125), iters),
+                     "fused_ms": median_ms(partial(attention_fused.padded_attention_lse, q, k, v, lengths, 0.125), iters)})
     for n in (256, 512):
         q = torch.randn(n, H, D, generator=g)
         k, v = torch.randn(2, n, KVH, D, generator=g).unbind(0)
         rows.append({"case": "causal", "queries": n, "keys": n,
-                     "reference_ms": median_ms(lambda: attention_lse_reference(q, k, v, 0.125, 0), iters),
-                     "fused_ms": median_ms(lambda: attention_fused.attention_lse(q, k, v, 0.125, causal=True), iters)})
+                     "reference_ms": median_ms(partial(attention_lse_reference, q, k, v, 0.125, 0), iters),
+                     "fused_ms": median_ms(partial(attention_fused.attention_lse, q, k, v, 0.125, causal=True), iters)})
     for r in rows:
         r["reference_ms"], r["fused_ms"] = round(r["reference_ms"], 3), round(r["fused_ms"], 3)
         r["speedup"] = round(r["reference_ms"] / r["fused_ms"], 2)

@@ -92,8 +92,8 @@ async def main(args) -> None:
         "kv_bytes": {"one_sequence_2048": one, "best_of_16_2048": sixteen, "ratio": sixteen / one},
         "goals": {"best_of_8": "<= 2x sample", "best_of_16": "<= 3x sample", "kv_ratio": "< 2"},
     }
-    for k in median:
-        print(f"{k:>12}: {median[k]:.2f} s  ({ratios[k]:.2f}x sample, {tokens[k]} model tokens)")
+    for k, seconds in median.items():
+        print(f"{k:>12}: {seconds:.2f} s  ({ratios[k]:.2f}x sample, {tokens[k]} model tokens)")
     print(f"KV for best-of-16 on 2048 tokens: {sixteen / 2**20:.1f} MiB vs one sequence "
           f"{one / 2**20:.1f} MiB ({sixteen / one:.2f}x)")
     print("wrote", write_result("bon_cpu", result))

@@ -16,7 +16,8 @@ def provenance(device: str | None = None) -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
+                                    capture_output=True, text=True, cwd=Path(__file__).parent,
+                                    check=False).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     if device is None:

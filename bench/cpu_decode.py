@@ -40,8 +40,8 @@ def linear_rows(engine: NativeEngine) -> list[dict]:
             xs = {n: torch.randn(rows, n) for n in {m.weight.shape[1] for m in linears}}
             xb = {n: x.bfloat16() for n, x in xs.items()}
             ms = {name: round(median_ms(step, 5), 1) for name, step in (
-                ("fp32", lambda: [F.linear(xs[m.weight.shape[1]], m.weight) for m in linears]),
-                ("bf16", lambda: [F.linear(xb[m.weight.shape[1]], m.weight_bf16) for m in linears]),
+                ("fp32", lambda xs=xs: [F.linear(xs[m.weight.shape[1]], m.weight) for m in linears]),
+                ("bf16", lambda xb=xb: [F.linear(xb[m.weight.shape[1]], m.weight_bf16) for m in linears]),
             )}
             out.append({"rows": rows, "fp32_ms": ms["fp32"], "bf16_ms": ms["bf16"],
                         "speedup": round(ms["fp32"] / ms["bf16"], 2)})

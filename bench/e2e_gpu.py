@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-from shapes import SHAPES, build_model, hf_config_kwargs, random_prompt  # noqa: E402
+import torch
+from shapes import SHAPES, build_model, hf_config_kwargs, random_prompt
 
 
 def best_time(run, reps: int) -> float:

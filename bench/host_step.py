@@ -29,14 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from common import provenance, write_result  # noqa: E402
-from e2e_gpu import IdsTokenizer  # noqa: E402
-from shapes import build_model, random_prompt  # noqa: E402
+import torch
+from common import provenance, write_result
+from e2e_gpu import IdsTokenizer
+from shapes import build_model, random_prompt
 
-from alignserve.engine.native import sampler  # noqa: E402
-from alignserve.engine.native.engine import NativeEngine  # noqa: E402
-from alignserve.engine.protocol import SamplingParams  # noqa: E402
+from alignserve.engine.native import sampler
+from alignserve.engine.native.engine import NativeEngine
+from alignserve.engine.protocol import SamplingParams
 
 
 class Clock:

@@ -31,13 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result  # noqa: E402
+from common import provenance, write_result
 
-from alignserve.decoding import STRATEGIES, DecodeContext, DecodeRequest  # noqa: E402
-from alignserve.engine.native import cpu_linear  # noqa: E402
-from alignserve.engine.native.engine import NativeEngine  # noqa: E402
-from alignserve.engine.protocol import SamplingParams  # noqa: E402
-from alignserve.rewardmodels.compose import RewardRegistry  # noqa: E402
+from alignserve.decoding import STRATEGIES, DecodeContext, DecodeRequest
+from alignserve.engine.native import cpu_linear
+from alignserve.engine.native.engine import NativeEngine
+from alignserve.engine.protocol import SamplingParams
+from alignserve.rewardmodels.compose import RewardRegistry
 
 PROMPT_TOKENS = 1447
 TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, counting the steps and "

@@ -27,14 +27,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_result  # noqa: E402
-from native_cpu import PROMPT_TOKENS, TEXT, VARIANTS, cpu_info  # noqa: E402
+from common import provenance, write_result
+from native_cpu import PROMPT_TOKENS, TEXT, VARIANTS, cpu_info
 
-from alignserve.engine.native import cpu_linear  # noqa: E402
-from alignserve.engine.native.attention import DecodePlan, ExtendPlan  # noqa: E402
-from alignserve.engine.native.engine import NativeEngine  # noqa: E402
-from alignserve.engine.native.kv_cache import Segment  # noqa: E402
-from alignserve.kernels import dispatch  # noqa: E402
+from alignserve.engine.native import cpu_linear
+from alignserve.engine.native.attention import DecodePlan, ExtendPlan
+from alignserve.engine.native.engine import NativeEngine
+from alignserve.engine.native.kv_cache import Segment
+from alignserve.kernels import dispatch
 
 _kernel_call = dispatch.cpu_step_attention
 
@@ -90,7 +90,7 @@ def main() -> int:
             times = []
             for _ in range(3):
                 box = {}
-                times.append(timed(lambda: box.setdefault("chain", prefill(bf16))))
+                times.append(timed(lambda box=box, bf16=bf16: box.setdefault("chain", prefill(bf16))))
                 kv.release(box["chain"], 1, {1: box["chain"]})
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 chain = prefill(bf16)
@@ -105,7 +105,7 @@ def main() -> int:
                 chains = kv.fork(chain, 1, ids)
                 length = [len(prompt)]
 
-                def steps(k: int) -> None:
+                def steps(k: int, chains=chains, n=n, length=length) -> None:
                     for _ in range(k):
                         slots = [kv.append_slots(c, 1)[0] for c in chains]
                         plan = DecodePlan(kv, chains, slots, engine.scale)

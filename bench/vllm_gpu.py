@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import hf_config_kwargs, random_prompt  # noqa: E402
+from shapes import hf_config_kwargs, random_prompt
 
 MODEL = "smollm2-135m"
 SHAPE = hf_config_kwargs(MODEL)

@@ -4,6 +4,7 @@ count, tied weights, and the embedded model's decode staying within bf16 roundin
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_swap_keeps_tied_weights_and_counts():
 
 def test_the_default_follows_the_cpus_bf16_units():
     flags = set()
-    for line in open("/proc/cpuinfo").read().splitlines():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
@@ -132,7 +133,7 @@ def test_embedded_model_decodes_within_bf16_rounding_of_fp32(live_server, max_ro
         finally:
             set_few_rows(engine.model, previous)
 
-    run = lambda c: asyncio.run_coroutine_threadsafe(c, engine.loop).result(300)  # noqa: E731
+    run = lambda c: asyncio.run_coroutine_threadsafe(c, engine.loop).result(300)
     exact_ids, exact = run(greedy(0))
     fast_ids, fast = run(greedy(max_rows))
     # FEW_ROWS: only the one-row calls (the last prompt token's head, then decode) round to

@@ -100,7 +100,7 @@ def test_concurrent_requests_share_decode_steps(engine):
         alone_a = await one(ids_a, 0)
         steps_alone = engine.stats().steps - steps0
         steps1 = engine.stats().steps
-        a, b = await asyncio.gather(one(ids_a, 0), one(ids_b, 0.05))
+        a, _ = await asyncio.gather(one(ids_a, 0), one(ids_b, 0.05))
         return alone_a, a, steps_alone, engine.stats().steps - steps1
 
     alone_a, a, steps_alone, steps_both = run(engine, go())

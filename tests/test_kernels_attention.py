@@ -321,10 +321,10 @@ if CHILD:
         """The decode step as the GPU runs it (the Triton kernels, plans laid out for graphs,
         whole steps on static buffers with the plan bound to them; uncaptured here) against
         the same steps on the references."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
         from alignserve.engine.native.cuda_graphs import DecodeGraphRunner
         from tests.test_cuda_graphs import assert_step_close, decode_both, tiny_model
-
-        from torch.utils._python_dispatch import TorchDispatchMode
 
         class RecordOps(TorchDispatchMode):
             def __init__(self):

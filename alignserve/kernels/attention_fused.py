@@ -62,7 +62,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                   causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """attention_lse_reference's result. `causal` (then M == L): query i sees keys j <= i."""
     m, h, d = q.shape
-    length, kvh, _ = k.shape
+    _, kvh, _ = k.shape
     g = h // kvh
     if causal:
         # Positions follow the query index, so every query head gets its own row of heads:
@@ -149,7 +149,7 @@ def _check_cuda(device: torch.device) -> bool:
                             "prefill attention uses the reference")
                 return False
         return True
-    except Exception as exc:  # a private op: any failure means "do not use it"
+    except Exception as exc:  # noqa: BLE001  (a private op: any failure means "do not use it")
         log.warning("torch's CUDA flash attention is unusable here (%s); prefill attention "
                     "uses the reference", exc)
         return False

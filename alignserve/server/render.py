@@ -7,7 +7,6 @@ from typing import Any
 
 from alignserve.decoding.base import ChoiceFinal, RequestSummary
 from alignserve.server.prepare import Prepared
-from alignserve.server.structured import ParsedAnswer, parse_tool_calls
 from alignserve.server.protocol import (
     AlignmentReport,
     AssistantMessage,
@@ -29,6 +28,7 @@ from alignserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from alignserve.server.structured import ParsedAnswer, parse_tool_calls
 
 Chunk = ChatCompletionChunk | CompletionChunk
 

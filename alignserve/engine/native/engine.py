@@ -174,8 +174,10 @@ class NativeEngine(TextCodec):
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
                 pass
+            except Exception:  # the loop died of a bug: closing goes on, but say so
+                log.exception("the engine loop had failed")
             self._task = None
         # The compute thread is the process's, not this engine's: it stays; a step in flight
         # finishes before close returns (what the thread runs next waits behind it).

