@@ -53,7 +53,9 @@ setup-test: $(VENV)/.installed-test
 serve: $(VENV)/.installed-serve
 	$(BIN)/alignserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
+# Lint first (seconds): a finding fails the run like a failing test.
 test: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check alignserve tests bench
 	$(BIN)/python -m pytest -q tests
 
 # Regenerate the locks from pyproject.toml: the test lock (every extra CI needs, vLLM's CPU build
