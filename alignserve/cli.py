@@ -86,8 +86,10 @@ def load_engine(settings: Any) -> Any:
 
 def vllm_load_kwargs(settings: Any) -> dict[str, Any]:
     """VllmEngine.load's keywords from the settings: amateurs and value models by name for its
-    logits processor, and the vLLM engine arguments the flags set (they override those in
-    ALIGNSERVE_VLLM_ENGINE_ARGS)."""
+    logits processor, and the vLLM engine arguments the flags set. Only gpu_memory_utilization,
+    max_model_len and load_format dummy (VllmEngine.load's engine_kwargs) override those in
+    ALIGNSERVE_VLLM_ENGINE_ARGS; the parallel sizes and compile (enforce_eager) are overridden
+    by them."""
     kw: dict[str, Any] = {
         "served_model_name": settings.served_model_name,
         "tensor_parallel_size": settings.tensor_parallel_size,

@@ -253,6 +253,8 @@ def test_api_keys_from_flags_and_environment(monkeypatch):
         ServerSettings(max_regex_chars=10**6).check()
     with pytest.raises(ValueError, match="max-running-requests"):
         ServerSettings(max_running_requests=0).check()
+    with pytest.raises(ValueError, match="disconnect-poll-s must be positive"):
+        ServerSettings(disconnect_poll_s=0).check()
 
 
 def test_auth_on_every_v1_route(live_server, model_name):

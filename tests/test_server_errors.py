@@ -86,6 +86,13 @@ CHAT_CASES = [
      "alignment.candidates"),
     ({"messages": MSG, "alignment": {"strategy": "best_of_n", "candidates": "many"}}, 400,
      "alignment.candidates"),
+    # strategy keys are strict, as the request's own fields: a wrong JSON type is never coerced
+    ({"messages": MSG, "alignment": {"strategy": "best_of_n", "candidates": "8"}}, 400,
+     "alignment.candidates"),
+    ({"messages": MSG, "alignment": {"strategy": "vas", "keep_non_candidates": "yes"}}, 400,
+     "alignment.keep_non_candidates"),
+    ({"messages": MSG, "alignment": {"strategy": "vas", "value_models": [
+        {"name": "sentiment-positive", "weight": "2"}]}}, 400, "alignment.value_models[0].weight"),
     ({"messages": MSG, "alignment": {"strategy": "best_of_n", "extra_knob": 1}}, 400,
      "alignment.extra_knob"),
     ({"messages": MSG, "model": "gpt-4"}, 404, "model"),

@@ -20,9 +20,11 @@ from alignserve.engine.protocol import Engine, SamplingParams, TokenTally
 
 
 class StrategyParams(BaseModel):
-    """Base of each strategy's own `alignment` keys: unknown keys are an error."""
+    """Base of each strategy's own `alignment` keys: unknown keys are an error, and so is a JSON
+    value of the wrong type (strict, as the request model: `"candidates": "8"` is a 400, not 8;
+    ints are accepted where floats go)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StrategyInputError(ValueError):

@@ -61,7 +61,7 @@ MAX_CANDIDATES = 64
 
 
 class ValueModelRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as StrategyParams
 
     name: str = Field(min_length=1, max_length=200, description="A value model this server offers "
                       "(GET /v1/alignment lists them).")

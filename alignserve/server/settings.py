@@ -233,6 +233,8 @@ class ServerSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("--max-prompt-tokens must be at least 1")
+        if self.disconnect_poll_s <= 0:  # 0 would spin the wait loop
+            raise ValueError("--disconnect-poll-s must be positive")
         if self.grammar_compile_timeout <= 0:
             raise ValueError("--grammar-compile-timeout must be positive")
         if self.regex_timeout <= 0:
