@@ -31,6 +31,13 @@ model's readiness to write a missing keyword or to end the sentence (those signa
 tied pairs by their final coverage barely better than chance: 0.47-0.60 of pairs). Ranking by
 the final reward (an oracle) reached best_of_16 at 0.30x on the earlier pool: the limit is how
 little a few tokens say about the finished text.
+A learned value does not move that frontier on this model either. Ranking by a probe of the
+hidden state the server has at a boundary (bench/value_probe.py, cross-fitted on the tuning
+items: ridge value-probe-20261207-050724, a small network -050907) takes segment 3, keep 0.6
+from 0.044 to 0.035 below best_of_16 at 0.36x at best; ranking by 8 rollouts from each partial
+answer (bench/value_mc.py, value-mc-20261207-050548; not a rule to serve, the rollouts cost far
+more than the search) reaches 0.018 there. What decides is in the model's future samples, not
+in a readout of its present state.
 """
 
 from __future__ import annotations
