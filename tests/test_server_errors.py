@@ -115,7 +115,11 @@ COMPLETION_CASES = [
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "seed": 2**64 - 1}, 400, "seed"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
+    # best_of is honoured (best_of_n without rewards), within its own checks
+    ({"prompt": "x", "best_of": 2, "n": 3}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 0}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 65}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 3, "alignment": {"strategy": "best_of_n"}}, 400, "best_of"),
     ({"prompt": "x", "messages": MSG}, 400, "messages"),
     ({"prompt": "x", "model": "nope"}, 404, "model"),
 ]

@@ -48,6 +48,20 @@ def test_spec_fields_are_accepted_and_change_nothing(client, model_name, caplog)
     assert r.choices[0].text
 
 
+def test_best_of_returns_the_likeliest_of_its_samples(client, model_name):
+    """Legacy completions' `best_of`: best_of samples, the n with the highest cumulative
+    log-probability returned, as best_of_n without rewards does (the alignment report says so)."""
+    kw = {"model": model_name, "prompt": PROMPT, "max_tokens": 6, "seed": 7, "logprobs": 0}
+    r = client.completions.create(best_of=4, n=2, **kw)
+    report = r.model_extra["alignment"]
+    assert report["strategy"] == "best_of_n" and report["candidates_scored"] == 4, report
+    sums = [sum(c.logprobs.token_logprobs) for c in sorted(r.choices, key=lambda c: c.index)]
+    assert len(sums) == 2 and sums[0] >= sums[1]
+    same = client.completions.create(
+        extra_body={"alignment": {"strategy": "best_of_n", "candidates": 4}}, n=2, **kw)
+    assert _texts(same) == _texts(r)  # the same request, spelled as the extension
+
+
 def test_history_with_assistant_extras(client, model_name):
     """An assistant turn as clients send their history back: refusal, null tool fields."""
     messages = [

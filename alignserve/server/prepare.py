@@ -169,6 +169,7 @@ class Preparer:
 
     def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         self._check_common(req)
+        self._check_best_of(req)
         if req.max_tokens == 0 and not req.echo:
             raise APIError("max_tokens 0 asks for nothing: it is allowed only with `echo: true` "
                            "(the prompt, with its log-probs when `logprobs` is set).",
@@ -209,6 +210,23 @@ class Preparer:
         prepared.echoes = texts if req.echo else []
         prepared.grammar = spec
         return prepared
+
+    def _check_best_of(self, req: CompletionRequest) -> None:
+        """`best_of` is best_of_n without rewards (protocol: alignment_or_default); its errors
+        name `best_of`, not the alignment keys the client never sent."""
+        best_of = req.best_of or 1
+        if best_of == 1:
+            return
+        if req.alignment is not None:
+            raise APIError("`best_of` above 1 cannot be combined with `alignment`: give the "
+                           "strategy's own `candidates` instead.", param="best_of")
+        if best_of < req.n:
+            raise APIError(f"best_of ({best_of}) must be at least n ({req.n}): the best n of "
+                           "best_of samples are returned.", param="best_of")
+        most = self.settings.max_candidates
+        if best_of > most:
+            raise APIError(f"best_of is {best_of}; this server allows at most {most} "
+                           f"({flag('max_candidates')}).", param="best_of")
 
     # -- shared steps
 

@@ -355,17 +355,17 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = None
+    # best_of > 1: that many samples, the best n returned (best_of_n without rewards: the
+    # highest cumulative log-probability); checked against n and the limits in prepare
+    best_of: Annotated[int, Field(ge=1)] | None = None
     response_format: ResponseFormat | None = None  # vLLM's extension: JSON on completions
 
     _no_suffix = field_validator("suffix")(_unsupported("`suffix`"))
 
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError('use `alignment: {"strategy": "best_of_n", "candidates": N}`')
-        return value
+    def alignment_or_default(self) -> AlignmentRequest:
+        if self.alignment is None and self.best_of is not None and self.best_of > 1:
+            return AlignmentRequest(strategy="best_of_n", candidates=self.best_of)
+        return super().alignment_or_default()
 
     @field_validator("prompt")
     @classmethod
