@@ -18,7 +18,10 @@ CHAT_CASES = [
     ({"messages": []}, 400, "messages"),
     ({}, 400, "messages"),
     ({"messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
-    ({"messages": [{"role": "function", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, 400, "messages[0]"),  # no name
+    ({"messages": [{"role": "user", "content": "x", "function_call": {"name": "f",
+                                                                       "arguments": "{}"}}]},
+     400, "messages[0]"),
     ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, 400, "messages[0].extra"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages[0].content"),
@@ -52,7 +55,13 @@ CHAT_CASES = [
     ({"messages": MSG, "seed": -(2**63) - 1}, 400, "seed"),
     ({"messages": MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
     ({"messages": MSG, "audio": {"voice": "alloy", "format": "mp3"}}, 400, "audio"),
-    ({"messages": MSG, "function_call": {"name": "f"}}, 400, "function_call"),
+    ({"messages": MSG, "function_call": {"name": "f"}}, 400, "function_call"),  # no functions
+    ({"messages": MSG, "functions": [{"name": "f"}], "function_call": {"name": "g"}}, 400,
+     "function_call.name"),
+    ({"messages": MSG, "functions": [{"name": "f", "parameters": {"type": "nope"}}]}, 400,
+     "functions[0].parameters.type"),
+    ({"messages": MSG, "functions": [{"name": "f"}], "tools": [
+        {"type": "function", "function": {"name": "g"}}]}, 400, "functions"),
     ({"messages": MSG, "store": "yes"}, 400, "store"),
     ({"messages": MSG, "metadata": {"k": 1}}, 400, "metadata.k"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [

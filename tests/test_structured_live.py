@@ -234,6 +234,57 @@ def test_streamed_tool_call_chunks_have_openai_shape(http, model_name):
     assert reasons == ["tool_calls"]
 
 
+# ---------------------------------------------------------------- the deprecated `functions`
+
+LEGACY_WEATHER = WEATHER["function"]
+
+
+def test_legacy_functions_answer_with_one_function_call(client, model_name):
+    """`functions` / `function_call` (deprecated, still sent by older clients) are served as
+    tools and answered in their own shape: message.function_call, finish_reason
+    function_call; the reply comes back as a `function` message."""
+    r = client.chat.completions.create(
+        model=model_name, messages=WEATHER_ASK, functions=[LEGACY_WEATHER],
+        function_call={"name": "get_weather"}, max_tokens=MAX, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "function_call", choice
+    assert choice.message.tool_calls is None and choice.message.function_call is not None
+    call = choice.message.function_call
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), LEGACY_WEATHER["parameters"])
+    history = WEATHER_ASK + [
+        {"role": "assistant", "content": None,
+         "function_call": {"name": call.name, "arguments": call.arguments}},
+        {"role": "function", "name": "get_weather", "content": '{"temp_c": 18, "sky": "clear"}'}]
+    answer = client.chat.completions.create(model=model_name, messages=history,
+                                            functions=[LEGACY_WEATHER], function_call="none",
+                                            max_tokens=24, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].message.function_call is None and answer.choices[0].message.content
+
+
+def test_legacy_function_call_streams_in_its_shape(http, model_name):
+    body = {"model": model_name, "messages": WEATHER_ASK, "functions": [LEGACY_WEATHER],
+            "function_call": {"name": "get_weather"}, "max_tokens": MAX, "temperature": 0,
+            "stream": True}
+    deltas, reasons = [], []
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                deltas.append(c["delta"])
+                if c.get("finish_reason"):
+                    reasons.append(c["finish_reason"])
+    assert not any("tool_calls" in d for d in deltas)
+    pieces = [d["function_call"] for d in deltas if "function_call" in d]
+    assert pieces[0]["name"] == "get_weather"
+    arguments = "".join(p.get("arguments", "") for p in pieces)
+    jsonschema.validate(json.loads(arguments), LEGACY_WEATHER["parameters"])
+    assert reasons == ["function_call"]
+
+
 # ---------------------------------------------------------------- refusals
 
 def _error(http, body: dict) -> tuple[int, dict]:

@@ -41,7 +41,7 @@ from alignserve.server.protocol import (
     SamplingFields,
 )
 from alignserve.server.settings import ServerSettings
-from alignserve.server.structured import grammar_spec_for, render_messages
+from alignserve.server.structured import ChosenFunction, grammar_spec_for, render_messages
 
 log = logging.getLogger("alignserve.server")
 
@@ -65,6 +65,21 @@ def flag(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+def legacy_param(err: APIError) -> APIError:
+    """A tools error of a `functions` request, named as that request spelled it."""
+    wire_param = param = err.param or ""
+    for wire, legacy in (("tools[", "functions["), ("tool_choice.function.", "function_call."),
+                         ("tool_choice", "function_call")):
+        if param.startswith(wire):
+            param = legacy + param[len(wire):]
+            break
+    param = param.replace("].function.", "].", 1) if param.startswith("functions[") else param
+    message = err.message
+    if wire_param and message.startswith(wire_param):  # messages that lead with the path
+        message = param + message[len(wire_param):]
+    return APIError(message, param=param or None, status=err.status)
+
+
 @dataclass
 class Prepared:
     """Everything the response side needs besides the decode events."""
@@ -83,6 +98,7 @@ class Prepared:
     # structured outputs: what the answer is held to (compiled into sampling.grammar by the
     # app before decoding), and the tools whose calls are parsed out of a finished answer
     grammar: GrammarSpec | None = None
+    legacy_functions: bool = False  # answered as message.function_call (a `functions` request)
 
     @property
     def tool_names(self) -> list[str]:
@@ -123,13 +139,17 @@ class Preparer:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
+        tools, choice, parallel = req.tools, req.tool_choice, req.parallel_tool_calls
+        if req.functions or isinstance(req.function_call, ChosenFunction):  # []: nothing asked
+            tools, choice, parallel = self._legacy_tools(req)
         # `tools: []` with tool_choice none/auto (clients that always send both) asks for nothing
-        choice = (None if req.tool_choice in ("none", "auto") and not req.tools
-                  else req.tool_choice)
-        spec = grammar_spec_for(req.response_format, req.tools, choice,
-                                req.parallel_tool_calls)
+        choice = None if choice in ("none", "auto") and not tools else choice
+        try:
+            spec = grammar_spec_for(req.response_format, tools, choice, parallel)
+        except APIError as e:
+            raise legacy_param(e) if req.legacy_functions else e from None
         self._check_grammar(req, spec)
-        messages = render_messages(req.messages, req.tools, spec)
+        messages = render_messages(req.messages, tools, spec)
         try:
             prompt_text, prompt_ids = self.engine.encode_chat(messages)
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
@@ -138,7 +158,24 @@ class Preparer:
         prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
                                 "messages", request_id)
         prepared.grammar = spec
+        prepared.legacy_functions = req.legacy_functions
         return prepared
+
+    @staticmethod
+    def _legacy_tools(req: ChatCompletionRequest) -> tuple[Any, Any, bool]:
+        """The deprecated `functions` / `function_call` as tools, one call at most (what a
+        legacy client reads back is one `message.function_call`)."""
+        if req.tools:
+            raise APIError("Give `tools` or the deprecated `functions`, not both.",
+                           param="functions")
+        if req.tool_choice is not None:
+            raise APIError("`tool_choice` goes with `tools`; with `functions` it is "
+                           "`function_call`.", param="tool_choice")
+        if not req.functions:
+            raise APIError("`function_call` naming a function needs `functions`.",
+                           param="function_call")
+        tools, choice = req.legacy_tools()
+        return tools, choice, False
 
     def _check_grammar(self, req: SamplingFields, spec: GrammarSpec | None) -> None:
         """What a grammar cannot be combined with, as 400s naming the field."""

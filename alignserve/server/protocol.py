@@ -23,6 +23,9 @@ from pydantic import (
 
 from alignserve.engine.protocol import SamplingParams
 from alignserve.server.structured import (
+    ChosenFunction,
+    FunctionDefinition,
+    NamedToolChoice,
     ResponseFormat,
     ResponseToolCall,
     ToolCall,
@@ -104,10 +107,10 @@ def _empty_only(what: str) -> Any:
 
 class ChatMessage(RequestModel):
     # `tool` replies answer an earlier assistant message's `tool_calls` (by `tool_call_id`);
-    # the deprecated `function` role is not offered.
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # the deprecated `function` role answers an assistant's legacy `function_call` (by `name`).
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextContentPart | RefusalContentPart] | None = None
-    name: str | None = None  # accepted and ignored (chat templates have no place for it)
+    name: str | None = None  # ignored (chat templates have no place for it) but on `function`
     # assistant turns, as clients send their history back
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -117,13 +120,21 @@ class ChatMessage(RequestModel):
 
     IGNORED = ("name",)
 
-    _no_function_call = field_validator("function_call")(_empty_only("`function_call`"))
     _no_audio = field_validator("audio")(_empty_only("Audio (`audio`)"))
 
     @model_validator(mode="after")
     def _content_by_role(self) -> ChatMessage:
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry `tool_calls`")
+        if self.function_call:  # the legacy call: {name, arguments}, as a tool call's function
+            if self.role != "assistant":
+                raise ValueError("only assistant messages carry `function_call`")
+            if not (isinstance(self.function_call.get("name"), str)
+                    and isinstance(self.function_call.get("arguments"), str)
+                    and len(self.function_call) == 2):
+                raise ValueError("`function_call` is {\"name\": string, \"arguments\": string}")
+        if self.role == "function" and not self.name:
+            raise ValueError("a `function` message needs the `name` of the function it answers")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("`tool_call_id` is required on tool messages, and only there")
         if self.role != "assistant":
@@ -132,9 +143,21 @@ class ChatMessage(RequestModel):
             if isinstance(self.content, list) and any(
                     isinstance(p, RefusalContentPart) for p in self.content):
                 raise ValueError("refusal parts belong to assistant messages")
-        elif self.content is None and self.refusal is None and not self.tool_calls:
-            raise ValueError("an assistant message needs `content`, `refusal` or `tool_calls`")
+        elif (self.content is None and self.refusal is None and not self.tool_calls
+              and not self.function_call):
+            raise ValueError("an assistant message needs `content`, `refusal`, `tool_calls` or "
+                             "`function_call`")
         return self
+
+    def ignored_fields(self) -> list[str]:
+        return [] if self.role == "function" else super().ignored_fields()
+
+    def legacy_call(self) -> ToolCall | None:
+        """An assistant's legacy `function_call` as the tool call it is (for the prompt)."""
+        if not self.function_call:
+            return None
+        return ToolCall.model_validate({"id": "function_call", "type": "function",
+                                        "function": self.function_call})
 
     def text(self) -> str:
         if self.content is None:
@@ -266,8 +289,10 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None  # only with tools; default auto
-    functions: list[dict[str, Any]] | None = None
-    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    # the deprecated spelling of tools (`functions`, `function_call`): served as tools with one
+    # call at most, answered in the legacy shape (message.function_call); see legacy_tools
+    functions: Annotated[list[FunctionDefinition], Field(max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | ChosenFunction | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
@@ -289,15 +314,6 @@ class ChatCompletionRequest(SamplingFields):
                "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                "safety_identifier", "prediction", "web_search_options", "moderation",
                )
-
-    _no_functions = field_validator("functions")(_unsupported("Function calling (`functions`)"))
-
-    @field_validator("function_call")
-    @classmethod
-    def _no_function_call(cls, value: Any) -> Any:
-        if value not in (None, "none", "auto"):  # a function named: that is function calling
-            raise ValueError("`function_call` naming a function is not supported by this server")
-        return value
 
     @field_validator("modalities")
     @classmethod
@@ -326,8 +342,18 @@ class ChatCompletionRequest(SamplingFields):
     def template_messages(self) -> list[dict[str, str]]:
         return [m.for_template() for m in self.messages]
 
-    def has_tool_history(self) -> bool:
-        return any(m.role == "tool" or m.tool_calls for m in self.messages)
+    @property
+    def legacy_functions(self) -> bool:
+        """The request calls functions the deprecated way (and is answered that way)."""
+        return bool(self.functions)
+
+    def legacy_tools(self) -> tuple[list[ToolDefinition] | None, ToolChoice | None]:
+        """`functions` / `function_call` as `tools` / `tool_choice`."""
+        tools = [ToolDefinition(type="function", function=f) for f in self.functions or ()]
+        choice = self.function_call
+        if isinstance(choice, ChosenFunction):
+            choice = NamedToolChoice(type="function", function=choice)
+        return tools or None, choice
 
 
 MAX_PROMPTS = 64  # prompts in one completions request (each is decoded n times)
@@ -459,6 +485,7 @@ class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
+    function_call: dict[str, str] | None = None  # a legacy `functions` request's call
 
 
 class ChatChoice(ResponseModel):
@@ -526,6 +553,7 @@ class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    function_call: DeltaFunction | None = None  # a legacy `functions` request's call
 
 
 class ChatStreamChoice(ResponseModel):

@@ -176,12 +176,18 @@ class Renderer:
 
     def finish_reason(self, final: ChoiceFinal) -> str | None:
         parsed = self.answer(final)
-        return parsed.finish_reason(final.finish_reason) if parsed else final.finish_reason
+        if parsed is None:
+            return final.finish_reason
+        reason = parsed.finish_reason(final.finish_reason)
+        return "function_call" if reason == "tool_calls" and self.p.legacy_functions else reason
 
     def message(self, final: ChoiceFinal) -> AssistantMessage:
         parsed = self.answer(final)
         if parsed is None:
             return AssistantMessage(content=final.text)
+        if self.p.legacy_functions:  # one call at most (the grammar allows no second)
+            call = parsed.tool_calls[0].function if parsed.tool_calls else None
+            return AssistantMessage(content=parsed.content, function_call=call)
         return AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None)
 
     def tool_call_chunks(self, final: ChoiceFinal) -> list[Chunk]:
@@ -192,6 +198,13 @@ class Renderer:
         if parsed.content:
             out.append(self._chunk([ChatStreamChoice(index=final.index,
                                                      delta=DeltaMessage(content=parsed.content))]))
+        if self.p.legacy_functions:
+            for call in parsed.tool_calls[:1]:
+                out += [self._chunk([ChatStreamChoice(index=final.index, delta=DeltaMessage(
+                    function_call=piece))]) for piece in (
+                        DeltaFunction(name=call.function["name"], arguments=""),
+                        DeltaFunction(arguments=call.function["arguments"]))]
+            return out
         for i, call in enumerate(parsed.tool_calls):
             head = DeltaToolCall(index=i, id=call.id, type="function",
                                  function=DeltaFunction(name=call.function["name"], arguments=""))
@@ -281,8 +294,9 @@ class Renderer:
                                        alignment=choice_alignment(f)) for f in finals]
             data = ChatCompletionResponse(choices=chat_choices, **common).model_dump()
             for choice in data["choices"]:  # present only when there are calls, as OpenAI
-                if choice["message"].get("tool_calls") is None:
-                    choice["message"].pop("tool_calls", None)
+                for key in ("tool_calls", "function_call"):
+                    if choice["message"].get(key) is None:
+                        choice["message"].pop(key, None)
             return data
         text_choices = [CompletionChoice(index=f.index, text=self.p.echo(f.index) + f.text,
                                          logprobs=self.completion_logprobs(

@@ -268,6 +268,12 @@ def render_tool_calls(calls: Sequence[ToolCall], where: str) -> str:
     return TOOL_CALL_SEPARATOR.join(out)
 
 
+def tool_response(name: str, content: str) -> dict[str, str]:
+    """A tool's reply as the user turn the model reads it in."""
+    reply = json.dumps({"name": name, "content": content}, ensure_ascii=False)
+    return {"role": "user", "content": f"<tool_response>\n{reply}\n</tool_response>"}
+
+
 def render_messages(messages: Sequence[ToolChatMessage], tools: Sequence[ToolDefinition] | None,
                     spec: GrammarSpec | None) -> list[dict[str, str]]:
     """Messages for a chat template with no tool format (see the module docstring): every
@@ -278,10 +284,11 @@ def render_messages(messages: Sequence[ToolChatMessage], tools: Sequence[ToolDef
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
-        if m.role == "assistant" and m.tool_calls:
-            for call in m.tool_calls:
+        legacy = m.legacy_call() if hasattr(m, "legacy_call") else None
+        if m.role == "assistant" and (m.tool_calls or legacy):
+            for call in m.tool_calls or ():
                 names[call.id] = call.function.name
-            calls = render_tool_calls(m.tool_calls, where)
+            calls = render_tool_calls(m.tool_calls or [legacy], where)
             text = m.text()
             out.append({"role": "assistant",
                         "content": f"{text}{TOOL_CALL_SEPARATOR}{calls}" if text else calls})
@@ -289,9 +296,9 @@ def render_messages(messages: Sequence[ToolChatMessage], tools: Sequence[ToolDef
             if m.tool_call_id not in names:
                 raise APIError(f"tool_call_id `{m.tool_call_id}` answers no earlier assistant "
                                "tool call.", param=f"{where}.tool_call_id")
-            reply = json.dumps({"name": names[m.tool_call_id], "content": m.text()},
-                               ensure_ascii=False)
-            out.append({"role": "user", "content": f"<tool_response>\n{reply}\n</tool_response>"})
+            out.append(tool_response(names[m.tool_call_id], m.text()))
+        elif m.role == "function":  # the deprecated reply to a `function_call`, by name
+            out.append(tool_response(m.name, m.text()))
         else:
             out.append({"role": role, "content": m.text()})
     if tools and spec is not None and spec.tools:
