@@ -212,10 +212,8 @@ def test_streamed_tool_calls_reassembled(client, model_name, strategy):
     _check_calls(choice.message.tool_calls)
 
 
-def test_streamed_tool_call_chunks_have_openai_shape(http, model_name):
-    body = {"model": model_name, "messages": WEATHER_ASK, "tools": [WEATHER],
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-            "max_tokens": MAX, "temperature": 0, "stream": True}
+def _stream_deltas(http, body: dict) -> tuple[list[dict], list[str]]:
+    """A streamed chat completion's deltas and finish reasons, as sent."""
     deltas, reasons = [], []
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -226,6 +224,14 @@ def test_streamed_tool_call_chunks_have_openai_shape(http, model_name):
                 deltas.append(c["delta"])
                 if c.get("finish_reason"):
                     reasons.append(c["finish_reason"])
+    return deltas, reasons
+
+
+def test_streamed_tool_call_chunks_have_openai_shape(http, model_name):
+    body = {"model": model_name, "messages": WEATHER_ASK, "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": MAX, "temperature": 0, "stream": True}
+    deltas, reasons = _stream_deltas(http, body)
     pieces = [p for d in deltas for p in d.get("tool_calls", [])]
     assert pieces[0]["index"] == 0 and pieces[0]["id"].startswith("call_")
     assert pieces[0]["function"]["name"] == "get_weather"
@@ -267,16 +273,7 @@ def test_legacy_function_call_streams_in_its_shape(http, model_name):
     body = {"model": model_name, "messages": WEATHER_ASK, "functions": [LEGACY_WEATHER],
             "function_call": {"name": "get_weather"}, "max_tokens": MAX, "temperature": 0,
             "stream": True}
-    deltas, reasons = [], []
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for c in json.loads(line[6:])["choices"]:
-                deltas.append(c["delta"])
-                if c.get("finish_reason"):
-                    reasons.append(c["finish_reason"])
+    deltas, reasons = _stream_deltas(http, body)
     assert not any("tool_calls" in d for d in deltas)
     pieces = [d["function_call"] for d in deltas if "function_call" in d]
     assert pieces[0]["name"] == "get_weather"
