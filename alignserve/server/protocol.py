@@ -29,6 +29,7 @@ from alignserve.server.structured import (
     ResponseFormat,
     ResponseToolCall,
     ToolCall,
+    ToolCallFunction,
     ToolChoice,
     ToolDefinition,
 )
@@ -115,7 +116,7 @@ class ChatMessage(RequestModel):
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
-    function_call: dict[str, Any] | None = None
+    function_call: ToolCallFunction | None = None  # a legacy call: {name, arguments}
     audio: dict[str, Any] | None = None
 
     IGNORED = ("name",)
@@ -126,13 +127,8 @@ class ChatMessage(RequestModel):
     def _content_by_role(self) -> ChatMessage:
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry `tool_calls`")
-        if self.function_call:  # the legacy call: {name, arguments}, as a tool call's function
-            if self.role != "assistant":
-                raise ValueError("only assistant messages carry `function_call`")
-            if not (isinstance(self.function_call.get("name"), str)
-                    and isinstance(self.function_call.get("arguments"), str)
-                    and len(self.function_call) == 2):
-                raise ValueError("`function_call` is {\"name\": string, \"arguments\": string}")
+        if self.function_call is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry `function_call`")
         if self.role == "function" and not self.name:
             raise ValueError("a `function` message needs the `name` of the function it answers")
         if (self.role == "tool") != (self.tool_call_id is not None):
@@ -144,20 +140,13 @@ class ChatMessage(RequestModel):
                     isinstance(p, RefusalContentPart) for p in self.content):
                 raise ValueError("refusal parts belong to assistant messages")
         elif (self.content is None and self.refusal is None and not self.tool_calls
-              and not self.function_call):
+              and self.function_call is None):
             raise ValueError("an assistant message needs `content`, `refusal`, `tool_calls` or "
                              "`function_call`")
         return self
 
     def ignored_fields(self) -> list[str]:
         return [] if self.role == "function" else super().ignored_fields()
-
-    def legacy_call(self) -> ToolCall | None:
-        """An assistant's legacy `function_call` as the tool call it is (for the prompt)."""
-        if not self.function_call:
-            return None
-        return ToolCall.model_validate({"id": "function_call", "type": "function",
-                                        "function": self.function_call})
 
     def text(self) -> str:
         if self.content is None:

@@ -284,11 +284,13 @@ def render_messages(messages: Sequence[ToolChatMessage], tools: Sequence[ToolDef
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
-        legacy = m.legacy_call() if hasattr(m, "legacy_call") else None
-        if m.role == "assistant" and (m.tool_calls or legacy):
+        # protocol.ChatMessage's legacy `function_call` is one call written the same way
+        legacy = getattr(m, "function_call", None)
+        if m.role == "assistant" and (m.tool_calls or legacy is not None):
             for call in m.tool_calls or ():
                 names[call.id] = call.function.name
-            calls = render_tool_calls(m.tool_calls or [legacy], where)
+            calls = render_tool_calls(m.tool_calls or [ToolCall(id="function_call",
+                                                                 function=legacy)], where)
             text = m.text()
             out.append({"role": "assistant",
                         "content": f"{text}{TOOL_CALL_SEPARATOR}{calls}" if text else calls})
