@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import provenance, write_result
-from value_probe import Coverage, replay_rules, sample
+from value_probe import Coverage, by_coverage, replay_rules, sample
 
 
 class RolloutValue:
@@ -117,7 +117,7 @@ def main() -> int:
 
     def rank_of(it: str) -> dict:
         cov = covs[it]
-        return {"coverage": lambda going, t: [(cov.at(s, t),) for s in going],
+        return {"coverage": by_coverage(cov),
                 "rollouts": value.rank(cov),
                 "oracle": lambda going, t: [(cov.final(s),) for s in going]}
 

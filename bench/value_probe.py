@@ -212,9 +212,14 @@ def replay(samples: list[dict], cov: Coverage, rank, segment: int,
     return max(cov.final(s) for s in finished), tokens
 
 
+def by_coverage(cov: Coverage):
+    """The server's ranking: coverage so far (ties keep the draw's order)."""
+    return lambda going, t: [(cov.at(s, t),) for s in going]
+
+
 def rankings(cov: Coverage, probe) -> dict:
     """The ranking keys a replay compares: coverage alone, coverage then the probe, the probe."""
-    return {"coverage": lambda going, t: [(cov.at(s, t),) for s in going],
+    return {"coverage": by_coverage(cov),
             "tie": lambda going, t: [(cov.at(s, t), probe(s, t)) for s in going],
             "value": lambda going, t: [(probe(s, t),) for s in going]}
 
