@@ -56,6 +56,11 @@ CHAT_CASES = [
     ({"messages": MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
     ({"messages": MSG, "audio": {"voice": "alloy", "format": "mp3"}}, 400, "audio"),
     ({"messages": MSG, "function_call": {"name": "f"}}, 400, "function_call"),  # no functions
+    ({"messages": [{"role": "assistant", "content": None,
+                    "function_call": {"name": "f", "arguments": "{"}}] + MSG}, 400,
+     "messages[0].function_call.arguments"),
+    ({"messages": [{"role": "assistant", "function_call": {"name": "f"}}] + MSG}, 400,
+     "messages[0].function_call.arguments"),
     ({"messages": MSG, "functions": [{"name": "f"}], "function_call": {"name": "g"}}, 400,
      "function_call.name"),
     ({"messages": MSG, "functions": [{"name": "f", "parameters": {"type": "nope"}}]}, 400,

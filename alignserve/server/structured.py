@@ -253,15 +253,17 @@ def tools_system_prompt(tools: Sequence[ToolDefinition], spec: GrammarSpec | Non
     return "\n".join(lines)
 
 
-def render_tool_calls(calls: Sequence[ToolCall], where: str) -> str:
-    """An assistant's earlier calls in the tool-call format (arguments must be JSON)."""
+def render_tool_calls(calls: Sequence[ToolCall], where: str, legacy: bool = False) -> str:
+    """An assistant's earlier calls in the tool-call format (arguments must be JSON);
+    `legacy`: the one call is the message's deprecated `function_call`, and errors say so."""
     out = []
     for j, call in enumerate(calls):
         try:
             arguments = json.loads(call.function.arguments)
         except ValueError:
+            field = "function_call" if legacy else f"tool_calls[{j}].function"
             raise APIError("The tool call's arguments are not valid JSON.",
-                           param=f"{where}.tool_calls[{j}].function.arguments") from None
+                           param=f"{where}.{field}.arguments") from None
         body = json.dumps({"name": call.function.name, "arguments": arguments},
                           ensure_ascii=False)
         out.append(f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}")
@@ -289,8 +291,9 @@ def render_messages(messages: Sequence[ToolChatMessage], tools: Sequence[ToolDef
         if m.role == "assistant" and (m.tool_calls or legacy is not None):
             for call in m.tool_calls or ():
                 names[call.id] = call.function.name
-            calls = render_tool_calls(m.tool_calls or [ToolCall(id="function_call",
-                                                                 function=legacy)], where)
+            calls = (render_tool_calls(m.tool_calls, where) if m.tool_calls else
+                     render_tool_calls([ToolCall(id="function_call", function=legacy)], where,
+                                       legacy=True))
             text = m.text()
             out.append({"role": "assistant",
                         "content": f"{text}{TOOL_CALL_SEPARATOR}{calls}" if text else calls})
