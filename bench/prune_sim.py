@@ -127,7 +127,7 @@ def parse_rule(spec: str) -> dict:
     rule = {"segment": 4, "keep": 0.5, "tie": "lp", "hold": 0, "first": 0, "stop": 0,
             "cap": 1.0, "top": 0, "settle": 0, "soft": 0.0, "sig": "last",
             "round": "ceil", "grow": 0.0, "decay": 1.0, "behind": 0.0,
-            "fin": 0, "dedup": 0, "floor": 0}
+            "fin": 0, "dedup": 0, "floor": 0, "pause": 0}
     for kv in filter(None, spec.split(",")):
         k, _, v = kv.partition("=")
         rule[k] = v if k in ("tie", "sig", "round") else (float(v) if "." in v else int(v))
@@ -207,7 +207,11 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
     rounding up would keep everyone and more than m are going. grow=g: segments lengthen by
     g tokens a round; decay=d: keep is multiplied by d each round. dedup=1: tokens counted as
     twin rows cost (each distinct prefix once a step).
+    pause=1: the server's pause_ties (see replay_pausing), which takes only segment, keep and
+    dedup besides.
     The pick is the best finished particle by final reward (ties: mean log-prob)."""
+    if rule["pause"]:
+        return replay_pausing(entry, scorer, rule, members)
     samples = entry["samples"]
     seg, keep = float(rule["segment"]), float(rule["keep"])
     going = list(members)
@@ -284,6 +288,51 @@ def replay_one(entry: dict, scorer: Scorer, rule: dict, members: list[int]) -> t
 
     best = max(finished, key=final_key)
     return final_key(best)[0], tokens
+
+
+def replay_pausing(entry: dict, scorer: Scorer, rule: dict,
+                   members: list[int]) -> tuple[float, int]:
+    """replay_one for speculative_rejection with pause_ties, as decoding/segments.py runs it:
+    those a pruning drops only by the tie-break (partial score equal to the last one kept)
+    pause; once none is going and no finished particle is at the ceiling, the paused ones go
+    on from where each stopped. A finished particle at the ceiling ends the search; going ones
+    sure of it leave the likeliest of them going, alone. Tokens: each step's distinct prefixes
+    (twin rows) with dedup=1, else every particle's own."""
+    samples, reward = entry["samples"], scorer.reward
+    seg, keep = int(rule["segment"]), float(rule["keep"])
+
+    def length(i: int) -> int:
+        return len(samples[i]["tokens"])
+
+    pos = {i: 0 for i in members}
+    going, paused, finished = list(members), [], []
+    tokens = entry["prompt_tokens"]
+    while going:
+        step = 10 ** 9 if len(going) == 1 else seg  # nothing to compare: run to the end
+        rows = [tuple(samples[i]["tokens"][:t]) for i in going
+                for t in range(pos[i] + 1, min(pos[i] + step, length(i)) + 1)]
+        tokens += len(set(rows)) if rule["dedup"] else len(rows)
+        for i in going:
+            pos[i] = min(pos[i] + step, length(i))
+        finished += [i for i in going if pos[i] == length(i)]
+        going = [i for i in going if pos[i] < length(i)]
+        if any(reward.reaches_ceiling(scorer.score(i, length(i), True)) for i in finished):
+            break
+        texts = [samples[i]["prefixes"][pos[i]] for i in going]
+        sure = [i for i, ok in zip(going, reward.sure_of_ceiling(texts)) if ok]
+        if sure:
+            going, paused = [max(sure, key=lambda i: sum(samples[i]["lps"][:pos[i]]) / pos[i])], []
+        elif len(going) > 1:
+            ranked = sorted(going, key=lambda i: scorer(i, pos[i], False), reverse=True)
+            k = min(len(going), max(1, math.ceil(len(going) * keep)))
+            cut = scorer(ranked[k - 1], pos[ranked[k - 1]], False)
+            paused += [i for i in ranked[k:] if scorer(i, pos[i], False) >= cut - 1e-9]
+            going = ranked[:k]
+        if not going:
+            going, paused = paused, []
+    best = max(finished, key=lambda i: (scorer(i, length(i), True),
+                                        sum(samples[i]["lps"]) / max(1, length(i))))
+    return scorer(best, length(best), True), tokens
 
 
 def main() -> int:

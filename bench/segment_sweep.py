@@ -38,7 +38,11 @@ def parse_configs(spec: str) -> list[tuple[str, str, dict]]:
         keys: dict = {"candidates": 16}
         for kv in filter(None, rest.split(",")):
             k, _, v = kv.partition("=")
-            keys[k] = v if not v.replace(".", "", 1).isdigit() else (float(v) if "." in v else int(v))
+            if v in ("true", "false"):
+                keys[k] = v == "true"
+            else:
+                keys[k] = v if not v.replace(".", "", 1).isdigit() else (float(v) if "." in v
+                                                                         else int(v))
         out.append((part, NAMES[short], keys))
     return out
 

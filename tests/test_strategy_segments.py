@@ -28,7 +28,7 @@ from alignserve.decoding.particle_filter import (
     softmax_weights,
     systematic_counts,
 )
-from alignserve.decoding.segments import entropy_boundary, kept_count, row_entropy
+from alignserve.decoding.segments import PAUSE, entropy_boundary, kept_count, row_entropy
 from alignserve.decoding.speculative_rejection import SpeculativeRejectionParams, prune
 from alignserve.engine.protocol import SamplingParams
 from alignserve.rewardmodels.compose import RewardRegistry
@@ -86,7 +86,18 @@ def test_soft_pick_is_seeded_tends_to_argmax_and_to_uniform():
 def test_params_bounds_and_defaults():
     sr = SpeculativeRejectionParams()
     pf = ParticleFilterParams.model_validate({"segment": "entropy", "resample_temperature": 0.5})
-    assert (sr.segment, sr.keep) == (3, 0.7)
+    # speculative_rejection's defaults follow the rewards: ties pause where a search can be
+    # sure of the ceiling (keywords), and then it prunes harder
+    build = RewardRegistry.default().build
+    pausing = sr.resolved(build([{"name": "keywords", "keywords": ["a"]}]))
+    assert (pausing.segment, pausing.keep, pausing.pause_ties) == (2, 0.55, True)
+    for rewards in ([{"name": "sentiment"}], [{"name": "keywords", "keywords": ["a"]},
+                                              {"name": "length", "target_words": 4}]):
+        plain = sr.resolved(build(rewards))
+        assert (plain.segment, plain.keep, plain.pause_ties) == (3, 0.7, False)
+    assert sr.resolved(None).pause_ties is False
+    given = SpeculativeRejectionParams(segment=5, keep=0.9, pause_ties=False)
+    assert given.resolved(build([{"name": "keywords", "keywords": ["a"]}])) == given
     assert (ParticleFilterParams().segment, ParticleFilterParams().keep) == (3, 0.7)
     assert (sr.candidates, pf.segment, pf.resample_temperature) == (16, "entropy", 0.5)
     for bad in [{"segment": 0}, {"segment": "words"}, {"keep": 0}, {"keep": 1.5},
@@ -111,6 +122,11 @@ def test_prune_ranks_by_partial_reward_and_breaks_ties_by_population_order():
     assert prune(0.5, 1)(pool, 0) == [1, 0, 1, 0]  # 0.25 first, then the first of the ties
     assert prune(0.25, 1)(pool, 0) == [0, 0, 1, 0]
     assert prune(0.25, 2)(pool, 0) == [1, 0, 1, 0]  # at least n
+    # pausing: those dropped only by the tie-break pause; a lower reward is still dropped
+    assert prune(0.5, 1, pause_ties=True)(pool, 0) == [1, PAUSE, 1, PAUSE]
+    assert prune(0.25, 1, pause_ties=True)(pool, 0) == [0, 0, 1, 0]
+    pool[0].score = RewardScore(total=0.25 - 1e-12)  # a float sum's rounding is still a tie
+    assert prune(0.25, 1, pause_ties=True)(pool, 0) == [PAUSE, 0, 1, 0]
 
 
 # ---- the driver on a bigram fake engine ----------------------------------------------------------
@@ -173,6 +189,38 @@ def test_driver_rounds_prune_and_release_everything(strategy, params, rewards, p
     deltas = [e for e in events if isinstance(e, ChoiceDelta)]
     assert "".join(d.text for d in deltas) == final.text and final.streamed
     assert not eng.live  # every sequence released
+
+
+def test_driver_resumes_paused_ties_when_every_survivor_finishes_below_the_ceiling():
+    """Greedy particles are all alike, so every pruning is a tie: the ties pause, and since
+    " a b c d" never has "z", each time the particles going have finished the paused ones go
+    on, until every candidate has finished (what best_of_n would have done)."""
+    eng = FakeEngine(CHAIN_WORDS, CHAIN)
+    params = {"candidates": 4, "segment": 2, "keep": 0.5, "pause_ties": True}
+    events = _run(eng, "speculative_rejection", params, [{"name": "keywords",
+                                                          "keywords": ["z"]}])
+    (final,) = [e for e in events if isinstance(e, ChoiceFinal)]
+    search = events[-1].search
+    assert final.text == " a b c d" and final.reward == 0.0
+    assert search["finished"] == 4 and search["pruned"] == 0
+    assert search["paused"] == search["resumed"] >= 3
+    assert (search["segment"], search["keep"], search["pause_ties"]) == (2, 0.5, True)
+    assert not eng.live
+
+
+def test_driver_drops_paused_ties_once_a_finished_particle_reaches_the_ceiling():
+    """With "d" asked for, the first survivor to finish has it: the paused ties are dropped
+    (released), not resumed."""
+    eng = FakeEngine(CHAIN_WORDS, CHAIN)
+    params = {"candidates": 4, "segment": 2, "keep": 0.5, "pause_ties": True}
+    events = _run(eng, "speculative_rejection", params, [{"name": "keywords",
+                                                          "keywords": ["d"]}])
+    (final,) = [e for e in events if isinstance(e, ChoiceFinal)]
+    search = events[-1].search
+    assert final.text == " a b c d" and final.reward == 1.0
+    assert search["resumed"] == 0 and search["paused"] >= 1
+    assert search["pruned"] == 3 and search["finished"] == 1
+    assert not eng.live
 
 
 # ---- live server -----------------------------------------------------------------------------------
@@ -247,6 +295,27 @@ def test_live_search_settles_once_a_text_is_sure_of_the_ceiling(client, model_na
     assert search["pruned"] >= keys["candidates"] - 1
     bon = ask("best_of_n", candidates=keys["candidates"])
     assert out["alignment"]["model_tokens"] < bon["alignment"]["model_tokens"]
+
+
+def test_live_paused_ties_resume_and_never_lose_to_dropping_them(client, model_name):
+    """"zebra" keeps the ceiling out of reach, so every tie paused is resumed. With the same
+    seed both searches are the same until the first resumption: pausing can only add
+    finished candidates, so its reward is at least the dropping search's, for more tokens."""
+    keys = {"candidates": 8, "segment": 2, "keep": 0.5}
+    reward = [{"name": "keywords", "keywords": [*DOG_REWARD[0]["keywords"], "zebra"]}]
+
+    def ask(pause_ties: bool):
+        return client.chat.completions.create(
+            model=model_name, messages=DOG, max_tokens=24, temperature=0.8, seed=5,
+            extra_body={"alignment": {"strategy": "speculative_rejection", "rewards": reward,
+                                      "pause_ties": pause_ties, **keys}}).model_dump()
+
+    on, off = ask(True), ask(False)
+    search = on["alignment"]["search"]
+    assert search["paused"] > 0 and search["resumed"] == search["paused"]
+    assert off["alignment"]["search"]["paused"] == 0
+    assert on["choices"][0]["alignment"]["reward"] >= off["choices"][0]["alignment"]["reward"]
+    assert on["alignment"]["model_tokens"] > off["alignment"]["model_tokens"]
 
 
 def test_live_soft_best_of_n_is_seeded_and_tiny_lambda_is_argmax(client, model_name):

@@ -261,7 +261,9 @@ def test_deal_matches_the_native_engine(tok, lm, commit):
 # ---- the segment searches: speculative_rejection, particle_filter ------------------------------
 
 @pytest.mark.parametrize("strategy, params", [
-    ("speculative_rejection", {"candidates": 4, "segment": 3, "keep": 0.5}),
+    ("speculative_rejection", {"candidates": 4, "segment": 3, "keep": 0.5, "pause_ties": False}),
+    # greedy particles tie: they pause, and resume when the survivors finish without "ocean"
+    ("speculative_rejection", {"candidates": 4, "segment": 3, "keep": 0.5, "pause_ties": True}),
     ("particle_filter", {"candidates": 4, "segment": 3, "keep": 0.75}),
     ("particle_filter", {"candidates": 3, "segment": "entropy", "max_segment": 4,
                          "entropy_threshold": 0.5}),
@@ -280,6 +282,8 @@ def test_segment_searches_match_the_native_engine(tok, lm, strategy, params):
     assert mine.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-3)
     assert events[-1].search == nevents[-1].search  # the same rounds, pruning and cuts
     assert events[-1].search["rounds"] >= 2
+    if params.get("pause_ties"):
+        assert events[-1].search["resumed"] > 0
     assert fake.live_rows == 0 and not engine._inflight and not engine._states
 
 
@@ -287,7 +291,7 @@ def test_speculative_rejection_on_vllm_prunes_by_partial_reward(tok, lm):
     """Sampled candidates on vLLM: each round's population is the kept fraction, the survivors
     are the best by partial reward, and the answer is reproducible with a seed."""
     rewards = [{"name": "keywords", "keywords": ["the", "a", "of"]}]
-    params = {"candidates": 8, "segment": 2, "keep": 0.5}
+    params = {"candidates": 8, "segment": 2, "keep": 0.5, "pause_ties": False}
 
     def once():
         engine, fake = make(tok, lm)

@@ -12,13 +12,16 @@ A population of partial answers (particles) branches from one prefill. Each roun
    them; every other particle is dropped, and of those still going only as many as are needed
    (the likeliest) run on;
 4. select: the strategy's policy says how many copies of each particle go on (0: pruned;
-   more than 1: its KV is forked, the copies share everything computed so far).
+   more than 1: its KV is forked, the copies share everything computed so far; PAUSE: held
+   as it is, its KV kept, see below).
 
 A particle that finishes (EOS, a stop, max_tokens) leaves the population for the archive,
 where it is scored on its final text; the selection only ever compares particles still going,
-so a short answer's final reward never crowds out partial ones that may still beat it. The
-search ends when no particle is left going; the best `n` of the archive by final reward (ties:
-mean token log-likelihood) are the choices.
+so a short answer's final reward never crowds out partial ones that may still beat it. When no particle is left going
+and fewer than n finished ones reached the reward's ceiling, the paused particles (if any) are
+resumed: they become the population and the rounds go on (a settle drops them). The search
+ends when no particle is left going or paused; the best `n` of the archive by final reward
+(ties: mean token log-likelihood) are the choices.
 
 A segment ends by `max_tokens` of its `generate` call, so its last sampled token was never fed
 to the model (engines skip a finished sequence's last step). A particle that goes on is rolled
@@ -26,8 +29,8 @@ back by that one token (`truncate`) and the token is fed by one batched `extend`
 of the next round, after any fork: no token is computed twice. With entropy segments the
 tokens after the chosen boundary are cut (they were computed, and count as model tokens).
 
-Streaming (n == 1): the tokens every particle, going or finished, agrees on are certain (the
-winner is one of them) and are sent as they are agreed; the rest at the end.
+Streaming (n == 1): the tokens every particle, going, paused or finished, agrees on are certain
+(the winner is one of them) and are sent as they are agreed; the rest at the end.
 """
 
 from __future__ import annotations
@@ -136,8 +139,10 @@ def row_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
 
 
-# What a strategy decides each round: copies per particle (same order; 0 prunes it).
+# What a strategy decides each round: copies per particle (same order; 0 prunes it, PAUSE
+# holds it for a resumption).
 Policy = Callable[[list[Particle], int], list[int]]
+PAUSE = -1
 
 
 class SegmentSearch:
@@ -149,6 +154,9 @@ class SegmentSearch:
                               self.engine.max_model_len - len(self.req.prompt_ids))
         self.held: dict[Any, SeqHandle] = {}
         self.archive: list[Particle] = []  # finished particles, kept or not
+        self.paused: list[Particle] = []  # held by the policy, resumed if the search runs dry
+        self.paused_count = 0  # particles paused, over the whole search
+        self.resumed = 0  # particles resumed
         self.rounds = 0
         self.pruned = 0  # particles dropped by the policy
         self.forked = 0  # copies made beyond the first
@@ -284,7 +292,8 @@ class SegmentSearch:
             return pool
         going = sorted(sure, key=lambda p: p.mean_logprob, reverse=True)[: max(0, need)]
         kept = {id(p) for p in going}
-        drop = [p for p in pool if id(p) not in kept]
+        drop = [p for p in pool if id(p) not in kept] + self.paused
+        self.paused = []
         self.pruned += len(drop)
         await self.release([p.seq for p in drop])
         for p in drop:
@@ -301,7 +310,10 @@ class SegmentSearch:
         drop: list[SeqHandle] = []
         forks: list[tuple[Particle, int]] = []
         for p, c in zip(pool, copies):
-            if c <= 0:
+            if c == PAUSE:
+                self.paused.append(p)
+                self.paused_count += 1
+            elif c <= 0:
                 self.pruned += 1
                 if p.seq is not None:
                     drop.append(p.seq)
@@ -321,11 +333,24 @@ class SegmentSearch:
         self.population.append(len(out))
         return out
 
+    async def resume(self) -> list[Particle]:
+        """Once no particle is left going: the paused ones, as the new population, unless n
+        finished ones reached the ceiling already (then they are dropped)."""
+        paused, self.paused = self.paused, []
+        reward = self.req.reward
+        if reward and reward.ceiling is not None and sum(
+                1 for p in self.archive if reward.reaches_ceiling(p.score)) >= self.req.n:
+            self.pruned += len(paused)
+            await self.release([p.seq for p in paused])
+            return []
+        self.resumed += len(paused)
+        return paused
+
     def report(self, strategy_keys: dict[str, Any]) -> dict[str, Any]:
         return {"rounds": self.rounds, "pruned": self.pruned, "forked": self.forked,
                 "population": self.population, "cut_tokens": self.cut_tokens,
                 "finished": len(self.archive), "settled_at": self.settled_at,
-                **strategy_keys}
+                "paused": self.paused_count, "resumed": self.resumed, **strategy_keys}
 
 
 
@@ -362,10 +387,13 @@ async def run_search(ctx: DecodeContext, params: SegmentParams, policy: Policy,
             pool = await search.settle(pool)
             if len(pool) > 1:
                 pool = await search.select(pool)
+            if not pool:
+                pool = await search.resume()
             if stream:
-                agreed = common_prefix([p.tokens for p in pool + search.archive])
+                everyone = pool + search.paused + search.archive
+                agreed = common_prefix([p.tokens for p in everyone])
                 if agreed > sent:
-                    leader = (pool + search.archive)[0]
+                    leader = everyone[0]
                     yield agreed_delta(engine, shown, leader, sent, agreed, want_logprobs)
                     sent = agreed
         best = sorted(search.archive, key=rank_key, reverse=True)[: req.n]

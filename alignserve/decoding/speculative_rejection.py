@@ -50,37 +50,74 @@ from pydantic import Field
 from alignserve.decoding.base import DecodeContext, DecodeEvent, Strategy, register
 from alignserve.decoding.segments import (
     MAX_SEGMENT,
+    PAUSE,
     Particle,
     SegmentParams,
     kept_count,
     run_search,
 )
+from alignserve.rewardmodels.compose import CEILING_TOLERANCE
+
+# Defaults by measurement (see the module docstring): with pausing on, a tie costs only delay,
+# so the search can prune harder and more often.
+SEGMENT, KEEP = 3, 0.7
+SEGMENT_PAUSING, KEEP_PAUSING = 2, 0.55
 
 
 class SpeculativeRejectionParams(SegmentParams):
-    segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] = Field(
-        3, description="Tokens per segment between two prunings, or \"entropy\": a segment "
+    segment: Annotated[int, Field(ge=1, le=MAX_SEGMENT)] | Literal["entropy"] | None = Field(
+        None, description="Tokens per segment between two prunings, or \"entropy\": a segment "
         "ends before the first token (after at least 2) whose next-token entropy reaches "
-        "`entropy_threshold` (CARDS), at most `max_segment` tokens.")
-    keep: float = Field(0.7, gt=0.0, le=1.0, allow_inf_nan=False,
-                        description="Fraction of the candidates kept at each pruning (rounded "
-                        "up, at least n); 1 never prunes (best_of_n's result, by segments).")
+        f"`entropy_threshold` (CARDS), at most `max_segment` tokens. Default {SEGMENT}, "
+        f"{SEGMENT_PAUSING} when `pause_ties` is on.")
+    keep: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                               description="Fraction of the candidates kept at each pruning "
+                               "(rounded up, at least n); 1 never prunes (best_of_n's result, "
+                               f"by segments). Default {KEEP}, {KEEP_PAUSING} when `pause_ties` "
+                               "is on.")
+    pause_ties: bool | None = Field(
+        None, description="Pause, instead of dropping, the candidates a pruning drops only to "
+        "break a tie (partial reward equal to the last one kept; their KV stays), and resume "
+        "them if every candidate still going finishes below the rewards' ceiling. Default: on "
+        "when the rewards can tell that unfinished text will end at their ceiling (keywords), "
+        "so that a resumed search stops at the first sure candidate; off otherwise (a ceiling "
+        "that is never reached would resume every tie).")
+
+    def resolved(self, reward) -> SpeculativeRejectionParams:
+        """These keys with every default filled in for `reward` (the request's rewards)."""
+        pausing = (bool(reward) and reward.can_be_sure) if self.pause_ties is None \
+            else self.pause_ties
+        return self.model_copy(update={
+            "pause_ties": pausing,
+            "segment": self.segment if self.segment is not None
+            else (SEGMENT_PAUSING if pausing else SEGMENT),
+            "keep": self.keep if self.keep is not None else (KEEP_PAUSING if pausing else KEEP)})
 
 
-def prune(keep: float, n: int):
+def prune(keep: float, n: int, pause_ties: bool = False):
     """The policy: the best `keep` fraction of the population by partial reward goes on, the
-    rest is dropped; ties keep the population's order (a random pick: see the docstring)."""
+    rest is dropped; ties keep the population's order (a random pick: see the docstring).
+    With `pause_ties`, those dropped only by that pick (tied with the last one kept) pause."""
     def policy(pool: list[Particle], round_index: int) -> list[int]:
         order = sorted(range(len(pool)), key=lambda i: -pool[i].reward)
-        kept = set(order[: kept_count(len(pool), keep, n)])
-        return [1 if i in kept else 0 for i in range(len(pool))]
+        k = kept_count(len(pool), keep, n)
+        cut = pool[order[k - 1]].reward
+        tie = CEILING_TOLERANCE * max(1.0, abs(cut))  # totals are sums of a few floats
+        copies = [0] * len(pool)
+        for rank, i in enumerate(order):
+            if rank < k:
+                copies[i] = 1
+            elif pause_ties and pool[i].reward >= cut - tie:
+                copies[i] = PAUSE
+        return copies
     return policy
 
 
 async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
-    p: SpeculativeRejectionParams = ctx.request.params
-    async for event in run_search(ctx, p, prune(p.keep, ctx.request.n),
-                                  {"candidates": max(p.candidates, ctx.request.n)}):
+    p = ctx.request.params.resolved(ctx.request.reward)
+    report = {"candidates": max(p.candidates, ctx.request.n), "segment": p.segment,
+              "keep": p.keep, "pause_ties": p.pause_ties}
+    async for event in run_search(ctx, p, prune(p.keep, ctx.request.n, p.pause_ties), report):
         yield event
 
 

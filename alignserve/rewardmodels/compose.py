@@ -94,21 +94,25 @@ class ComposedReward:
         return (top is not None and score.total is not None
                 and score.total >= top - CEILING_TOLERANCE * max(1.0, abs(top)))
 
+    @functools.cached_property
+    def can_be_sure(self) -> bool:
+        """Whether unfinished text can ever be sure of the ceiling (`sure_of_ceiling`): every
+        weighted reward has a floor rule (`floor_partial`). A negative weight would need a
+        ceiling rule that no built-in reward has, so it never can."""
+        return self.ceiling is not None and all(
+            item.weight > 0 and hasattr(item.reward, "floor_partial")
+            for item in self.items if item.weight != 0)
+
     def sure_of_ceiling(self, texts: list[str], prompt: str = "") -> list[bool]:
         """For unfinished texts: whether each is sure to finish at the ceiling, every weighted
-        reward having a floor rule (`floor_partial`) that is at the top of its range already.
-        (A negative weight would need a ceiling rule that no built-in reward has, so it never
-        is.)"""
-        never = [False] * len(texts)
-        if self.ceiling is None or not texts:
-            return never
+        reward's floor rule (`floor_partial`) being at the top of its range already."""
+        if not self.can_be_sure or not texts:
+            return [False] * len(texts)
         sure = [True] * len(texts)
         for item in self.items:
             if item.weight == 0:
                 continue
-            floor = getattr(item.reward, "floor_partial", None)
-            if item.weight < 0 or floor is None:
-                return never
+            floor = item.reward.floor_partial
             hi = item.reward.score_range[1]
             for i, value in enumerate(floor(list(texts), prompt)):
                 if value < hi - CEILING_TOLERANCE * max(1.0, abs(hi)):
