@@ -246,27 +246,32 @@ def test_eval_command_against_the_live_server(base_url, tmp_path):
 
     out = tmp_path / "eval"
     rc = main(["eval", "--base-url", base_url, "--tasks", "keywords,sentiment",
-               "--strategies", "sample,best_of_4", "--limit", "2", "--max-tokens", "6",
+               "--strategies", "sample,best_of_4,sr_16", "--limit", "2", "--max-tokens", "6",
                "--concurrency", "2", "--out", str(out), "--no-progress"])
     assert rc == 0
     data = json.loads((out / "eval.json").read_text())
     rows = {(r["task"], r["strategy"]): r for r in data["rows"]}
-    assert set(rows) == {("keywords", "sample"), ("keywords", "best_of_4"),
-                         ("sentiment", "sample"), ("sentiment", "best_of_4")}
+    assert set(rows) == {(task, label) for task in ("keywords", "sentiment")
+                         for label in ("sample", "best_of_4", "sr_16")}
     for (task, label), row in rows.items():
         assert (row["requests"], row["errors"]) == (2, 0)
         assert row["model_tokens"] > 0 and row["seconds"] > 0
-        assert row["candidates_scored"] == (4 if label == "best_of_4" else 1)
+        if label != "sr_16":
+            assert row["candidates_scored"] == (4 if label == "best_of_4" else 1)
         assert row["reward"] is not None
-    assert len(data["requests"]) == 8
+    assert len(data["requests"]) == 12
     for r in data["requests"]:
         assert r["completion_tokens"] <= 6 and r["model_tokens"] >= r["completion_tokens"]
         primary = r["metrics"]["coverage" if r["task"] == "keywords" else "sentiment"]
         assert r["reward"] == pytest.approx(primary)  # the server's score is ours
+        if r["strategy"] == "sr_16":  # the search's report is kept: ties pause on keywords
+            assert r["search"]["pause_ties"] == (r["task"] == "keywords")
+        else:
+            assert r["search"] is None
     md = (out / "eval.md").read_text()
     assert "| best_of_4 | `best_of_n` (candidates=4) |" in md and "## sentiment" in md
     root = ET.fromstring((out / "eval.svg").read_text())
-    assert len(root.findall(".//{http://www.w3.org/2000/svg}circle")) == 4
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}circle")) == 6
 
 
 def test_eval_command_rejects_bad_flags(capsys, tmp_path):

@@ -6,7 +6,7 @@ the partial texts (rewardmodels.partial: keyword coverage so far, the length rew
 bound, regex and JSON prefix validity, classifiers on the text as it is) and only the best
 `keep` fraction goes on (at least n; ties: see below); a candidate that finishes leaves the
 race, scored on its final text, and the best n finished candidates are returned. The survivors' KV
-is never copied: pruning only frees sequences.
+is never copied: pruning only frees sequences (or, pausing, holds them).
 Model tokens fall from candidates * max_tokens towards candidates * segment / (1 - keep).
 
 Ties in the partial reward are broken by the population's order (the candidates are
@@ -17,27 +17,42 @@ tie-break, 0.966 without, at the same tokens).
 
 Once the rewards' ceiling is sure (segments.py: settle), the rest is dropped.
 
-Defaults (segment 3, keep 0.7; issue 17) were chosen on items the evaluation does not report
-on (keyword items 13-56, sentiment 13-24), counting model tokens with the engine's twin rows
-(engine/native/twins.py). Decoded for real (bench/segment_sweep.py, three draws,
-segment-sweep-20261207-014513, -014929, -015222): keywords 0.021 below best_of_16's reward at
-0.397x its model tokens, sentiment 0.025 below at 0.364x; segment 2, keep 0.8 gave 0.025 /
-0.029 at 0.39x / 0.40x, the earlier segment 2, keep 0.75 0.030 / 0.044 at 0.34x / 0.32x.
+Pausing ties (`pause_ties`). A pick among tied candidates is a loss without evidence: the one
+dropped was as good as the one kept, as far as the search could tell. With pausing, those a
+pruning drops only to break a tie (partial reward equal to the last one kept) keep their KV
+and wait; if every candidate still going finishes below the rewards' ceiling the pick was
+unlucky, and the paused ones go on from where they stopped (pruned among themselves again)
+until a finished one reaches the ceiling or none is left. The strictly worse are still dropped.
+Where the ceiling is reachable and a text can be sure of it (keywords), a resumed search stops
+at the first sure candidate, so pausing costs little and lets the search prune harder: it is
+on by default there, with segment 2 and keep 0.55. Where the ceiling is never reached
+(sentiment: VADER's compound score is never 1; reward models) every search would resume every
+tie, so it is off by default.
+
+Defaults were chosen on items the evaluation does not report on (keyword items 13-56,
+sentiment 13-24), counting model tokens with the engine's twin rows (engine/native/twins.py).
 bench/prune_sim.py replays rules on a pool of 48 samples per item, 16 draws of 16
-(prune-sim-20261207-015334 keywords, -015340 sentiment): every rule tried lies near one
-frontier, about 0.025 below best_of_16 at 0.40x its tokens, whether it prunes every 1-3
-tokens, keeps whole ties, drops what trails the leader, or breaks coverage ties by the
-model's readiness to write a missing keyword or to end the sentence (those signals order
-tied pairs by their final coverage barely better than chance: 0.47-0.60 of pairs). Ranking by
-the final reward (an oracle) reached best_of_16 at 0.30x on the earlier pool: the limit is how
-little a few tokens say about the finished text.
-A learned value does not move that frontier on this model either. Ranking by a probe of the
-hidden state the server has at a boundary (bench/value_probe.py, cross-fitted on the tuning
-items: ridge value-probe-20261207-050724, a small network -050907) takes segment 3, keep 0.6
-from 0.044 to 0.035 below best_of_16 at 0.36x at best; ranking by 8 rollouts from each partial
-answer (bench/value_mc.py, value-mc-20261207-050548; not a rule to serve, the rollouts cost far
-more than the search) reaches 0.018 there. What decides is in the model's future samples, not
-in a readout of its present state.
+(prune-sim-20261207-061047): on keywords, segment 3, keep 0.7 without pausing is 0.023 below
+best_of_16's reward at 0.423x its model tokens; pausing, segment 2, keep 0.55 0.012 below at
+0.364x (keep 0.5: 0.020 at 0.346x, keep 0.6: 0.009 at 0.373x; segment 3, keep 0.55: 0.014 at
+0.397x). On sentiment pausing costs 0.62x instead of 0.38x for 0.010 instead of 0.019 below.
+Decoded for real on the 44 keyword tuning items, three draws (bench/segment_sweep.py,
+segment-sweep-20261207-060549, -061059, -061157): 0.027, 0.005 and 0.000 below best_of_16 at
+0.35x, 0.32x and 0.34x. Without pausing (sentiment), segment 3, keep 0.7: three draws
+(segment-sweep-20261207-014513, -014929, -015222) 0.025 below at 0.364x.
+
+Why ties, and not a better ranking. Without pausing, every rule replayed lay near one
+frontier, about 0.025 below best_of_16 at 0.40x its tokens (prune-sim-20261207-015334),
+whether it pruned every 1-3 tokens, kept whole ties, dropped what trailed the leader, or broke
+coverage ties by the model's readiness to write a missing keyword or to end the sentence
+(signals that order tied pairs by their final coverage barely better than chance: 0.47-0.60 of
+pairs). A probe of the hidden state the server has at a boundary (bench/value_probe.py, ridge
+value-probe-20261207-050724, a small network -050907) took segment 3, keep 0.6 from 0.044 to
+0.035 below best_of_16 at 0.36x at best; 8 rollouts from each partial answer as the value
+(bench/value_mc.py, value-mc-20261207-050548: not a rule to serve, the rollouts cost far more
+than the search) reached 0.018. What decides is in the model's future samples, not in a
+readout of its present state; pausing lets the search look at those samples, its own
+survivors' finished texts, before it gives up on a tie.
 """
 
 from __future__ import annotations

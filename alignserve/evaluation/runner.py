@@ -4,8 +4,8 @@ For each (task, strategy configuration) pair, the pair's items go out together, 
 requests in flight; pairs run one after another, so each pair's `seconds` are measured against
 requests of its own kind only. Every request is recorded: the returned text, the task's metrics
 computed here from that text, the choice's reward report and the response's search report
-(model_tokens, seconds, candidates_scored), the usage, and the error if it failed (a failed
-request is recorded and the run goes on).
+(model_tokens, seconds, candidates_scored, and `search` where a pruning search ran), the usage,
+and the error if it failed (a failed request is recorded and the run goes on).
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class Runner:
             "seconds": report.get("seconds"),
             "candidates_scored": report.get("candidates_scored"),
             "reward_seconds": report.get("reward_seconds"),
+            "search": report.get("search"),  # what a pruning search did, where one ran
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
         })
