@@ -191,35 +191,25 @@ def test_driver_rounds_prune_and_release_everything(strategy, params, rewards, p
     assert not eng.live  # every sequence released
 
 
-def test_driver_resumes_paused_ties_when_every_survivor_finishes_below_the_ceiling():
-    """Greedy particles are all alike, so every pruning is a tie: the ties pause, and since
-    " a b c d" never has "z", each time the particles going have finished the paused ones go
-    on, until every candidate has finished (what best_of_n would have done)."""
+@pytest.mark.parametrize("keyword, reward, finished, pruned", [("z", 0.0, 4, 0),
+                                                                ("d", 1.0, 1, 3)])
+def test_driver_pauses_ties_and_resumes_them_only_below_the_ceiling(keyword, reward, finished,
+                                                                     pruned):
+    """Greedy particles are all alike, so every pruning is a tie and the ties pause. " a b c d"
+    never has "z": each time the particles going have finished the paused ones go on, until
+    every candidate has finished (what best_of_n would have done). It has "d": the first
+    survivor to finish reaches the ceiling and the paused ones are dropped (released)."""
     eng = FakeEngine(CHAIN_WORDS, CHAIN)
     params = {"candidates": 4, "segment": 2, "keep": 0.5, "pause_ties": True}
     events = _run(eng, "speculative_rejection", params, [{"name": "keywords",
-                                                          "keywords": ["z"]}])
+                                                          "keywords": [keyword]}])
     (final,) = [e for e in events if isinstance(e, ChoiceFinal)]
     search = events[-1].search
-    assert final.text == " a b c d" and final.reward == 0.0
-    assert search["finished"] == 4 and search["pruned"] == 0
-    assert search["paused"] == search["resumed"] >= 3
+    assert final.text == " a b c d" and final.reward == reward
+    assert (search["finished"], search["pruned"]) == (finished, pruned)
+    assert search["paused"] >= 1
+    assert search["resumed"] == (search["paused"] if reward < 1 else 0)
     assert (search["segment"], search["keep"], search["pause_ties"]) == (2, 0.5, True)
-    assert not eng.live
-
-
-def test_driver_drops_paused_ties_once_a_finished_particle_reaches_the_ceiling():
-    """With "d" asked for, the first survivor to finish has it: the paused ties are dropped
-    (released), not resumed."""
-    eng = FakeEngine(CHAIN_WORDS, CHAIN)
-    params = {"candidates": 4, "segment": 2, "keep": 0.5, "pause_ties": True}
-    events = _run(eng, "speculative_rejection", params, [{"name": "keywords",
-                                                          "keywords": ["d"]}])
-    (final,) = [e for e in events if isinstance(e, ChoiceFinal)]
-    search = events[-1].search
-    assert final.text == " a b c d" and final.reward == 1.0
-    assert search["resumed"] == 0 and search["paused"] >= 1
-    assert search["pruned"] == 3 and search["finished"] == 1
     assert not eng.live
 
 
