@@ -23,6 +23,10 @@ STRATEGIES = {
     "sample": {"strategy": "sample"},
     "best_of_n": {"strategy": "best_of_n", "candidates": 4, "rewards": [KEYWORDS]},
     "deal": {"strategy": "deal", "rewards": [KEYWORDS], "lookahead": 4, "top_k": 3},
+    # keywords: speculative_rejection pauses its ties (and may resume them) by default
+    "speculative_rejection": {"strategy": "speculative_rejection", "candidates": 6,
+                              "rewards": [KEYWORDS]},
+    "particle_filter": {"strategy": "particle_filter", "candidates": 6, "rewards": [KEYWORDS]},
     "vas": {"strategy": "vas"},
     "contrastive_self": {"strategy": "contrastive", "amateur": "self:8"},
     "contrastive_lame_prompt": {"strategy": "contrastive", "amateur": "lame_prompt"},
@@ -78,6 +82,11 @@ def test_every_strategy_on_real_vllm(vllm_client, config, stream):
         assert summary["model_tokens"] >= r.usage.prompt_tokens + r.usage.completion_tokens - 1
         if config == "best_of_n":
             assert summary["candidates_scored"] == 4
+        if config in ("speculative_rejection", "particle_filter"):
+            search = summary["search"]
+            assert search["rounds"] >= 1 and search["candidates"] == 6
+            assert search.get("pause_ties") is (True if config == "speculative_rejection"
+                                                else None)
         return
     chunks = list(_chat(vllm_client, alignment, stream=True,
                         stream_options={"include_usage": True}))
