@@ -67,6 +67,7 @@ CHAT_CASES = [
      "functions[0].parameters.type"),
     ({"messages": MSG, "functions": [{"name": "f"}], "tools": [
         {"type": "function", "function": {"name": "g"}}]}, 400, "functions"),
+    ({"messages": MSG, "functions": [{"name": "f"}, {"name": "f"}]}, 400, "functions[1].name"),
     ({"messages": MSG, "store": "yes"}, 400, "store"),
     ({"messages": MSG, "metadata": {"k": 1}}, 400, "metadata.k"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [

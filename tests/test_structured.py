@@ -19,6 +19,7 @@ from alignserve.engine.grammar import (
 )
 from alignserve.server.errors import APIError
 from alignserve.server.structured import (
+    LEGACY,
     NamedToolChoice,
     ResponseFormat,
     ToolChatMessage,
@@ -106,6 +107,10 @@ def test_engine_side_errors_land_on_the_wire_path():
     assert err.param == "response_format.json_schema.schema.items"
     err = api_error(GrammarLimitError("too big", "max_grammar_bytes"))
     assert err.param is None and "--max-grammar-bytes" in err.message
+    # a deprecated `functions` request hears of its functions as it spelled them
+    err = api_error(GrammarError("bad", ("tools", 2, "parameters", "properties", "x")), LEGACY)
+    assert err.param == "functions[2].parameters.properties.x"
+    assert err.message.startswith("functions[2].parameters.properties.x: ")
 
 
 # ---------------------------------------------------------------------------- tools
@@ -137,6 +142,14 @@ def test_tool_errors_name_the_field():
         "type": "object", "properties": {"a": {"not": {}}}}}}
     err = error(grammar_spec_for, None, tools(TIME, bad), None, None)
     assert err.param == "tools[1].function.parameters.properties.a.not"
+    # the same mistakes in a deprecated `functions` request, named as it spelled them
+    err = error(grammar_spec_for, None, tools(TIME, bad), None, None, LEGACY)
+    assert err.param == "functions[1].parameters.properties.a.not"
+    err = error(grammar_spec_for, None, tools(WEATHER, TIME, WEATHER), None, None, LEGACY)
+    assert (err.param, err.message) == ("functions[2].name",
+                                        "Two functions are named `get_weather`.")
+    err = error(grammar_spec_for, None, tools(WEATHER), choice("nope"), None, LEGACY)
+    assert err.param == "function_call.name" and "not among the functions" in err.message
     with pytest.raises(ValidationError):
         ToolDefinition.model_validate({"type": "retrieval", "function": {"name": "f"}})
     with pytest.raises(ValidationError):

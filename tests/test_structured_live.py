@@ -305,6 +305,9 @@ def test_bad_schema_names_its_json_path(http):
 def test_refusals_name_the_field(http, live_server):
     status, err = _error(http, {"response_format": {"type": "json_object"}, "ignore_eos": True})
     assert (status, err["param"]) == (400, "ignore_eos")
+    # a deprecated `functions` request is told about `functions`, the field it sent
+    status, err = _error(http, {"functions": [{"name": "f"}], "stop": ["x"]})
+    assert (status, err["param"]) == (400, "stop") and "`functions`" in err["message"], err
     big = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 60}
                                             for i in range(live_server.settings.max_grammar_bytes
                                                            // 60 + 1)}}

@@ -16,7 +16,7 @@ from typing import Any
 from alignserve.engine.grammar import GrammarError, GrammarLimits, TokenizerGrammars
 from alignserve.server.prepare import Prepared
 from alignserve.server.settings import ServerSettings
-from alignserve.server.structured import api_error
+from alignserve.server.structured import LEGACY, WIRE, api_error
 
 
 class ServerGrammars:
@@ -47,7 +47,7 @@ class ServerGrammars:
         try:
             compiled = await grammars.compile_async(prepared.grammar)
         except GrammarError as err:
-            raise api_error(err) from None
+            raise api_error(err, LEGACY if prepared.legacy_functions else WIRE) from None
         prepared.decodes = [dataclasses.replace(d, sampling=dataclasses.replace(
             d.sampling, grammar=compiled)) for d in prepared.decodes]
         prepared.decode = prepared.decodes[0]

@@ -41,7 +41,13 @@ from alignserve.server.protocol import (
     SamplingFields,
 )
 from alignserve.server.settings import ServerSettings
-from alignserve.server.structured import ChosenFunction, grammar_spec_for, render_messages
+from alignserve.server.structured import (
+    LEGACY,
+    WIRE,
+    ChosenFunction,
+    grammar_spec_for,
+    render_messages,
+)
 
 log = logging.getLogger("alignserve.server")
 
@@ -63,21 +69,6 @@ STRATEGY_LIMITS = {"candidates": "max_candidates", "top_k": "max_top_k",
 
 def flag(setting: str) -> str:
     return "--" + setting.replace("_", "-")
-
-
-def legacy_param(err: APIError) -> APIError:
-    """A tools error of a `functions` request, named as that request spelled it."""
-    wire_param = param = err.param or ""
-    for wire, legacy in (("tools[", "functions["), ("tool_choice.function.", "function_call."),
-                         ("tool_choice", "function_call")):
-        if param.startswith(wire):
-            param = legacy + param[len(wire):]
-            break
-    param = param.replace("].function.", "].", 1) if param.startswith("functions[") else param
-    message = err.message
-    if wire_param and message.startswith(wire_param):  # messages that lead with the path
-        message = param + message[len(wire_param):]
-    return APIError(message, param=param or None, status=err.status)
 
 
 @dataclass
@@ -144,10 +135,8 @@ class Preparer:
             tools, choice, parallel = self._legacy_tools(req)
         # `tools: []` with tool_choice none/auto (clients that always send both) asks for nothing
         choice = None if choice in ("none", "auto") and not tools else choice
-        try:
-            spec = grammar_spec_for(req.response_format, tools, choice, parallel)
-        except APIError as e:
-            raise legacy_param(e) if req.legacy_functions else e from None
+        spec = grammar_spec_for(req.response_format, tools, choice, parallel,
+                                LEGACY if req.legacy_functions else WIRE)
         self._check_grammar(req, spec)
         messages = render_messages(req.messages, tools, spec)
         try:
@@ -181,7 +170,8 @@ class Preparer:
         """What a grammar cannot be combined with, as 400s naming the field."""
         if spec is None:
             return
-        param = "tools" if spec.tools else "response_format"
+        legacy = getattr(req, "legacy_functions", False)  # chat requests only
+        param = ("functions" if legacy else "tools") if spec.tools else "response_format"
         strategy = req.alignment_or_default().strategy
         if (getattr(self.engine, "kind", None) == "vllm" and strategy in STRATEGIES
                 and strategy not in VLLM_GRAMMAR_STRATEGIES):

@@ -155,35 +155,64 @@ LIMIT_FLAGS = {"max_grammar_bytes": "--max-grammar-bytes",
                "grammar_compile_timeout": "--grammar-compile-timeout"}
 
 
-def api_error(err: GrammarError) -> APIError:
+@dataclass(frozen=True)
+class ToolFields:
+    """How the request spelled its tools, for the errors that name them: `tools` and
+    `tool_choice`, or (legacy) the deprecated `functions` and `function_call`, where each
+    function is `functions[i]` itself rather than `tools[i].function`."""
+
+    legacy: bool = False
+
+    @property
+    def tools(self) -> str:
+        return "functions" if self.legacy else "tools"
+
+    @property
+    def choice(self) -> str:
+        return "function_call" if self.legacy else "tool_choice"
+
+    @property
+    def choice_name(self) -> str:
+        return "function_call.name" if self.legacy else "tool_choice.function.name"
+
+    def function(self, i: int) -> tuple[str | int, ...]:
+        return ("functions", i) if self.legacy else ("tools", i, "function")
+
+
+WIRE, LEGACY = ToolFields(), ToolFields(legacy=True)
+
+
+def api_error(err: GrammarError, fields: ToolFields = WIRE) -> APIError:
     """A 400 naming the JSON path on the wire (a spec-relative path from the engine's checks is
     placed there too); limits name their flag."""
-    param = render_path(wire_path(err.path)) or None
+    param = render_path(wire_path(err.path, fields)) or None
     message = f"{param}: {err.message}" if param else err.message
     if isinstance(err, GrammarLimitError):
         message += f" ({LIMIT_FLAGS.get(err.limit, err.limit)})"
     return APIError(message, param=param)
 
 
-def wire_path(path: Sequence[str | int]) -> tuple[str | int, ...]:
-    """A GrammarSpec path ("schema", ...) / ("tools", i, "parameters", ...) on the wire; wire
-    paths pass unchanged."""
+def wire_path(path: Sequence[str | int], fields: ToolFields = WIRE) -> tuple[str | int, ...]:
+    """A GrammarSpec path ("schema", ...) / ("tools", i, "parameters", ...) on the wire, as
+    the request spelled its tools; wire paths pass unchanged."""
     path = tuple(path)
     if path[:1] == ("schema",):
         return ("response_format", "json_schema", "schema") + path[1:]
     if path[:1] == ("tools",) and len(path) >= 3 and path[2] == "parameters":
-        return ("tools", path[1], "function", "parameters") + path[3:]
+        return fields.function(path[1]) + path[2:]
     return path
 
 
 def grammar_spec_for(response_format: ResponseFormat | None,
                      tools: Sequence[ToolDefinition] | None,
                      tool_choice: ToolChoice | None,
-                     parallel_tool_calls: bool | None) -> GrammarSpec | None:
-    """The request's constraint, or None for free text. Raises APIError naming the field."""
+                     parallel_tool_calls: bool | None,
+                     fields: ToolFields = WIRE) -> GrammarSpec | None:
+    """The request's constraint, or None for free text. Raises APIError naming the field as
+    the request spelled it (`fields`)."""
     if tool_choice is not None and not tools:
-        raise APIError("`tool_choice` is only allowed when `tools` are given.",
-                       param="tool_choice")
+        raise APIError(f"`{fields.choice}` is only allowed when `{fields.tools}` are given.",
+                       param=fields.choice)
     fmt = response_format.type if response_format is not None else "text"
     schema, strict = None, None
     if fmt == "json_schema":
@@ -192,16 +221,16 @@ def grammar_spec_for(response_format: ResponseFormat | None,
         raw = {} if js.schema_ is None or js.schema_ is True else js.schema_
         _check(raw, ("response_format", "json_schema", "schema"))
         schema, strict = canonical_json(raw), js.strict
-    defs = _tool_defs(tools or ())
+    defs = _tool_defs(tools or (), fields)
     mode = "auto" if tools and tool_choice is None else tool_choice or "none"
     parallel = parallel_tool_calls is not False
     if isinstance(mode, NamedToolChoice):
         wanted = mode.function.name
         named = [d for d in defs if d.name == wanted]
         if not named:
-            raise APIError(f"tool_choice names `{wanted}`, which is not among the tools "
-                           f"({', '.join(d.name for d in defs)}).",
-                           param="tool_choice.function.name")
+            raise APIError(f"{fields.choice} names `{wanted}`, which is not among the "
+                           f"{fields.tools} ({', '.join(d.name for d in defs)}).",
+                           param=fields.choice_name)
         defs, mode, parallel = tuple(named), "required", False
     if mode == "none":
         defs = ()
@@ -218,16 +247,17 @@ def _check(schema: Any, base: tuple) -> None:
         raise api_error(err) from None
 
 
-def _tool_defs(tools: Sequence[ToolDefinition]) -> tuple[ToolDef, ...]:
+def _tool_defs(tools: Sequence[ToolDefinition], fields: ToolFields) -> tuple[ToolDef, ...]:
     seen: set[str] = set()
     defs = []
     for i, tool in enumerate(tools):
         fn = tool.function
         if fn.name in seen:
-            raise APIError(f"Two tools are named `{fn.name}`.", param=f"tools[{i}].function.name")
+            raise APIError(f"Two {fields.tools} are named `{fn.name}`.",
+                           param=render_path(fields.function(i) + ("name",)))
         seen.add(fn.name)
         params = fn.parameters if fn.parameters is not None else NO_PARAMETERS
-        _check(params, ("tools", i, "function", "parameters"))
+        _check(params, fields.function(i) + ("parameters",))
         defs.append(ToolDef(fn.name, canonical_json(params)))
     return tuple(defs)
 
