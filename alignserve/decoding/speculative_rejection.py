@@ -27,7 +27,10 @@ Where the ceiling is reachable and a text can be sure of it (keywords), a resume
 at the first sure candidate, so pausing costs little and lets the search prune harder: it is
 on by default there, with segment 2 and keep 0.55. Where the ceiling is never reached
 (sentiment: VADER's compound score is never 1; reward models) every search would resume every
-tie, so it is off by default.
+tie, so it is off by default. Pausing spends latency for tokens: a resumed search runs a
+second train of rounds after the first (in eval-cpu-20261207-062417, four requests in flight,
+44 of 96 keyword requests resumed: 17.6 rounds and 4.3 s each against 7 rounds and 1.7 s for
+the others), so a latency-bound client sends `pause_ties: false`.
 
 Defaults were chosen on items the evaluation does not report on (keyword items 13-56,
 sentiment 13-24), counting model tokens with the engine's twin rows (engine/native/twins.py).
