@@ -213,6 +213,23 @@ def test_driver_pauses_ties_and_resumes_them_only_below_the_ceiling(keyword, rew
     assert not eng.live
 
 
+@pytest.mark.parametrize("keyword, resumed, pruned", [("z", True, 0), ("d", False, 4)])
+def test_driver_with_n_choices_pauses_and_resumes_as_with_one(keyword, resumed, pruned):
+    """n = 2 (never fewer than 2 going): "z" resumes every paused tie and returns the best 2
+    of all 6; with "d" the 2 survivors finish at the ceiling and the paused 4 are dropped."""
+    eng = FakeEngine(CHAIN_WORDS, CHAIN)
+    params = {"candidates": 6, "segment": 2, "keep": 0.5, "pause_ties": True}
+    events = _run(eng, "speculative_rejection", params, [{"name": "keywords",
+                                                          "keywords": [keyword]}], n=2)
+    finals = [e for e in events if isinstance(e, ChoiceFinal)]
+    search = events[-1].search
+    assert [f.index for f in finals] == [0, 1] and all(f.text == " a b c d" for f in finals)
+    assert search["paused"] >= 1 and search["pruned"] == pruned
+    assert search["resumed"] == (search["paused"] if resumed else 0)
+    assert search["finished"] == 6 - pruned
+    assert not eng.live
+
+
 # ---- live server -----------------------------------------------------------------------------------
 
 DOG = [{"role": "user", "content": "Write one sentence that uses all of these words: dog, ball, "
