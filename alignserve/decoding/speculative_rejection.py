@@ -142,8 +142,9 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
 STRATEGY = register(Strategy(
     name="speculative_rejection",
     description="Speculative Rejection: `candidates` continuations share one prefill; every "
-    "`segment` tokens the partial texts are scored and only the best `keep` fraction goes on; "
-    "the best n finished ones are returned.",
+    "`segment` tokens the partial texts are scored and only the best `keep` fraction goes on "
+    "(with `pause_ties`, those dropped only to break a tie wait, and go on if every survivor "
+    "finishes below the rewards' ceiling); the best n finished ones are returned.",
     params=SpeculativeRejectionParams,
     run=run,
     streams="agreed-prefix",
