@@ -24,7 +24,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 EXAMPLES = 12
-CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2, "min_tokens": 4}
+CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "n": 2,
+        "min_tokens": 4}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, negative_data_rejection]
 
@@ -51,6 +52,8 @@ def _cap(case: Any) -> None:
             body[key] = most
     if "messages" in body or "prompt" in body:
         body.setdefault("max_tokens", 4)
+    if "input" in body:  # /v1/responses
+        body.setdefault("max_output_tokens", 4)
 
 
 def _fuzz(operation: Any, generation: Any, seen: dict[str, set[int]]) -> Any:
@@ -85,5 +88,6 @@ def test_openapi_fuzz(api_schema: Any, mode: str) -> None:
     assert seen
     if generation is GenerationMode.POSITIVE:  # valid requests do get served
         assert 200 in seen["POST /v1/completions"] | seen["POST /v1/chat/completions"], seen
+        assert 200 in seen["POST /v1/responses"], seen
     else:
         assert all(code >= 400 for codes in seen.values() for code in codes), seen

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from alignserve.cli import build_parser
 from alignserve.server.errors import dotted_param, validation_error
-from alignserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from alignserve.server.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from alignserve.server.settings import ServerSettings, add_arguments, from_args
 
 
@@ -105,6 +105,12 @@ def test_every_openai_request_field_is_known():
                    completions.CompletionCreateParamsStreaming):
         missing = _openai_fields(params) - ours_completions
         assert not missing, f"completions fields unknown here: {sorted(missing)}"
+    from openai.types.responses import response_create_params as responses
+
+    for params in (responses.ResponseCreateParamsNonStreaming,
+                   responses.ResponseCreateParamsStreaming):
+        missing = _openai_fields(params) - set(ResponsesRequest.model_fields)
+        assert not missing, f"responses fields unknown here: {sorted(missing)}"
 
 
 def test_null_means_the_default():

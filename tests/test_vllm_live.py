@@ -110,6 +110,23 @@ def test_greedy_is_the_same_streamed_and_whole(vllm_client, config):
     assert streamed == whole.choices[0].message.content
 
 
+def test_responses_api_on_real_vllm(vllm_client):
+    """/v1/responses rides the chat path on either engine: greedy, its answer is chat's, and
+    a best_of_n stream ends in response.completed with the reward report."""
+    r = vllm_client.responses.create(model="SmolLM2-135M-Instruct", input=MESSAGES[0]["content"],
+                                     max_output_tokens=12, temperature=0)
+    whole = _chat(vllm_client, STRATEGIES["sample"], stream=False, temperature=0, max_tokens=12)
+    assert r.output_text == whole.choices[0].message.content
+    assert r.usage.input_tokens == whole.usage.prompt_tokens
+    events = list(vllm_client.responses.create(
+        model="SmolLM2-135M-Instruct", input=MESSAGES[0]["content"], max_output_tokens=10,
+        stream=True, extra_body={"alignment": STRATEGIES["best_of_n"]}))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    report = events[-1].response.model_extra["alignment"]
+    assert report["strategy"] == "best_of_n" and report["candidates_scored"] == 4
+    assert "keywords" in report["components"]
+
+
 def test_greedy_n_children_are_served(vllm_client):
     # vLLM refuses n > 1 with temperature 0; the adapter sends greedy children one by one.
     # (Their texts may differ: concurrent requests batch differently in bf16 on vLLM's CPU

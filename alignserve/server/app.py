@@ -47,12 +47,16 @@ from alignserve.server.protocol import (
     HealthStatus,
     ModelCard,
     ModelList,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseStreamEvent,
     StrategyInfo,
 )
 from alignserve.server.render import Renderer
+from alignserve.server.responses import ResponsesWire, responses_error, to_chat_request
 from alignserve.server.runner import ClientGone, DecodeRun, collect
 from alignserve.server.settings import ServerSettings
-from alignserve.server.streaming import abort_reason, stream_events
+from alignserve.server.streaming import abort_reason, stream_chunks, stream_events
 
 log = logging.getLogger("alignserve.server")
 
@@ -118,10 +122,11 @@ def _sse_event(chunk: str) -> dict[str, Any]:
                            "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
-def _decode_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+def _decode_responses(model: type, chunk: type, end: str = "`data: [DONE]`"
+                      ) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": model, "description": "The completion (JSON), or with `stream: "
                   "true` server-sent events, each a " + chunk.__name__ + " (or an error), "
-                  "ending in `data: [DONE]`",
+                  "ending in " + end,
                   "content": {"text/event-stream": {"schema": _sse_event(chunk.__name__)}}},
             **DECODE_ERRORS}
 
@@ -214,7 +219,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                 f"{settings.max_waiting_requests}). Retry after {settings.retry_after} s.",
                 status=429, headers={"Retry-After": str(settings.retry_after)}) from None
 
-    async def serve(prepared: Prepared, request: Request) -> Response:
+    async def serve(prepared: Prepared, request: Request,
+                    wire: ResponsesWire | None = None) -> Response:
+        """Run one prepared request; `wire` reshapes a chat answer as a Responses answer."""
         record = access_record(request.scope)
         record.strategy, record.stream = prepared.strategy.name, prepared.decode.stream
         ticket = admit(prepared)
@@ -238,7 +245,11 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
                 if not runs:
                     ticket.release()
 
-            return DecodeStream(stream_events(start, renderer, tracker, record), closed)
+            if wire is not None:
+                events = wire.events(stream_chunks(start, renderer, tracker, record))
+            else:
+                events = stream_events(start, renderer, tracker, record)
+            return DecodeStream(events, closed)
         run = start()
         try:
             got = await collect(run, request, settings.disconnect_poll_s)
@@ -257,7 +268,8 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         tracker.finish(got.summary, got.finals, run.reward_seconds())
         record.prompt_tokens = got.summary.prompt_tokens
         record.completion_tokens = sum(len(f.token_ids) for f in got.finals)
-        return JSONResponse(renderer.response(got.finals, got.summary, got.prompt_logprobs))
+        data = renderer.response(got.finals, got.summary, got.prompt_logprobs)
+        return JSONResponse(wire.body(data) if wire is not None else data)
 
     def request_id(request: Request) -> str:
         return str(request.scope.get("state", {}).get("request_id") or "")
@@ -275,6 +287,19 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         prepared = preparer.completion(body, request_id(request))
         await grammars.attach(prepared)
         return await serve(prepared, request)
+
+    @app.post("/v1/responses", responses=_decode_responses(ResponseObject, ResponseStreamEvent,
+                                                           end="response.completed"))
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        chat = to_chat_request(body)
+        try:
+            prepared = preparer.chat(chat, request_id(request))
+            await grammars.attach(prepared)
+        except APIError as err:
+            raise responses_error(err) from None
+        if body.ignored_fields():
+            log.debug("accepted and ignored: %s", ", ".join(body.ignored_fields()))
+        return await serve(prepared, request, ResponsesWire(body, prepared.model))
 
     def model_card() -> ModelCard:
         return ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
@@ -354,7 +379,7 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    for model in (ChatCompletionChunk, CompletionChunk):  # the stream events' schemas
+    for model in (ChatCompletionChunk, CompletionChunk, ResponseStreamEvent):  # streams
         one = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in one.pop("$defs", {}).items():
             schemas.setdefault(name, sub)

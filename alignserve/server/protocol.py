@@ -9,12 +9,14 @@ strategy's params model. Each request model converts itself into engine Sampling
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     WithJsonSchema,
     field_validator,
     model_serializer,
@@ -25,6 +27,7 @@ from alignserve.engine.protocol import SamplingParams
 from alignserve.server.structured import (
     ChosenFunction,
     FunctionDefinition,
+    FunctionName,
     NamedToolChoice,
     ResponseFormat,
     ResponseToolCall,
@@ -106,6 +109,16 @@ def _empty_only(what: str) -> Any:
     return classmethod(check)
 
 
+def _no_media(parts: Any, allowed: tuple[str, ...]) -> None:
+    """A clear refusal for image, audio and file parts (a text-only model), before pydantic
+    would report every union member's mismatch."""
+    for part in parts if isinstance(parts, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in allowed:
+            raise ValueError(f"content part type `{kind}` is not supported: this server serves "
+                             f"a text-only model (part types: {', '.join(allowed)})")
+
+
 class ChatMessage(RequestModel):
     # `tool` replies answer an earlier assistant message's `tool_calls` (by `tool_call_id`);
     # the deprecated `function` role answers an assistant's legacy `function_call` (by `name`).
@@ -122,6 +135,12 @@ class ChatMessage(RequestModel):
     IGNORED = ("name",)
 
     _no_audio = field_validator("audio")(_empty_only("Audio (`audio`)"))
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        _no_media(value, ("text", "refusal"))
+        return value
 
     @model_validator(mode="after")
     def _content_by_role(self) -> ChatMessage:
@@ -406,6 +425,244 @@ class CompletionRequest(SamplingFields):
         return [value]
 
 
+# ---------------------------------------------------------------------------- Responses API
+# POST /v1/responses: OpenAI's newer endpoint, served over the chat path (server/responses.py
+# turns a request into a chat request and the chat answer back into a Response). Text in, text
+# and function calls out; nothing is stored, so the stateful fields are refused by name.
+
+
+def _text_or_list(value: Any) -> str | None:
+    return "Text" if isinstance(value, str) else "List" if isinstance(value, list) else None
+
+
+def text_or_list(items: Any) -> Any:
+    """`str | list[items]`, told apart by the value's JSON type, so a wrong list item is
+    reported where it is (not as "should be a valid string"). Tags are capitalized so error
+    locations drop them (server/errors.py keeps only snake_case field names)."""
+    return Annotated[Annotated[str, Tag("Text")] | Annotated[items, Tag("List")],
+                     Discriminator(_text_or_list, custom_error_type="text_or_list",
+                                   custom_error_message="must be a string or a list")]
+
+
+class InputTextPart(RequestModel):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputTextPart(RequestModel):
+    """An earlier answer's text, as a client sends its history back."""
+
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class ResponsesRefusalPart(RequestModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+def by_type(members: dict[str, Any], why: str = "", default: str | None = None) -> Any:
+    """A union told apart by the `type` key (`default` when it is left out). Tags are
+    capitalized so error locations drop them (server/errors.py keeps snake_case names)."""
+    tags = {kind: "".join(w.title() for w in kind.split("_")) for kind in members}
+
+    def tag(value: Any) -> str | None:
+        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        kind = default if kind is None else kind
+        return tags.get(kind) if isinstance(kind, str) else None
+
+    union = Union[tuple(Annotated[model, Tag(tags[kind])]  # noqa: UP007  (built at run time)
+                        for kind, model in members.items())]
+    return Annotated[union, Discriminator(
+        tag, custom_error_type="unknown_type",
+        custom_error_message=f"`type` must be one of {', '.join(members)}{why}")]
+
+
+RESPONSES_PART_TYPES = ("input_text", "output_text", "refusal")
+ResponsesPart = by_type(dict(zip(RESPONSES_PART_TYPES, (InputTextPart, OutputTextPart,
+                                                        ResponsesRefusalPart), strict=True)))
+
+
+class InputMessageItem(RequestModel):
+    type: Literal["message"] | None = None  # optional: `{role, content}` alone is a message
+    role: Literal["user", "system", "developer", "assistant"]
+    content: text_or_list(list[ResponsesPart])
+    id: str | None = None  # an earlier output item's, sent back with it
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        _no_media(value, RESPONSES_PART_TYPES)
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.refusal if isinstance(p, ResponsesRefusalPart) else p.text
+                         for p in self.content)
+
+
+class FunctionCallItem(RequestModel):
+    """A call the model made earlier, sent back before its output."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutputItem(RequestModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: text_or_list(list[InputTextPart])
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(
+            p.text for p in self.output)
+
+
+InputItem = by_type({"message": InputMessageItem, "function_call": FunctionCallItem,
+                     "function_call_output": FunctionCallOutputItem},
+                    ": this server serves text and function tools", default="message")
+
+
+class ResponsesTextFormat(RequestModel):
+    """`text.format`: chat's `response_format`, flattened (name and schema beside `type`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: FunctionName | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_named(self) -> ResponsesTextFormat:
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise ValueError("a `json_schema` format needs `name` and `schema`")
+        return self
+
+
+class ResponsesText(RequestModel):
+    format: ResponsesTextFormat | None = None
+    verbosity: str | None = None
+
+    IGNORED = ("verbosity",)
+
+
+class ResponsesFunctionTool(RequestModel):
+    """A function tool, flat (no `function` wrapper as in chat)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_only(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise ValueError(f"tool type `{kind}` is not supported: this server hosts no "
+                             "tools; give `function` tools and run them yourself")
+        return data
+
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedTool(RequestModel):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesStreamOptions(RequestModel):
+    include_obfuscation: bool | None = None  # padding against side channels: nothing to pad
+
+    IGNORED = ("include_obfuscation",)
+
+
+# what the server cannot do without storing responses or hosting tools: refused by name
+_STATELESS = "this server stores no responses; send the earlier turns in `input`"
+
+
+class ResponsesRequest(RequestModel):
+    model: str | None = None
+    input: text_or_list(Annotated[list[InputItem], Field(min_length=1)])
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # "message.output_text.logprobs" asks for logprobs; the rest name outputs of hosted tools
+    # and reasoning, which this server never produces
+    include: list[str] | None = None
+    stream: bool | None = False
+    stream_options: ResponsesStreamOptions | None = None
+    text: ResponsesText | None = None
+    tools: Annotated[list[ResponsesFunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    parallel_tool_calls: bool | None = None
+    seed: Seed | None = None  # an extension (as vLLM's): reproducible sampling and searches
+    alignment: AlignmentRequest | None = None
+    # accepted and ignored (see IGNORED): none of them changes the text that comes back
+    store: bool | None = None  # nothing is stored whatever it says; the response says false
+    metadata: dict[str, str] | None = None  # echoed back on the response
+    user: str | None = None
+    service_tier: str | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    moderation: dict[str, Any] | None = None
+    access_programs: dict[str, Any] | None = None
+    background_options: dict[str, Any] | None = None  # only for `background`, refused below
+    context_management: list[dict[str, Any]] | None = None  # compaction: no stored context
+    image: dict[str, Any] | None = None  # image context options: no images here
+    # refused unless empty: they need stored state or a background queue
+    background: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+    IGNORED = ("store", "metadata", "user", "service_tier", "reasoning", "truncation",
+               "max_tool_calls", "prompt_cache_key", "prompt_cache_retention",
+               "prompt_cache_options", "safety_identifier", "moderation", "access_programs",
+               "background_options", "context_management", "image")
+
+    @field_validator("background", "previous_response_id", "conversation", "prompt")
+    @classmethod
+    def _stateless(cls, value: Any, info: Any) -> Any:
+        if value:
+            raise ValueError("not supported: " + (
+                "this server answers every request in the foreground" if info.field_name ==
+                "background" else "this server has no stored prompts" if info.field_name ==
+                "prompt" else _STATELESS))
+        return value
+
+    def ignored_fields(self) -> list[str]:
+        out = super().ignored_fields()
+        if self.text is not None:
+            out += [f"text.{f}" for f in self.text.ignored_fields()]
+        if self.stream_options is not None:
+            out += [f"stream_options.{f}" for f in self.stream_options.ignored_fields()]
+        return out
+
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ()) or (
+            self.top_logprobs is not None)
+
+
 # ---------------------------------------------------------------------------- responses
 
 
@@ -579,6 +836,99 @@ class CompletionChunk(ResponseModel):
     choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
     alignment: AlignmentReport | None = None
+
+
+# The Responses API's answer and stream events. Built as dicts by server/responses.py; these
+# models document them in /openapi.json (and the fuzz tests hold the bodies to them).
+
+
+class ResponsesLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class OutputTextContent(ResponseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[ResponsesLogprob] | None = None
+
+
+class OutputMessage(ResponseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputTextContent]
+
+
+class OutputFunctionCall(ResponseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponsesUsage(ResponseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponsesAlignment(ChoiceAlignment):
+    """The answer's reward and what the search behind it cost, in one object."""
+
+    strategy: str
+    candidates_scored: int
+    model_tokens: int
+    reward_seconds: float
+    seconds: float
+    search: dict[str, Any] | None = None
+
+
+class ResponseObject(ResponseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    completed_at: int | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
+    model: str
+    output: list[OutputMessage | OutputFunctionCall]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    parallel_tool_calls: bool
+    previous_response_id: None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = False
+    temperature: float | None = None
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int | None = None
+    top_p: float | None = None
+    truncation: str = "disabled"
+    user: str | None = None
+    usage: ResponsesUsage | None = None
+    alignment: ResponsesAlignment | None = None
+
+
+class ResponseStreamEvent(ResponseModel):
+    """One event of a Responses stream: `type` says which (response.created, ...,
+    response.output_text.delta, ..., response.completed); its fields follow OpenAI's."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    sequence_number: int
 
 
 # ---------------------------------------------------------------------------- listings

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from alignserve.decoding.base import ChoiceDelta, ChoiceFinal, RequestSummary
@@ -32,14 +33,21 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _sse_chunk(chunk: Chunk) -> str:
-    return sse(dump_chunk(chunk))
-
-
 async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
                         tracker: RequestTracker, record: Any = None) -> AsyncIterator[str]:
-    """`start` begins the run once the response starts, so an unsent stream costs nothing.
-    `record` (the access log's AccessRecord) gets the token counts or the error."""
+    """The chunks as server-sent events, ending in [DONE]."""
+    async with aclosing(stream_chunks(start, renderer, tracker, record)) as chunks:
+        async for data in chunks:
+            yield sse(data)
+    yield DONE
+
+
+async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
+                        tracker: RequestTracker, record: Any = None
+                        ) -> AsyncIterator[dict[str, Any]]:
+    """Each chunk (or the error body) as a dict. `start` begins the run once the response
+    starts, so an unsent stream costs nothing. `record` (the access log's AccessRecord) gets
+    the token counts or the error."""
     run = start()
     reason = "disconnect"  # why it ended early, for the metrics
     finals: list[ChoiceFinal] = []
@@ -52,30 +60,30 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
             for index in range(run.prepared.choices):
                 opening = renderer.opening(index)
                 if opening is not None:
-                    yield _sse_chunk(opening)
+                    yield dump_chunk(opening)
         async for event in run.events():
             if isinstance(event, PromptLogprobs):
                 for index in range(event.prompt * n, event.prompt * n + n):
                     opening = renderer.opening(index, event.entries)
                     if opening is not None:
-                        yield _sse_chunk(opening)
+                        yield dump_chunk(opening)
             elif isinstance(event, ChoiceDelta):
                 if renderer.holds_text or (not event.text and not event.logprobs):
                     continue
                 if held is not None:
-                    yield _sse_chunk(held)
+                    yield dump_chunk(held)
                     held = None
-                yield _sse_chunk(renderer.delta(event.index, event.text, event.logprobs))
+                yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs))
             elif isinstance(event, ChoiceFinal):
                 finals.append(event)
                 if held is not None:
-                    yield _sse_chunk(held)
+                    yield dump_chunk(held)
                     held = None
                 if renderer.holds_text:
                     for chunk in renderer.tool_call_chunks(event):
-                        yield _sse_chunk(chunk)
+                        yield dump_chunk(chunk)
                 elif not event.streamed and (event.text or event.logprobs):
-                    yield _sse_chunk(renderer.delta(event.index, event.text, event.logprobs))
+                    yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs))
                 held = renderer.finish(event)
             elif isinstance(event, RequestSummary):
                 summary = event
@@ -88,13 +96,13 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
             record.completion_tokens = sum(len(f.token_ids) for f in finals)
         if run.prepared.include_usage or held is None:
             if held is not None:
-                yield _sse_chunk(held)
+                yield dump_chunk(held)
             use = usage(summary.prompt_tokens, sum(len(f.token_ids) for f in finals))
-            yield _sse_chunk(renderer.closing(use if run.prepared.include_usage else None,
+            yield dump_chunk(renderer.closing(use if run.prepared.include_usage else None,
                                               summary))
         else:
             held.alignment = report(summary)
-            yield _sse_chunk(held)
+            yield dump_chunk(held)
     except (ClientGone, asyncio.CancelledError, GeneratorExit):
         raise  # the client left: nothing more to send (finally cancels the run)
     except Exception as exc:  # noqa: BLE001  (sent to the client as an error chunk)
@@ -102,12 +110,11 @@ async def stream_events(start: Callable[[], DecodeRun], renderer: Renderer,
         err = as_api_error(exc)
         if record is not None:
             record.error = err.message
-        yield sse(api_error_body(err))
+        yield api_error_body(err)
     finally:
         run.cancel()
         if not completed:
             tracker.abort(reason)
-    yield DONE
 
 
 def abort_reason(run: DecodeRun) -> str:
