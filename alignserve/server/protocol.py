@@ -842,18 +842,11 @@ class CompletionChunk(ResponseModel):
 # models document them in /openapi.json (and the fuzz tests hold the bodies to them).
 
 
-class ResponsesLogprob(ResponseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
 class OutputTextContent(ResponseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[ResponsesLogprob] | None = None
+    logprobs: list[ChatLogprobToken] | None = None  # the same entries as chat's
 
 
 class OutputMessage(ResponseModel):
@@ -881,15 +874,11 @@ class ResponsesUsage(ResponseModel):
     total_tokens: int
 
 
-class ResponsesAlignment(ChoiceAlignment):
-    """The answer's reward and what the search behind it cost, in one object."""
+class ResponsesAlignment(AlignmentReport):
+    """The answer's reward beside what the search behind it cost, in one object."""
 
-    strategy: str
-    candidates_scored: int
-    model_tokens: int
-    reward_seconds: float
-    seconds: float
-    search: dict[str, Any] | None = None
+    reward: float | None = None
+    components: dict[str, float] = Field(default_factory=dict)
 
 
 class ResponseObject(ResponseModel):
