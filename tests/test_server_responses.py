@@ -271,3 +271,11 @@ def test_chat_media_parts_are_named(http, model_name):
     error = http.post("/v1/chat/completions", json=body).json()["error"]
     assert error["param"] == "messages[0].content", error
     assert "`image_url` is not supported" in error["message"] and "text-only" in error["message"]
+
+
+def test_nothing_is_stored(client, model_name):
+    r = client.responses.create(model=model_name, input="hi", max_output_tokens=2, store=True)
+    for call in (lambda: client.responses.retrieve(r.id), lambda: client.responses.delete(r.id),
+                 lambda: client.responses.cancel(r.id)):
+        with pytest.raises(openai.NotFoundError, match="stores no responses"):
+            call()

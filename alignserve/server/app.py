@@ -301,6 +301,13 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
             log.debug("accepted and ignored: %s", ", ".join(body.ignored_fields()))
         return await serve(prepared, request, ResponsesWire(body, prepared.model))
 
+    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "POST", "DELETE"],
+                   include_in_schema=False)
+    async def stored_response(response_id: str) -> Response:
+        # retrieve, delete, cancel, input_items: the SDK's calls on a stored response
+        raise APIError(f"No response `{response_id.split('/')[0]}`: this server stores no "
+                       "responses (`store` is accepted and ignored).", status=404)
+
     def model_card() -> ModelCard:
         return ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
 
