@@ -1,6 +1,6 @@
 """Real clients our users use, live against the server: LangChain (`langchain-openai`'s
 ChatOpenAI and OpenAI) and LiteLLM, each through chat, streaming, batches and `extra_body`
-alignment. Nothing may leave loopback: LiteLLM is told to use its bundled model cost map, and a
+alignment, and both on the Responses API. Nothing may leave loopback: LiteLLM is told to use its bundled model cost map, and a
 guard fails the test on any connection or name lookup that is not for 127.0.0.1/localhost.
 """
 
@@ -127,3 +127,49 @@ def test_litellm_chat_stream_batch_and_alignment(live_server, model_name, loopba
     # the server's alignment report travels back through LiteLLM's response object
     report = getattr(aligned, "alignment", None) or aligned.model_extra.get("alignment")
     assert report["strategy"] == "best_of_n" and report["candidates_scored"] == 2
+
+
+# ---------------------------------------------------------------------------- Responses API
+
+
+def test_langchain_and_litellm_on_the_responses_api(live_server, model_name, loopback_only):
+    """LangChain's ChatOpenAI with `use_responses_api=True` (invoke, stream, a tool call and
+    its result sent back) and LiteLLM's `responses()`, against POST /v1/responses."""
+    import litellm
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    def chat(**kw: Any) -> Any:
+        return ChatOpenAI(base_url=live_server.base_url + "/v1", api_key="unused",
+                          model=model_name, temperature=0, max_retries=0,
+                          use_responses_api=True, **kw)
+
+    reply = chat(max_tokens=8).invoke(QUESTION)
+    text = "".join(block["text"] for block in reply.content if block["type"] == "text")
+    assert text and reply.usage_metadata["output_tokens"] <= 8
+    streamed = "".join(block.get("text", "") for chunk in chat(max_tokens=8).stream(QUESTION)
+                       for block in chunk.content)
+    assert streamed == text  # greedy: the stream is the same text
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Today's weather in a city."""
+        return "sunny"
+
+    bound = chat(max_tokens=60).bind_tools([get_weather], tool_choice="get_weather",
+                                           parallel_tool_calls=False)
+    called = bound.invoke("What is the weather in Paris?")
+    (call,) = called.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)
+    after = chat(max_tokens=8).bind_tools([get_weather]).invoke([
+        HumanMessage("What is the weather in Paris?"), called,
+        ToolMessage("sunny", tool_call_id=call["id"])])
+    assert after.response_metadata["status"] in ("completed", "incomplete")
+
+    litellm.telemetry = False
+    # (LiteLLM raises max_output_tokens to OpenAI's minimum, 16)
+    r = litellm.responses(model="openai/" + model_name, input="Name one bird.",
+                          api_base=live_server.base_url + "/v1", api_key="unused",
+                          max_output_tokens=16, temperature=0)
+    assert r.output[0].content[0].text and r.usage.output_tokens <= 16
