@@ -279,3 +279,28 @@ def test_nothing_is_stored(client, model_name):
                  lambda: client.responses.cancel(r.id)):
         with pytest.raises(openai.NotFoundError, match="stores no responses"):
             call()
+
+
+def test_stream_error_after_start_is_an_error_event(live_server, model_name):
+    """A deadline that passes mid-stream: OpenAI's `error` event, then response.failed with
+    what was said so far, and the decode is freed."""
+    from tests.test_hardening import side_server
+
+    kv = _wait_idle(live_server.engine)
+    body = {"model": model_name, "input": "Write a very long story about the sea.",
+            "max_output_tokens": 2000, "temperature": 0, "stream": True}
+    with side_server(live_server, request_timeout=1.0) as app, \
+            httpx.Client(base_url=app.state.base_url, timeout=60) as c, \
+            c.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line[len("data: "):]) for line in lines]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    error, failed = events[-2:]
+    assert error["type"] == "error" and error["code"] == "408", error
+    assert "--request-timeout" in error["message"]
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["code"] == "408"
+    assert any(e["type"] == "response.output_text.delta" for e in events)
+    _wait_idle(live_server.engine, kv)
