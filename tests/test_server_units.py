@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -171,3 +172,40 @@ def test_alignment_prefix():
     err = validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "x",
                              "ctx": {"error": "Expecting value"}}])
     assert err.status == 400 and err.param is None and "JSON" in err.message
+
+
+def _llama_style_tokenizer() -> Any:
+    """A real fast tokenizer that adds a BOS to what it encodes, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def test_a_raw_prompt_starts_with_the_tokenizers_bos():
+    """Completions encode a text prompt with special tokens, as vLLM does (a Llama-family
+    model sees its BOS); text inside a sequence (chat template output, continuations) gets
+    none added."""
+    from alignserve.engine.text import TextCodec
+    from alignserve.server.app import default_rewards
+    from alignserve.server.prepare import Preparer
+    from tests.fakes.fake_engine import FakeEngine, FakeTokenizer
+
+    codec = TextCodec()
+    codec.tokenizer = _llama_style_tokenizer()
+    assert codec.encode_prompt("hello world") == [0, 3, 4]
+    assert codec.encode("hello world") == [3, 4]
+    engine = FakeEngine(["</s>", "<s>", " hello", " world"], table={}, eos=0)
+    engine.tokenizer = FakeTokenizer(engine.tokenizer.words, eos=0, bos=1)
+    settings = ServerSettings()
+    preparer = Preparer(engine, settings, default_rewards(settings), "fake")
+    prepared = preparer.completion(CompletionRequest(prompt="hello world", max_tokens=2), "r")
+    assert prepared.decode.prompt_ids == [1, 2, 3]
+    ids = CompletionRequest(prompt=[2, 3], max_tokens=2)  # token ids are taken as they are
+    assert preparer.completion(ids, "r").decode.prompt_ids == [2, 3]

@@ -82,7 +82,14 @@ class TextCodec:
     tokenizer: Any
 
     def encode(self, text: str) -> list[int]:
+        """Text inside a sequence (a chat template's output, a continuation): no special
+        tokens added (a template writes its own BOS)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (completions): with the tokenizer's special tokens, as vLLM encodes
+        one, so a Llama-family model sees its BOS first (SmolLM2's tokenizer adds none)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -209,7 +209,7 @@ class Preparer:
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
                 texts.append(prompt)
-                ids.append(list(self.engine.encode(prompt)))
+                ids.append(list(self.engine.encode_prompt(prompt)))
                 continue
             bad = [t for t in prompt if not 0 <= t < self.engine.vocab_size]
             if bad:

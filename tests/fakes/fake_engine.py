@@ -25,7 +25,9 @@ class FakeTokenizer:
         return "".join(self.words[i] for i in ids if not (skip_special_tokens and i == self.eos_token_id))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [self.words.index(" " + w) for w in text.split()]
+        ids = [self.words.index(" " + w) for w in text.split()]
+        return ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None
+                else []) + ids
 
 
 class FakeEngine:
@@ -52,6 +54,9 @@ class FakeEngine:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
     def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
         text = " ".join(m["content"] for m in messages)
