@@ -264,7 +264,11 @@ def test_auth_on_every_v1_route(live_server, model_name):
                   ("POST", "/v1/completions", {"model": model_name, "prompt": "Hi",
                                                "max_tokens": 1}),
                   ("POST", "/v1/chat/completions", {"model": model_name, "messages": CHAT,
-                                                    "max_tokens": 1})]
+                                                    "max_tokens": 1}),
+                  ("POST", "/v1/responses", {"model": model_name, "input": "Hi",
+                                             "max_output_tokens": 1}),
+                  ("POST", "/tokenize", {"prompt": "Hi"}),
+                  ("POST", "/detokenize", {"tokens": [1]})]
         with httpx.Client(base_url=url, timeout=60) as c:
             for method, path, body in routes:
                 for headers in ({}, {"Authorization": "Bearer nope"},
@@ -290,6 +294,9 @@ def test_auth_on_every_v1_route(live_server, model_name):
             assert metric(text, "alignserve_http_requests_total", route="/v1/models",
                           status="401") == 3
             assert "bearer" in schema["components"]["securitySchemes"]
+            for path in ("/v1/responses", "/tokenize"):  # the schema says which take the key
+                assert schema["paths"][path]["post"]["security"] == [{"bearer": []}]
+            assert "security" not in schema["paths"]["/health"]["get"]
         keyed = openai.OpenAI(base_url=url + "/v1", api_key="k-two", max_retries=0)
         assert keyed.completions.create(model=model_name, prompt="Hi", max_tokens=1).choices
         with pytest.raises(openai.AuthenticationError):

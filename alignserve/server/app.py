@@ -32,7 +32,7 @@ from alignserve.server.errors import (
 from alignserve.server.grammars import ServerGrammars
 from alignserve.server.lifecycle import Lifecycle
 from alignserve.server.metrics import ServerMetrics
-from alignserve.server.middleware import Gatekeeper, access_record
+from alignserve.server.middleware import Gatekeeper, access_record, is_api_path
 from alignserve.server.prepare import STRATEGY_LIMITS, Prepared, Preparer
 from alignserve.server.protocol import (
     STREAM_MODES,
@@ -43,6 +43,8 @@ from alignserve.server.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthStatus,
     ModelCard,
@@ -51,6 +53,8 @@ from alignserve.server.protocol import (
     ResponsesRequest,
     ResponseStreamEvent,
     StrategyInfo,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from alignserve.server.render import Renderer
 from alignserve.server.responses import ResponsesWire, responses_error, to_chat_request
@@ -308,6 +312,29 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
         raise APIError(f"No response `{response_id.split('/')[0]}`: this server stores no "
                        "responses (`store` is accepted and ignored).", status=404)
 
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=DECODE_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        preparer.check_model(body.model)
+        if body.messages is not None:
+            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
+            _, _, _, ids = preparer.chat_prompt(chat)
+        elif body.add_special_tokens:
+            ids = engine.encode_prompt(body.prompt)
+        else:
+            ids = engine.encode(body.prompt)
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len,
+                                tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=DECODE_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        preparer.check_model(body.model)
+        bad = [t for t in body.tokens if t >= engine.vocab_size]
+        if bad:
+            raise APIError(f"Token id {bad[0]} is outside the vocabulary "
+                           f"(0..{engine.vocab_size - 1}).", param="tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
     def model_card() -> ModelCard:
         return ModelCard(id=served, root=engine.model_name, max_model_len=engine.max_model_len)
 
@@ -380,7 +407,7 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
     for path, ops in schema.get("paths", {}).items():
         for op in ops.values():
             op.get("responses", {}).pop("422", None)
-            if settings.api_keys() and path.startswith("/v1/"):
+            if settings.api_keys() and is_api_path(path):
                 op["security"] = [{"bearer": []}]
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})

@@ -83,6 +83,16 @@ class _BodyTooLarge(Exception):
         self.size = size
 
 
+# Outside /v1, vLLM's /tokenize and /detokenize run the tokenizer and chat template for anyone
+# who asks: with API keys set they take one too (vLLM leaves them open).
+KEYED_PATHS = ("/tokenize", "/detokenize")
+
+
+def is_api_path(path: str) -> bool:
+    """A route that takes the bearer key when the server has keys."""
+    return path == "/v1" or path.startswith("/v1/") or path in KEYED_PATHS
+
+
 class Gatekeeper:
     def __init__(self, app: ASGIApp, settings: Any, metrics: Any, lifecycle: Any,
                  route_paths: Callable[[], set[str]] | None = None) -> None:
@@ -99,7 +109,7 @@ class Gatekeeper:
         return self._known
 
     def _needs_key(self, path: str) -> bool:
-        if path == "/v1" or path.startswith("/v1/"):
+        if is_api_path(path):
             return True
         return bool(self.settings.protect_metrics) and path in ("/metrics", "/health")
 

@@ -130,6 +130,17 @@ class Preparer:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
+        spec, messages, prompt_text, prompt_ids = self.chat_prompt(req)
+        prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
+                                "messages", request_id)
+        prepared.grammar = spec
+        prepared.legacy_functions = req.legacy_functions
+        return prepared
+
+    def chat_prompt(self, req: ChatCompletionRequest
+                    ) -> tuple[GrammarSpec | None, list[dict[str, str]], str, list[int]]:
+        """What a chat request holds its answer to, and the prompt the model is fed: the
+        rendered messages (tools listed in them), their text and token ids."""
         tools, choice, parallel = req.tools, req.tool_choice, req.parallel_tool_calls
         if req.functions or isinstance(req.function_call, ChosenFunction):  # []: nothing asked
             tools, choice, parallel = self._legacy_tools(req)
@@ -144,11 +155,7 @@ class Preparer:
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
             raise APIError(f"The chat template rejected the messages: {e}",
                            param="messages") from None
-        prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
-                                "messages", request_id)
-        prepared.grammar = spec
-        prepared.legacy_functions = req.legacy_functions
-        return prepared
+        return spec, messages, prompt_text, list(prompt_ids)
 
     @staticmethod
     def _legacy_tools(req: ChatCompletionRequest) -> tuple[Any, Any, bool]:
@@ -257,10 +264,13 @@ class Preparer:
 
     # -- shared steps
 
-    def _check_common(self, req: SamplingFields) -> None:
+    def check_model(self, model: str | None) -> None:
         # "" names the served model too, as vLLM reads it (clients that leave it blank)
-        if req.model and req.model != self.served_model_name:
-            raise APIError(f"The model `{req.model}` does not exist.", param="model", status=404)
+        if model and model != self.served_model_name:
+            raise APIError(f"The model `{model}` does not exist.", param="model", status=404)
+
+    def _check_common(self, req: SamplingFields) -> None:
+        self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             # OpenAI and vLLM answer 400: the options describe a stream that will not happen
             raise APIError("`stream_options` is only allowed with `stream: true`.",

@@ -425,6 +425,41 @@ class CompletionRequest(SamplingFields):
         return [value]
 
 
+# ---------------------------------------------------------------------------- tokenize
+# vLLM's POST /tokenize and /detokenize (outside /v1, as vLLM serves them): what a prompt costs
+# before it is sent.
+
+
+class TokenizeRequest(RequestModel):
+    """A completions `prompt`, or chat `messages` (with `tools`), counted as that request
+    would feed them to the model."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    # a prompt's special tokens (the BOS a completions request gets), as vLLM's flag
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True  # chat requests always end with it here
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give `prompt` or `messages`, one of them")
+        if self.tools and self.messages is None:
+            raise ValueError("`tools` go with `messages`")
+        if self.add_generation_prompt is False:
+            raise ValueError("`add_generation_prompt: false` is not supported: a chat "
+                             "request's prompt always ends with the assistant's turn opening")
+        return self
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 # ---------------------------------------------------------------------------- Responses API
 # POST /v1/responses: OpenAI's newer endpoint, served over the chat path (server/responses.py
 # turns a request into a chat request and the chat answer back into a Response). Text in, text
@@ -918,6 +953,20 @@ class ResponseStreamEvent(ResponseModel):
 
     type: str
     sequence_number: int
+
+
+# /tokenize and /detokenize's answers
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str
 
 
 # ---------------------------------------------------------------------------- listings
