@@ -36,6 +36,9 @@ def test_translation_to_chat():
     req = ResponsesRequest.model_validate_json(json.dumps({
         "instructions": "Be brief.", "max_output_tokens": 9, "top_logprobs": 2,
         "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                  {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                   "content": [{"type": "output_text", "text": "Let me look.",
+                                "annotations": []}]},
                   {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
                   {"type": "function_call", "call_id": "b", "name": "f", "arguments": "{}"},
                   {"type": "function_call_output", "call_id": "a", "output": "sun"},
@@ -47,6 +50,8 @@ def test_translation_to_chat():
     roles = [m.role for m in chat.messages]
     # instructions first; parallel calls are one assistant turn; one tool message per output
     assert roles == ["system", "user", "assistant", "tool", "tool"], roles
+    # the text before the calls and the calls are one assistant turn, as chat has them
+    assert chat.messages[2].content == "Let me look."
     assert [c.id for c in chat.messages[2].tool_calls] == ["a", "b"]
     assert [(m.tool_call_id, m.content) for m in chat.messages[3:]] == [("a", "sun"),
                                                                         ("b", "rain")]
