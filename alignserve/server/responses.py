@@ -296,22 +296,28 @@ class _EventStream:
         if item is None:
             return []
         where = {"item_id": item["id"], "output_index": len(self.output)}
+        # a call arrives whole (a tools answer is held until it ends): it is complete
+        done = self._item(item, self.wire._status(self.finish_reason)
+                          if item["type"] == "message" else "completed")
         if item["type"] == "message":
-            done = self.wire._message(item["id"], item["text"], item["logprobs"],
-                                      self.wire._status(self.finish_reason))
-            part = done["content"][0]
             out = [self.event("response.output_text.done", **where, content_index=0,
                               text=item["text"], logprobs=item["logprobs"]),
                    self.event("response.content_part.done", **where, content_index=0,
-                              part=part)]
+                              part=done["content"][0])]
         else:
-            done = self.wire._call(item["id"], item["call_id"], item["name"], item["arguments"])
             out = [self.event("response.function_call_arguments.done", **where,
                               name=item["name"], arguments=item["arguments"])]
         out.append(self.event("response.output_item.done", output_index=len(self.output),
                               item=done))
         self.output.append(done)
         return out
+
+    def _item(self, item: dict[str, Any], status: str) -> dict[str, Any]:
+        """The output item an open one stands for."""
+        if item["type"] == "message":
+            return self.wire._message(item["id"], item["text"], item["logprobs"], status)
+        return self.wire._call(item["id"], item["call_id"], item["name"], item["arguments"],
+                               status)
 
     def finish(self) -> list[str]:
         if not self.output and self.open is None:  # nothing said: an empty answer is a message
@@ -333,6 +339,8 @@ class _EventStream:
         code = str(error.get("code")) if error.get("code") is not None else None
         out = [self.event("error", code=code, message=error.get("message", ""),
                           param=error.get("param"))]
-        failed = self.wire.response("failed", self.output, self.usage, None,
+        # what was said so far, the item cut short by the error included
+        said = self.output + ([self._item(self.open, "incomplete")] if self.open else [])
+        failed = self.wire.response("failed", said, self.usage, None,
                                     {"code": code, "message": error.get("message", "")})
         return out + [self.event("response.failed", response=failed)]
