@@ -50,6 +50,7 @@ class DecodeRequest:
     reward: Any  # rewardmodels.compose.ComposedReward (may be empty)
     stream: bool = False
     messages: list[dict] | None = None  # chat requests: the messages (contrastive's lame prompt)
+    continue_final: bool = False  # the prompt continues the final (assistant) message
 
 
 @dataclass

@@ -172,7 +172,12 @@ def lame_prompt_ids(req: DecodeRequest, engine: Engine) -> list[int]:
             users = [m for m in req.messages if m.get("role") == "user"]
             last = users[-1] if users else req.messages[-1]
             text = last.get("content", "")
-        return list(engine.encode_chat([{"role": "user", "content": text}])[1])
+        lame = [{"role": "user", "content": text}]
+        if req.continue_final:  # the amateur goes on from the same begun answer
+            lame.append(req.messages[-1])
+            return list(engine.encode_chat(lame, add_generation_prompt=False,
+                                           continue_final_message=True)[1])
+        return list(engine.encode_chat(lame)[1])
     if text is not None:
         return list(engine.encode(text))
     tok = engine.tokenizer

@@ -91,8 +91,13 @@ class TextCodec:
         one, so a Llama-family model sees its BOS first (SmolLM2's tokenizer adds none)."""
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
+        """The chat template's text and ids: ending with the assistant's turn opening, or
+        (`continue_final_message`) in the final message, with no end-of-turn after it."""
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False)
         return text, self.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -316,7 +316,10 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         preparer.check_model(body.model)
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
+            chat = ChatCompletionRequest(
+                messages=body.messages, tools=body.tools,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message)
             _, _, _, ids = preparer.chat_prompt(chat)
         elif body.add_special_tokens:
             ids = engine.encode_prompt(body.prompt)

@@ -133,6 +133,7 @@ class Preparer:
         spec, messages, prompt_text, prompt_ids = self.chat_prompt(req)
         prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
                                 "messages", request_id)
+        prepared.decode.continue_final = bool(req.continue_final_message)
         prepared.grammar = spec
         prepared.legacy_functions = req.legacy_functions
         return prepared
@@ -141,6 +142,16 @@ class Preparer:
                     ) -> tuple[GrammarSpec | None, list[dict[str, str]], str, list[int]]:
         """What a chat request holds its answer to, and the prompt the model is fed: the
         rendered messages (tools listed in them), their text and token ids."""
+        if req.continue_final_message:
+            last = req.messages[-1]
+            if req.add_generation_prompt:
+                raise APIError("`continue_final_message` and `add_generation_prompt` cannot "
+                               "both be true: the prompt either continues the final message "
+                               "or opens a new turn.", param="continue_final_message")
+            if last.role != "assistant" or last.tool_calls or last.function_call is not None:
+                raise APIError("`continue_final_message` continues the final message, which "
+                               "must be an assistant message with text (no calls).",
+                               param="continue_final_message")
         tools, choice, parallel = req.tools, req.tool_choice, req.parallel_tool_calls
         if req.functions or isinstance(req.function_call, ChosenFunction):  # []: nothing asked
             tools, choice, parallel = self._legacy_tools(req)
@@ -151,7 +162,9 @@ class Preparer:
         self._check_grammar(req, spec)
         messages = render_messages(req.messages, tools, spec)
         try:
-            prompt_text, prompt_ids = self.engine.encode_chat(messages)
+            prompt_text, prompt_ids = self.engine.encode_chat(
+                messages, add_generation_prompt=req.opens_turn(),
+                continue_final_message=bool(req.continue_final_message))
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
             raise APIError(f"The chat template rejected the messages: {e}",
                            param="messages") from None
@@ -187,6 +200,10 @@ class Preparer:
                            "vLLM's structured outputs would restart the grammar; use "
                            f"{', '.join(VLLM_GRAMMAR_STRATEGIES)}, or the native engine.",
                            param=param)
+        if getattr(req, "continue_final_message", False):  # chat requests only
+            raise APIError(f"`continue_final_message` cannot be combined with `{param}`: the "
+                           "grammar would start over inside the answer already begun.",
+                           param="continue_final_message")
         if req.ignore_eos:
             raise APIError(f"`ignore_eos` cannot be combined with `{param}`: the grammar ends "
                            "the answer with the end-of-sequence token.", param="ignore_eos")

@@ -304,6 +304,11 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
+    # vLLM's extras: the prompt ends with the assistant's turn opening (None: unless the final
+    # message is continued), or continues the final (assistant) message, e.g. a prefilled
+    # answer the model goes on from
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = False
     # accepted and ignored (see IGNORED): none of them changes the text that comes back
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -339,6 +344,12 @@ class ChatCompletionRequest(SamplingFields):
             for j, part in enumerate(message.content if isinstance(message.content, list) else []):
                 out += [f"messages[{i}].content[{j}].{f}" for f in part.ignored_fields()]
         return out
+
+    def opens_turn(self) -> bool:
+        """The prompt ends with the assistant's turn opening (the chat default)."""
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
@@ -440,18 +451,18 @@ class TokenizeRequest(RequestModel):
     tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
     # a prompt's special tokens (the BOS a completions request gets), as vLLM's flag
     add_special_tokens: bool | None = True
-    add_generation_prompt: bool | None = True  # chat requests always end with it here
+    add_generation_prompt: bool | None = None  # with messages: as on chat requests
+    continue_final_message: bool | None = False
     return_token_strs: bool | None = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give `prompt` or `messages`, one of them")
-        if self.tools and self.messages is None:
-            raise ValueError("`tools` go with `messages`")
-        if self.add_generation_prompt is False:
-            raise ValueError("`add_generation_prompt: false` is not supported: a chat "
-                             "request's prompt always ends with the assistant's turn opening")
+        if self.messages is None and (self.tools or self.add_generation_prompt is not None
+                                      or self.continue_final_message):
+            raise ValueError("`tools`, `add_generation_prompt` and `continue_final_message` "
+                             "go with `messages`")
         return self
 
 

@@ -58,7 +58,8 @@ class FakeEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
         text = " ".join(m["content"] for m in messages)
         return text, self.encode(text)
 
