@@ -41,7 +41,8 @@ BAD = [
     ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, None),
     ("/tokenize", {}, 400, None),
     ("/tokenize", {"prompt": "x", "tools": TOOLS}, 400, None),
-    ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, 400, None),
+    ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, 400,
+     "continue_final_message"),  # the final message is the user's
     ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
     ("/tokenize", {"prompt": "x", "extra": 1}, 400, "extra"),
     ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
