@@ -86,3 +86,29 @@ def test_bad_continuations(http, model_name, body, param):
 def test_tokenize_flags_go_with_messages(http):
     r = http.post("/tokenize", json={"prompt": "x", "continue_final_message": True})
     assert r.status_code == 400, r.text
+
+
+def test_chat_template_kwargs(http, client, model_name):
+    """vLLM's chat_template_kwargs reach the template (a template variable changes the
+    prompt); SmolLM2's template reads none, so Qwen3's `enable_thinking` changes nothing here."""
+    from alignserve.engine.text import TextCodec
+    from tests.test_server_units import _llama_style_tokenizer
+
+    codec = TextCodec()
+    codec.tokenizer = _llama_style_tokenizer()
+    codec.tokenizer.chat_template = ("{% if greeting %}hello {% endif %}"
+                                     "{% for m in messages %}{{ m.content }}{% endfor %}")
+    plain = codec.encode_chat([{"role": "user", "content": "world"}],
+                              add_generation_prompt=False)
+    greeted = codec.encode_chat([{"role": "user", "content": "world"}],
+                                add_generation_prompt=False, template_kwargs={"greeting": True})
+    assert (plain[1], greeted[1]) == ([4], [3, 4])
+    body = {"model": model_name, "messages": BEGUN[:1], "max_tokens": 2}
+    r = client.chat.completions.create(**body, extra_body={
+        "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.usage.prompt_tokens == len(_tokens(http, messages=BEGUN[:1], chat_template_kwargs={
+        "enable_thinking": False})) == len(_tokens(http, messages=BEGUN[:1]))
+    for path, payload in (("/v1/chat/completions", body), ("/tokenize", {"messages": BEGUN})):
+        bad = http.post(path, json={**payload, "chat_template_kwargs": {"tokenize": True}})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["param"] == "chat_template_kwargs"

@@ -92,12 +92,15 @@ class TextCodec:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> tuple[str, list[int]]:
+                    continue_final_message: bool = False,
+                    template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
         """The chat template's text and ids: ending with the assistant's turn opening, or
-        (`continue_final_message`) in the final message, with no end-of-turn after it."""
+        (`continue_final_message`) in the final message, with no end-of-turn after it.
+        `template_kwargs`: extra variables the template reads."""
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, tokenize=False)
+            continue_final_message=continue_final_message, tokenize=False,
+            **(template_kwargs or {}))
         return text, self.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -319,7 +319,8 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
             chat = ChatCompletionRequest(
                 messages=body.messages, tools=body.tools,
                 add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message)
+                continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs)
             _, _, _, ids = preparer.chat_prompt(chat)
         elif body.add_special_tokens:
             ids = engine.encode_prompt(body.prompt)

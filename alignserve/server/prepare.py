@@ -164,7 +164,8 @@ class Preparer:
         try:
             prompt_text, prompt_ids = self.engine.encode_chat(
                 messages, add_generation_prompt=req.opens_turn(),
-                continue_final_message=bool(req.continue_final_message))
+                continue_final_message=bool(req.continue_final_message),
+                template_kwargs=req.chat_template_kwargs)
         except Exception as e:  # noqa: BLE001  (templates raise anything; it is the input's fault)
             raise APIError(f"The chat template rejected the messages: {e}",
                            param="messages") from None

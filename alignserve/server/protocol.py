@@ -289,6 +289,23 @@ def _unsupported(what: str) -> Any:
     return classmethod(check)
 
 
+# apply_chat_template's own arguments and the names the request fills in: never a
+# chat_template_kwargs key
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+
+@classmethod  # type: ignore[misc]
+def _template_variables(cls: Any, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    taken = sorted(set(value or ()) & TEMPLATE_ARGUMENTS)
+    if taken:
+        raise ValueError(f"`{taken[0]}` is set by the request itself, not a template variable")
+    return value
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -309,6 +326,8 @@ class ChatCompletionRequest(SamplingFields):
     # answer the model goes on from
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = False
+    # vLLM's: extra variables for the chat template (Qwen3's `enable_thinking`, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
     # accepted and ignored (see IGNORED): none of them changes the text that comes back
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -327,6 +346,8 @@ class ChatCompletionRequest(SamplingFields):
                "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                "safety_identifier", "prediction", "web_search_options", "moderation",
                )
+
+    _template_variables = field_validator("chat_template_kwargs")(_template_variables)
 
     @field_validator("modalities")
     @classmethod
@@ -453,16 +474,20 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = None  # with messages: as on chat requests
     continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False
+
+    _template_variables = field_validator("chat_template_kwargs")(_template_variables)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give `prompt` or `messages`, one of them")
         if self.messages is None and (self.tools or self.add_generation_prompt is not None
-                                      or self.continue_final_message):
-            raise ValueError("`tools`, `add_generation_prompt` and `continue_final_message` "
-                             "go with `messages`")
+                                      or self.continue_final_message
+                                      or self.chat_template_kwargs):
+            raise ValueError("`tools`, `add_generation_prompt`, `continue_final_message` and "
+                             "`chat_template_kwargs` go with `messages`")
         return self
 
 

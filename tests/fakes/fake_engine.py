@@ -59,7 +59,8 @@ class FakeEngine:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> tuple[str, list[int]]:
+                    continue_final_message: bool = False,
+                    template_kwargs: dict | None = None) -> tuple[str, list[int]]:
         text = " ".join(m["content"] for m in messages)
         return text, self.encode(text)
 
