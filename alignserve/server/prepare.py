@@ -90,6 +90,7 @@ class Prepared:
     # app before decoding), and the tools whose calls are parsed out of a finished answer
     grammar: GrammarSpec | None = None
     legacy_functions: bool = False  # answered as message.function_call (a `functions` request)
+    return_token_ids: bool = False  # vLLM's: token ids beside the text
 
     @property
     def tool_names(self) -> list[str]:
@@ -481,4 +482,5 @@ class Preparer:
         kv_slots = self._fit_kv(decode, req)
         return Prepared(kind=kind, request_id=request_id, created=int(time.time()),
                         model=self.served_model_name, strategy=strategy, decode=decode,
-                        include_usage=req.include_usage(), kv_slots=kv_slots)
+                        include_usage=req.include_usage(), kv_slots=kv_slots,
+                        return_token_ids=bool(req.return_token_ids))

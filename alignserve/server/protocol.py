@@ -210,6 +210,9 @@ class SamplingFields(RequestModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT)]] | None = None
+    # vLLM's: the prompt's and each choice's token ids beside the text (RL pipelines score
+    # and train on exactly the tokens the model saw and chose)
+    return_token_ids: bool | None = None
     alignment: AlignmentRequest | None = None
 
     IGNORED = ("user",)
@@ -811,6 +814,7 @@ class ChatChoice(ResponseModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     alignment: ChoiceAlignment
+    token_ids: list[int] | None = None  # with `return_token_ids`
 
 
 def _created() -> int:
@@ -826,6 +830,7 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
     alignment: AlignmentReport
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # with `return_token_ids`
 
 
 class CompletionChoice(ResponseModel):
@@ -834,6 +839,8 @@ class CompletionChoice(ResponseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     alignment: ChoiceAlignment
+    prompt_token_ids: list[int] | None = None  # with `return_token_ids`: its prompt's
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(ResponseModel):
@@ -879,6 +886,7 @@ class ChatStreamChoice(ResponseModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     alignment: ChoiceAlignment | None = None
+    token_ids: list[int] | None = None  # with `return_token_ids`: this delta's tokens
 
 
 class ChatCompletionChunk(ResponseModel):
@@ -889,6 +897,7 @@ class ChatCompletionChunk(ResponseModel):
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
     alignment: AlignmentReport | None = None
+    prompt_token_ids: list[int] | None = None  # with `return_token_ids`: the first chunk
 
 
 class CompletionStreamChoice(ResponseModel):
@@ -897,6 +906,8 @@ class CompletionStreamChoice(ResponseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     alignment: ChoiceAlignment | None = None
+    prompt_token_ids: list[int] | None = None  # with `return_token_ids`: a choice's first
+    token_ids: list[int] | None = None
 
 
 class CompletionChunk(ResponseModel):

@@ -36,12 +36,13 @@ Chunk = ChatCompletionChunk | CompletionChunk
 def dump_chunk(chunk: Chunk) -> dict[str, Any]:
     """A chunk as JSON-ready data: `alignment` and `usage` appear only where they are set."""
     data = chunk.model_dump()
-    for key in ("usage", "alignment"):
+    for key in ("usage", "alignment", "prompt_token_ids"):
         if data.get(key) is None:
             data.pop(key, None)
     for choice in data["choices"]:
-        if choice.get("alignment") is None:
-            choice.pop("alignment", None)
+        for key in ("alignment", "token_ids", "prompt_token_ids"):
+            if choice.get(key) is None:
+                choice.pop(key, None)
         if "delta" in choice:  # OpenAI sends only the delta fields that are present
             choice["delta"] = _present(choice["delta"])
     return data
@@ -157,6 +158,7 @@ class Renderer:
         self.token_bytes = TokenBytes(tokenizer)
         self.offsets: dict[int, int] = {}  # completions: text_offset reached per choice
         self.answers: dict[int, ParsedAnswer] = {}  # tool calls parsed per choice
+        self.started: set[int] = set()  # completions choices whose first chunk went out
 
     # -- tool calls
 
@@ -297,14 +299,37 @@ class Renderer:
                 for key in ("tool_calls", "function_call"):
                     if choice["message"].get(key) is None:
                         choice["message"].pop(key, None)
-            return data
+            return self._with_token_ids(data, finals)
         text_choices = [CompletionChoice(index=f.index, text=self.p.echo(f.index) + f.text,
                                          logprobs=self.completion_logprobs(
                                              f.index, f.logprobs,
                                              self.prompt_entries(f.index, prompts)),
                                          finish_reason=f.finish_reason,
                                          alignment=choice_alignment(f)) for f in finals]
-        return CompletionResponse(choices=text_choices, **common).model_dump()
+        return self._with_token_ids(
+            CompletionResponse(choices=text_choices, **common).model_dump(), finals)
+
+    def _prompt_ids(self, index: int) -> list[int]:
+        return self.p.decodes[index // self.p.decode.n].prompt_ids
+
+    def _with_token_ids(self, data: dict[str, Any], finals: list[ChoiceFinal]
+                        ) -> dict[str, Any]:
+        """vLLM's `return_token_ids`: the prompt's ids (per choice on completions, whose
+        prompts may differ) and each choice's own; the keys are left out otherwise."""
+        if not self.p.return_token_ids:
+            data.pop("prompt_token_ids", None)
+            for choice in data["choices"]:
+                choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
+            return data
+        ids = {f.index: list(f.token_ids) for f in finals}
+        if self.p.kind == "chat":
+            data["prompt_token_ids"] = list(self.p.decode.prompt_ids)
+        for choice in data["choices"]:
+            choice["token_ids"] = ids[choice["index"]]
+            if self.p.kind != "chat":
+                choice["prompt_token_ids"] = list(self._prompt_ids(choice["index"]))
+        return data
 
     # -- stream chunks
 
@@ -319,29 +344,50 @@ class Renderer:
         """Chat: the assistant role, as vLLM sends first; completions: the echoed prompt,
         with its own log-probs (`prompt`) when they were asked for."""
         if self.p.kind == "chat":
-            return self._chunk([ChatStreamChoice(
+            chunk = self._chunk([ChatStreamChoice(
                 index=index, delta=DeltaMessage(role="assistant", content=""))])
+            if self.p.return_token_ids and index == 0:  # once, on the first chunk
+                chunk.prompt_token_ids = list(self.p.decode.prompt_ids)
+            return chunk
         if self.p.echo(index):
             logprobs = self.completion_logprobs(index, [], prompt) if prompt is not None else None
             return self._chunk([CompletionStreamChoice(index=index, text=self.p.echo(index),
-                                                       logprobs=logprobs)])
+                                                       logprobs=logprobs, **self._ids(index))])
         return None
 
-    def delta(self, index: int, text: str, logprobs: list[Any]) -> Chunk:
+    def _ids(self, index: int, token_ids: list[int] | None = None) -> dict[str, Any]:
+        """A stream choice's token-id fields: its tokens, and on a completions choice's
+        first chunk its prompt's (chat sends those once, on the opening chunk)."""
+        if not self.p.return_token_ids:
+            return {}
+        out: dict[str, Any] = {"token_ids": list(token_ids or ())}
+        if self.p.kind != "chat" and index not in self.started:
+            self.started.add(index)
+            out["prompt_token_ids"] = list(self._prompt_ids(index))
+        return out
+
+    def delta(self, index: int, text: str, logprobs: list[Any],
+              token_ids: list[int] | None = None) -> Chunk:
         if self.p.kind == "chat":
             return self._chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=text),
-                                                 logprobs=self.chat_logprobs(logprobs))])
+                                                 logprobs=self.chat_logprobs(logprobs),
+                                                 **self._ids(index, token_ids))])
         return self._chunk([CompletionStreamChoice(
-            index=index, text=text, logprobs=self.completion_logprobs(index, logprobs))])
+            index=index, text=text, logprobs=self.completion_logprobs(index, logprobs),
+            **self._ids(index, token_ids))])
 
     def finish(self, final: ChoiceFinal) -> Chunk:
+        # a choice whose text was held (tools) sends its token ids here, all at once
+        held = list(final.token_ids) if self.holds_text else None
         if self.p.kind == "chat":
             return self._chunk([ChatStreamChoice(index=final.index, delta=DeltaMessage(),
                                                  finish_reason=self.finish_reason(final),
-                                                 alignment=choice_alignment(final))])
+                                                 alignment=choice_alignment(final),
+                                                 **self._ids(final.index, held))])
         return self._chunk([CompletionStreamChoice(index=final.index, text="",
                                                    finish_reason=final.finish_reason,
-                                                   alignment=choice_alignment(final))])
+                                                   alignment=choice_alignment(final),
+                                                   **self._ids(final.index, held))])
 
     def closing(self, use: UsageInfo | None, summary: RequestSummary) -> Chunk:
         """The usage chunk (empty choices), carrying the request's alignment report."""

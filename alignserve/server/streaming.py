@@ -68,12 +68,16 @@ async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
                     if opening is not None:
                         yield dump_chunk(opening)
             elif isinstance(event, ChoiceDelta):
-                if renderer.holds_text or (not event.text and not event.logprobs):
+                # a token that ends inside a character has no text yet, but its id counts
+                wanted = event.text or event.logprobs or (
+                    run.prepared.return_token_ids and event.token_ids)
+                if renderer.holds_text or not wanted:
                     continue
                 if held is not None:
                     yield dump_chunk(held)
                     held = None
-                yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs))
+                yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs,
+                                                event.token_ids))
             elif isinstance(event, ChoiceFinal):
                 finals.append(event)
                 if held is not None:
@@ -82,8 +86,10 @@ async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
                 if renderer.holds_text:
                     for chunk in renderer.tool_call_chunks(event):
                         yield dump_chunk(chunk)
-                elif not event.streamed and (event.text or event.logprobs):
-                    yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs))
+                elif not event.streamed and (event.text or event.logprobs or (
+                        run.prepared.return_token_ids and event.token_ids)):
+                    yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs,
+                                                    event.token_ids))
                 held = renderer.finish(event)
             elif isinstance(event, RequestSummary):
                 summary = event
