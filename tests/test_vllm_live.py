@@ -127,6 +127,18 @@ def test_responses_api_on_real_vllm(vllm_client):
     assert "keywords" in report["components"]
 
 
+def test_token_ids_on_real_vllm(vllm_server, vllm_client):
+    """return_token_ids: the ids vLLM sampled are the ones the text was decoded from."""
+    r = vllm_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES,
+                                            max_tokens=8, seed=1,
+                                            extra_body={"return_token_ids": True})
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(ids) == r.usage.completion_tokens
+    back = httpx.post(vllm_server.base_url + "/detokenize", json={"tokens": ids}, timeout=30)
+    assert back.json()["prompt"] == r.choices[0].message.content
+    assert len(r.model_extra["prompt_token_ids"]) == r.usage.prompt_tokens
+
+
 def test_greedy_n_children_are_served(vllm_client):
     # vLLM refuses n > 1 with temperature 0; the adapter sends greedy children one by one.
     # (Their texts may differ: concurrent requests batch differently in bf16 on vLLM's CPU
