@@ -337,3 +337,34 @@ def test_echo_only_streamed_batch(client, model_name):
     assert texts == {0: prompts[0], 1: prompts[0], 2: prompts[1], 3: prompts[1]}
     assert chunks[-1].usage.completion_tokens == 0
     assert chunks[-1].usage.prompt_tokens > 0
+
+
+# ---------------------------------------------------------------- vLLM's include_stop_str_in_output
+
+STOP_ALIGNMENTS = {
+    "sample": None,
+    "best_of_n": {"strategy": "best_of_n", "candidates": 3},
+    "deal": {"strategy": "deal", "top_k": 2, "lookahead": 2,
+             "rewards": [{"name": "keywords", "keywords": ["whale"]}]},
+    "speculative_rejection": {"strategy": "speculative_rejection", "candidates": 4,
+                              "rewards": [{"name": "keywords", "keywords": ["whale"]}]},
+}
+
+
+@pytest.mark.parametrize("strategy", list(STOP_ALIGNMENTS))
+def test_include_stop_str_in_output(client, model_name, strategy):
+    """The same tokens, the text cut after the stop string instead of before it, whichever
+    strategy (each detokenizes where it decodes); streamed as whole."""
+    align = STOP_ALIGNMENTS[strategy]
+    extra = {"alignment": align} if align else {}
+    kw = {"model": model_name, "messages": MSG, "max_tokens": 60, "seed": 3,
+          "stop": [",", "."]}
+    cut = client.chat.completions.create(**kw, extra_body=extra)
+    kept = client.chat.completions.create(
+        **kw, extra_body={**extra, "include_stop_str_in_output": True})
+    assert cut.choices[0].finish_reason == kept.choices[0].finish_reason == "stop", cut
+    text = kept.choices[0].message.content
+    assert text[-1] in ",." and text[:-1] == cut.choices[0].message.content
+    chunks = client.chat.completions.create(
+        **kw, stream=True, extra_body={**extra, "include_stop_str_in_output": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text

@@ -139,6 +139,16 @@ def test_token_ids_on_real_vllm(vllm_server, vllm_client):
     assert len(r.model_extra["prompt_token_ids"]) == r.usage.prompt_tokens
 
 
+def test_include_stop_str_in_output_on_real_vllm(vllm_client):
+    kw = {"model": "SmolLM2-135M-Instruct", "messages": MESSAGES, "max_tokens": 40,
+          "temperature": 0, "stop": [",", "."]}
+    cut = vllm_client.chat.completions.create(**kw).choices[0]
+    kept = vllm_client.chat.completions.create(
+        **kw, extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.message.content[-1] in ",." and kept.message.content[:-1] == cut.message.content
+
+
 def test_greedy_n_children_are_served(vllm_client):
     # vLLM refuses n > 1 with temperature 0; the adapter sends greedy children one by one.
     # (Their texts may differ: concurrent requests batch differently in bf16 on vLLM's CPU

@@ -273,7 +273,8 @@ class _Search:
         root = await take_root(self.ctx)
         self.held[root.key] = root
         first = torch.log_softmax((await self.engine.logits([root]))[0].float(), dim=-1)
-        text = IncrementalText(self.engine.tokenizer, self.req.prompt_ids, self.sp.stop)
+        text = IncrementalText(self.engine.tokenizer, self.req.prompt_ids, self.sp.stop,
+                               include_stop=self.sp.include_stop_str_in_output)
         grammar = self.sp.grammar.new_state() if self.sp.grammar is not None else None
         return [Beam([], 0.0, text, seq=root, next_logprobs=first, grammar=grammar)]
 
@@ -392,6 +393,7 @@ class _Search:
                                 seed=None if sp.seed is None else sp.seed + 7919 * self.rollouts,
                                 max_tokens=start + rollout_len,
                                 min_tokens=sp.min_tokens, stop=sp.stop,
+                                include_stop_str_in_output=sp.include_stop_str_in_output,
                                 stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
                                 # rollouts follow the grammar too: each child's matcher is
                                 # the engine's, forked with it and rolled back by truncate
@@ -468,7 +470,8 @@ async def run(ctx: DecodeContext) -> AsyncIterator[DecodeEvent]:
     search = _Search(ctx)
     stream = req.stream and req.n == 1
     want_logprobs = req.sampling.logprobs is not None
-    shown = IncrementalText(engine.tokenizer, req.prompt_ids, req.sampling.stop)
+    shown = IncrementalText(engine.tokenizer, req.prompt_ids, req.sampling.stop,
+                            include_stop=req.sampling.include_stop_str_in_output)
     sent = 0  # tokens of choice 0 already streamed
     try:
         beams = await search.start()

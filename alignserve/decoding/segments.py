@@ -373,7 +373,8 @@ async def run_search(ctx: DecodeContext, params: SegmentParams, policy: Policy,
     search = SegmentSearch(ctx, params, policy)
     stream = req.stream and req.n == 1
     want_logprobs = req.sampling.logprobs is not None
-    shown = IncrementalText(engine.tokenizer, req.prompt_ids, req.sampling.stop)
+    shown = IncrementalText(engine.tokenizer, req.prompt_ids, req.sampling.stop,
+                            include_stop=req.sampling.include_stop_str_in_output)
     sent = 0
     try:
         pool = await search.start()

@@ -12,7 +12,7 @@ class IncrementalText:
     """Turns tokens into text deltas, holding back what could still become a stop string."""
 
     def __init__(self, tokenizer: Any, context_ids: Sequence[int], stop: Sequence[str] = (),
-                 initial_text: str = ""):
+                 initial_text: str = "", include_stop: bool = False):
         self.tok = tokenizer
         self.ids = list(context_ids[-_PROMPT_WINDOW:])
         self.prefix_offset = 0
@@ -20,13 +20,15 @@ class IncrementalText:
         self.text = initial_text
         self.emitted = len(initial_text)
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str | None:
-        """Add a token; returns the stop string hit, if any (the text is cut before it)."""
+        """Add a token; returns the stop string hit, if any (the text is cut before it, or
+        after it with `include_stop`)."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -38,7 +40,7 @@ class IncrementalText:
             for s in self.stop:
                 at = self.text.find(s, start)
                 if at >= 0:
-                    self.text = self.text[:at]
+                    self.text = self.text[:at + len(s) if self.include_stop else at]
                     return s
         return None
 

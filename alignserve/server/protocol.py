@@ -197,6 +197,7 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool | None = False  # vLLM's: the stop string ends the text
     seed: Seed | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -272,6 +273,7 @@ class SamplingFields(RequestModel):
             max_tokens=max_tokens,
             min_tokens=self.min_tokens or 0,
             stop=self.stop_list(),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
             logprobs=self.logprobs_k(),

@@ -58,6 +58,7 @@ class FakeSamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     stop: list[str] | None = None
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
@@ -437,8 +438,9 @@ class FakeAsyncLLM:
                 reason = "stop"
             for s in sp.stop or ():
                 at = full.find(s)
-                if at >= 0:
-                    full, reason = full[:at], "stop"
+                if at >= 0:  # as vLLM: cut before the stop string, or after it if kept
+                    keep = at + len(s) if sp.include_stop_str_in_output else at
+                    full, reason = full[:keep], "stop"
             if reason is None and (len(c.output) >= (sp.max_tokens or 1 << 30)
                                    or len(c.prompt) + len(c.output) >= self.max_model_len):
                 reason = "length"

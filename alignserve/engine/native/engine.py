@@ -340,7 +340,8 @@ class NativeEngine(TextCodec):
             st.group, st.rng_seed = group, row_seed(base, i)
             initial = self.decode(st.handle.output_ids) if st.handle.num_output else ""
             if params.per_token_text:
-                st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial)
+                st.text = IncrementalText(self.tokenizer, st.handle.token_ids, params.stop, initial,
+                                          include_stop=params.include_stop_str_in_output)
             else:
                 st.text = DeferredText(self.tokenizer, st.handle.output_ids, initial)
             group.live += 1

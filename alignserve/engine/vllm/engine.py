@@ -627,6 +627,7 @@ class VllmEngine(TextCodec):
             "max_tokens": max(1, params.max_tokens - done),
             "min_tokens": max(0, params.min_tokens - done),
             "stop": list(params.stop) or None,
+            "include_stop_str_in_output": params.include_stop_str_in_output,
             "stop_token_ids": list(params.stop_token_ids) or None,
             "ignore_eos": params.ignore_eos,
             "logprobs": logprobs,
