@@ -368,3 +368,33 @@ def test_include_stop_str_in_output(client, model_name, strategy):
     chunks = client.chat.completions.create(
         **kw, stream=True, extra_body={**extra, "include_stop_str_in_output": True})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+# ---------------------------------------------------------------- vLLM's truncate_prompt_tokens, request_id
+
+
+def test_truncate_prompt_tokens(http, client, model_name):
+    """Only the prompt's last k tokens are fed: the same answer as a prompt of those tokens."""
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    kw = {"model": model_name, "max_tokens": 6, "temperature": 0}
+    cut = client.completions.create(prompt=PROMPT, extra_body={"truncate_prompt_tokens": 3},
+                                    **kw)
+    assert cut.usage.prompt_tokens == 3
+    assert cut.choices[0].text == client.completions.create(prompt=ids[-3:], **kw).choices[0].text
+    whole = client.completions.create(prompt=PROMPT, extra_body={"truncate_prompt_tokens": -1},
+                                      **kw)
+    assert whole.usage.prompt_tokens == len(ids)  # -1: as much as the context holds
+    chat = client.chat.completions.create(messages=MSG, extra_body={"truncate_prompt_tokens": 5},
+                                          **kw)
+    assert chat.usage.prompt_tokens == 5
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_request_id_names_the_response(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=2,
+                                       extra_body={"request_id": "job-42"})
+    assert r.id == "chatcmpl-job-42"
+    r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"request_id": "job-43"})
+    assert r.id == "cmpl-job-43"

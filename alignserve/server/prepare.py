@@ -132,8 +132,9 @@ class Preparer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("`top_logprobs` requires `logprobs: true`.", param="top_logprobs")
         spec, messages, prompt_text, prompt_ids = self.chat_prompt(req)
+        prompt_text, prompt_ids = self._truncated(req, prompt_text, prompt_ids)
         prepared = self._finish("chat", req, prompt_text, list(prompt_ids), messages,
-                                "messages", request_id)
+                                "messages", req.request_id or request_id)
         prepared.decode.continue_final = bool(req.continue_final_message)
         prepared.grammar = spec
         prepared.legacy_functions = req.legacy_functions
@@ -243,8 +244,11 @@ class Preparer:
                                f"(0..{self.engine.vocab_size - 1}).", param=where)
             ids.append(list(prompt))
             texts.append(self.engine.tokenizer.decode(list(prompt)))
+        for i, (text, prompt_ids) in enumerate(zip(texts, ids, strict=True)):
+            texts[i], ids[i] = self._truncated(req, text, prompt_ids)
         prepared = self._finish("completion", req, texts[0], ids[0], None,
-                                "prompt" if len(prompts) == 1 else "prompt[0]", request_id)
+                                "prompt" if len(prompts) == 1 else "prompt[0]",
+                                req.request_id or request_id)
         if len(prompts) > 1:
             first = prepared.decode
             for i, (text, prompt_ids) in enumerate(zip(texts[1:], ids[1:]), start=1):
@@ -282,6 +286,17 @@ class Preparer:
                            f"({flag('max_candidates')}).", param="best_of")
 
     # -- shared steps
+
+    def _truncated(self, req: SamplingFields, text: str, ids: list[int]
+                   ) -> tuple[str, list[int]]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (and their text)."""
+        keep = req.truncate_prompt_tokens
+        if keep == -1:
+            keep = self.engine.max_model_len
+        if keep is None or len(ids) <= keep:
+            return text, ids
+        kept = list(ids[-keep:])
+        return self.engine.tokenizer.decode(kept), kept
 
     def check_model(self, model: str | None) -> None:
         # "" names the served model too, as vLLM reads it (clients that leave it blank)

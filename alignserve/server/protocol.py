@@ -214,9 +214,21 @@ class SamplingFields(RequestModel):
     # vLLM's: the prompt's and each choice's token ids beside the text (RL pipelines score
     # and train on exactly the tokens the model saw and chose)
     return_token_ids: bool | None = None
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM's: the id this request is known by (its response's id ends with it); else the
+    # X-Request-Id header's, else a fresh one
+    request_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     alignment: AlignmentRequest | None = None
 
     IGNORED = ("user",)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 would keep no prompt at all: give k >= 1, or -1")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
