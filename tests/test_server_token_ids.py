@@ -92,3 +92,46 @@ def test_absent_unless_asked(http, model_name):
     r = http.post("/v1/completions", json={"model": model_name, "prompt": "Hi",
                                            "max_tokens": 2}).json()
     assert "token_ids" not in r["choices"][0] and "prompt_token_ids" not in r["choices"][0]
+
+
+# ---------------------------------------------------------------- vLLM's allowed_token_ids
+
+ONLY_ALIGNMENTS = {
+    "sample": None,
+    "best_of_n": {"strategy": "best_of_n", "candidates": 3},
+    "speculative_rejection": {"strategy": "speculative_rejection", "candidates": 4,
+                              "rewards": [{"name": "keywords", "keywords": ["yes"]}]},
+    "vas": {"strategy": "vas"},
+    "contrastive": {"strategy": "contrastive", "amateur": "self:8"},
+}
+
+
+@pytest.mark.parametrize("strategy", list(ONLY_ALIGNMENTS))
+def test_allowed_token_ids(http, client, model_name, strategy):
+    """Every sampled token is one of the allowed, whichever strategy steers (the mask is
+    applied in the engine's one logit pass, before steering)."""
+    only = sorted({t for word in (" yes", " no", " maybe", ".") for t in _tokens(
+        http, prompt=word, add_special_tokens=False)})
+    align = ONLY_ALIGNMENTS[strategy]
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Is the sea salty?"}],
+        max_tokens=6, seed=2, extra_body={"allowed_token_ids": only, "return_token_ids": True,
+                                          **({"alignment": align} if align else {})})
+    ids = r.choices[0].model_extra["token_ids"]
+    assert ids and set(ids) <= set(only), (ids, only)
+    assert r.choices[0].finish_reason == "length"  # the end token is not among them
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"allowed_token_ids": [10**8]}, "outside the vocabulary"),
+    ({"allowed_token_ids": []}, "at least 1"),
+    ({"allowed_token_ids": [5], "alignment": {"strategy": "deal", "rewards": [
+        {"name": "keywords", "keywords": ["a"]}]}}, "deal"),
+    ({"allowed_token_ids": [5], "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_allowed_token_ids_refusals(http, model_name, extra, says):
+    r = http.post("/v1/chat/completions", json={"model": model_name, "messages": MESSAGES,
+                                                "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "allowed_token_ids" and says in error["message"], error

@@ -149,6 +149,19 @@ def test_include_stop_str_in_output_on_real_vllm(vllm_client):
     assert kept.message.content[-1] in ",." and kept.message.content[:-1] == cut.message.content
 
 
+@pytest.mark.parametrize("config", ["sample", "best_of_n", "vas"])
+def test_allowed_token_ids_on_real_vllm(vllm_server, vllm_client, config):
+    only = sorted({t for word in (" blue", " green", ".") for t in httpx.post(
+        vllm_server.base_url + "/tokenize", json={"prompt": word, "add_special_tokens": False},
+        timeout=30).json()["tokens"]})
+    r = vllm_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=MESSAGES, max_tokens=5, seed=3,
+        extra_body={"alignment": STRATEGIES[config], "allowed_token_ids": only,
+                    "return_token_ids": True})
+    ids = r.choices[0].model_extra["token_ids"]
+    assert ids and set(ids) <= set(only), (ids, only)
+
+
 def test_greedy_n_children_are_served(vllm_client):
     # vLLM refuses n > 1 with temperature 0; the adapter sends greedy children one by one.
     # (Their texts may differ: concurrent requests batch differently in bf16 on vLLM's CPU

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop: Sequence[str] = ()
     include_stop_str_in_output: bool = False  # a stop string hit ends the text with it
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus top k

@@ -203,6 +203,9 @@ class Preparer:
                            "vLLM's structured outputs would restart the grammar; use "
                            f"{', '.join(VLLM_GRAMMAR_STRATEGIES)}, or the native engine.",
                            param=param)
+        if req.allowed_token_ids:  # the grammar decides which tokens may come next
+            raise APIError(f"`allowed_token_ids` cannot be combined with `{param}`.",
+                           param="allowed_token_ids")
         if getattr(req, "continue_final_message", False):  # chat requests only
             raise APIError(f"`continue_final_message` cannot be combined with `{param}`: the "
                            "grammar would start over inside the answer already begun.",
@@ -321,6 +324,14 @@ class Preparer:
         if bad:
             raise APIError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
                            f"(0..{vocab - 1}).", param="logit_bias")
+        bad = [t for t in req.allowed_token_ids or () if t >= vocab]
+        if bad:
+            raise APIError(f"allowed_token_ids names token id {bad[0]}, outside the vocabulary "
+                           f"(0..{vocab - 1}).", param="allowed_token_ids")
+        if req.allowed_token_ids and req.alignment_or_default().strategy == "deal":
+            # deal picks its actions among the model's top tokens, not through the sampler
+            raise APIError("allowed_token_ids is not supported with strategy `deal`.",
+                           param="allowed_token_ids")
         if req.bias() and req.alignment_or_default().strategy == "deal":
             # deal ranks its actions by the model's own log-probs; a bias there would be
             # applied to some tokens and not others

@@ -214,6 +214,9 @@ class SamplingFields(RequestModel):
     # vLLM's: the prompt's and each choice's token ids beside the text (RL pipelines score
     # and train on exactly the tokens the model saw and chose)
     return_token_ids: bool | None = None
+    # vLLM's: only these tokens may be sampled (a multiple-choice answer, a label set)
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]],
+                                 Field(min_length=1, max_length=4096)] | None = None
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
     # vLLM's: the id this request is known by (its response's id ends with it); else the
@@ -293,6 +296,7 @@ class SamplingFields(RequestModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self.bias(),
+            allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids else None,
             prompt_logprobs=self.prompt_logprobs_k(),
         )
 

@@ -59,6 +59,7 @@ class FakeSamplingParams:
     min_tokens: int = 0
     stop: list[str] | None = None
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None

@@ -9,6 +9,7 @@ nobody asked for.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -93,7 +94,8 @@ def allowed_tokens(states: list[SeqState], group: GenGroup, grammars: list[Gramm
     params = group.params
     early = [i for i, st in enumerate(states) if st.handle.num_output < params.min_tokens
              and not (grammars and grammars[i].completed)]
-    if grammars is None and not (early and group.stop_ids):
+    only = params.allowed_token_ids
+    if grammars is None and not (early and group.stop_ids) and not only:
         return None
     b = len(states)
     if group.bitmask is None or group.bitmask.shape[0] < b:
@@ -104,10 +106,22 @@ def allowed_tokens(states: list[SeqState], group: GenGroup, grammars: list[Gramm
         # a broken row (its output left the grammar) ends this step: no constraint for it
         if not (state.broken or state.terminated) and not state.fill(mask, i):
             mask[i].fill_(-1)  # no constraint this step
+    if only:  # vLLM's allowed_token_ids, every row (the API refuses it beside a grammar)
+        mask &= _only_mask(tuple(only), vocab)
     stops = [t for t in group.stop_ids if 0 <= t < vocab]
     if early and stops:
         _clear_bits(mask, early, stops)
     return mask
+
+
+@functools.lru_cache(maxsize=64)
+def _only_mask(tokens: tuple[int, ...], vocab: int) -> torch.Tensor:
+    """A packed int32 row [ceil(V / 32)] allowing exactly `tokens`."""
+    row = torch.zeros((vocab + 31) // 32, dtype=torch.int64)
+    for t in tokens:
+        if 0 <= t < vocab:
+            row[t >> 5] |= 1 << (t & 31)
+    return torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
 
 
 def _amateur_rows(states: list[SeqState], amateur, served_logits) -> list[torch.Tensor]:

@@ -628,6 +628,7 @@ class VllmEngine(TextCodec):
             "min_tokens": max(0, params.min_tokens - done),
             "stop": list(params.stop) or None,
             "include_stop_str_in_output": params.include_stop_str_in_output,
+            "allowed_token_ids": list(params.allowed_token_ids or ()) or None,
             "stop_token_ids": list(params.stop_token_ids) or None,
             "ignore_eos": params.ignore_eos,
             "logprobs": logprobs,
