@@ -301,8 +301,9 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
             await grammars.attach(prepared)
         except APIError as err:
             raise responses_error(err) from None
-        if body.ignored_fields():
-            log.debug("accepted and ignored: %s", ", ".join(body.ignored_fields()))
+        ignored = body.ignored_fields()
+        if ignored:
+            log.debug("accepted and ignored: %s", ", ".join(ignored))
         return await serve(prepared, request, ResponsesWire(body, prepared.model))
 
     @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "POST", "DELETE"],
@@ -333,10 +334,7 @@ def create_app(engine: Engine, settings: ServerSettings, rewards: Any = None,
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=DECODE_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         preparer.check_model(body.model)
-        bad = [t for t in body.tokens if t >= engine.vocab_size]
-        if bad:
-            raise APIError(f"Token id {bad[0]} is outside the vocabulary "
-                           f"(0..{engine.vocab_size - 1}).", param="tokens")
+        preparer.check_vocab(body.tokens, "tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
     def model_card() -> ModelCard:

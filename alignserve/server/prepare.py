@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -241,10 +242,7 @@ class Preparer:
                 texts.append(prompt)
                 ids.append(list(self.engine.encode_prompt(prompt)))
                 continue
-            bad = [t for t in prompt if not 0 <= t < self.engine.vocab_size]
-            if bad:
-                raise APIError(f"Token id {bad[0]} is outside the vocabulary "
-                               f"(0..{self.engine.vocab_size - 1}).", param=where)
+            self.check_vocab(prompt, where)
             ids.append(list(prompt))
             texts.append(self.engine.tokenizer.decode(list(prompt)))
         for i, (text, prompt_ids) in enumerate(zip(texts, ids, strict=True)):
@@ -301,6 +299,15 @@ class Preparer:
         kept = list(ids[-keep:])
         return self.engine.tokenizer.decode(kept), kept
 
+    def check_vocab(self, ids: Iterable[int], param: str, named: bool = False) -> None:
+        """A token id outside the vocabulary is a 400 naming `param` (`named`: the message
+        names the field too)."""
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            what = f"{param} names token id {bad[0]}," if named else f"Token id {bad[0]} is"
+            raise APIError(f"{what} outside the vocabulary (0..{vocab - 1}).", param=param)
+
     def check_model(self, model: str | None) -> None:
         # "" names the served model too, as vLLM reads it (clients that leave it blank)
         if model and model != self.served_model_name:
@@ -315,19 +322,9 @@ class Preparer:
         if req.n > self.settings.max_n:
             raise APIError(f"n is {req.n}; this server allows at most {self.settings.max_n} "
                            "(--max-n).", param="n")
-        vocab = self.engine.vocab_size
-        bad = [t for t in req.stop_token_ids or () if t >= vocab]
-        if bad:
-            raise APIError(f"Token id {bad[0]} is outside the vocabulary "
-                           f"(0..{vocab - 1}).", param="stop_token_ids")
-        bad = [t for t in req.bias() if t >= vocab]
-        if bad:
-            raise APIError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
-                           f"(0..{vocab - 1}).", param="logit_bias")
-        bad = [t for t in req.allowed_token_ids or () if t >= vocab]
-        if bad:
-            raise APIError(f"allowed_token_ids names token id {bad[0]}, outside the vocabulary "
-                           f"(0..{vocab - 1}).", param="allowed_token_ids")
+        self.check_vocab(req.stop_token_ids or (), "stop_token_ids")
+        self.check_vocab(req.bias(), "logit_bias", named=True)
+        self.check_vocab(req.allowed_token_ids or (), "allowed_token_ids", named=True)
         if req.allowed_token_ids and req.alignment_or_default().strategy == "deal":
             # deal picks its actions among the model's top tokens, not through the sampler
             raise APIError("allowed_token_ids is not supported with strategy `deal`.",

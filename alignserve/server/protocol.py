@@ -318,7 +318,6 @@ TEMPLATE_ARGUMENTS = frozenset({
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
-
 @classmethod  # type: ignore[misc]
 def _template_variables(cls: Any, value: dict[str, Any] | None) -> dict[str, Any] | None:
     taken = sorted(set(value or ()) & TEMPLATE_ARGUMENTS)

@@ -248,7 +248,7 @@ class Renderer:
             offset = 0
             for entry in prompt:
                 if entry is None:  # nothing predicts a sequence's first token
-                    token_id = self.p.decodes[index // self.p.decode.n].prompt_ids[0]
+                    token_id = self._prompt_ids(index)[0]
                     text = self._token(token_id)
                     out.tokens.append(text)
                     out.token_logprobs.append(None)

@@ -260,18 +260,21 @@ class _EventStream:
     def _text(self, text: str, logprobs: list[dict[str, Any]]) -> list[str]:
         out: list[str] = []
         if self.open is None or self.open["type"] != "message":
-            out += self._close()
-            self.open = {"type": "message", "id": _new_id("msg"), "text": "", "logprobs": []}
-            item = self.wire._message(self.open["id"], "", [], "in_progress")
-            out.append(self.event("response.output_item.added", output_index=len(self.output),
-                                  item=item))
-            out.append(self.event("response.content_part.added", **self._where(),
-                                  content_index=0, part=item["content"][0]))
+            out += self._close() + self._open_message()
         self.open["text"] += text
         self.open["logprobs"] += logprobs
         out.append(self.event("response.output_text.delta", **self._where(), content_index=0,
                               delta=text, logprobs=logprobs))
         return out
+
+    def _open_message(self) -> list[str]:
+        """A new message item, open, with its one (empty) output_text part."""
+        self.open = {"type": "message", "id": _new_id("msg"), "text": "", "logprobs": []}
+        item = self.wire._message(self.open["id"], "", [], "in_progress")
+        return [self.event("response.output_item.added", output_index=len(self.output),
+                           item=item),
+                self.event("response.content_part.added", **self._where(), content_index=0,
+                           part=item["content"][0])]
 
     def _call_piece(self, piece: dict[str, Any]) -> list[str]:
         out: list[str] = []
@@ -320,14 +323,8 @@ class _EventStream:
                                status)
 
     def finish(self) -> list[str]:
-        if not self.output and self.open is None:  # nothing said: an empty answer is a message
-            self.open = {"type": "message", "id": _new_id("msg"), "text": "", "logprobs": []}
-            item = self.wire._message(self.open["id"], "", [], "in_progress")
-            opening = [self.event("response.output_item.added", output_index=0, item=item),
-                       self.event("response.content_part.added", **self._where(),
-                                  content_index=0, part=item["content"][0])]
-        else:
-            opening = []
+        # nothing said: an empty answer is a message
+        opening = self._open_message() if not self.output and self.open is None else []
         out = opening + self._close()
         status = self.wire._status(self.finish_reason)
         final = self.wire.response(status, self.output, self.usage, self.alignment or None)

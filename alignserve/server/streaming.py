@@ -68,10 +68,7 @@ async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
                     if opening is not None:
                         yield dump_chunk(opening)
             elif isinstance(event, ChoiceDelta):
-                # a token that ends inside a character has no text yet, but its id counts
-                wanted = event.text or event.logprobs or (
-                    run.prepared.return_token_ids and event.token_ids)
-                if renderer.holds_text or not wanted:
+                if renderer.holds_text or not _says_something(event, run):
                     continue
                 if held is not None:
                     yield dump_chunk(held)
@@ -86,8 +83,7 @@ async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
                 if renderer.holds_text:
                     for chunk in renderer.tool_call_chunks(event):
                         yield dump_chunk(chunk)
-                elif not event.streamed and (event.text or event.logprobs or (
-                        run.prepared.return_token_ids and event.token_ids)):
+                elif not event.streamed and _says_something(event, run):
                     yield dump_chunk(renderer.delta(event.index, event.text, event.logprobs,
                                                     event.token_ids))
                 held = renderer.finish(event)
@@ -121,6 +117,13 @@ async def stream_chunks(start: Callable[[], DecodeRun], renderer: Renderer,
         run.cancel()
         if not completed:
             tracker.abort(reason)
+
+
+def _says_something(event: ChoiceDelta | ChoiceFinal, run: DecodeRun) -> bool:
+    """Whether the event's output makes a delta: text, log-probs, or (with return_token_ids)
+    token ids alone: a token that ends inside a character has no text yet, but it counts."""
+    return bool(event.text or event.logprobs
+                or (run.prepared.return_token_ids and event.token_ids))
 
 
 def abort_reason(run: DecodeRun) -> str:

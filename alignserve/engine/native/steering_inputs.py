@@ -74,16 +74,25 @@ def grammar_states(states: list[SeqState], params) -> list[GrammarState] | None:
     return out
 
 
-def _clear_bits(mask: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
-    """Disallow `tokens` in `rows` of a packed int32 bitmask, in place."""
+def _packed_words(tokens) -> dict[int, int]:
+    """Word index -> the bits of `tokens` in it, as a packed bitmask lays them out."""
     words: dict[int, int] = {}
     for t in tokens:
         words[t >> 5] = words.get(t >> 5, 0) | (1 << (t & 31))
+    return words
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64, as the bitmask's signed int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _clear_bits(mask: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+    """Disallow `tokens` in `rows` of a packed int32 bitmask, in place."""
     r = torch.tensor(rows, dtype=torch.long)
-    for w, bits in words.items():
+    for w, bits in _packed_words(tokens).items():
         cur = mask[r, w].to(torch.int64) & 0xFFFFFFFF
-        new = cur & (~bits & 0xFFFFFFFF)
-        mask[r, w] = torch.where(new >= 2**31, new - 2**32, new).to(torch.int32)
+        mask[r, w] = _as_int32(cur & (~bits & 0xFFFFFFFF))
 
 
 def allowed_tokens(states: list[SeqState], group: GenGroup, grammars: list[GrammarState] | None,
@@ -118,10 +127,9 @@ def allowed_tokens(states: list[SeqState], group: GenGroup, grammars: list[Gramm
 def _only_mask(tokens: tuple[int, ...], vocab: int) -> torch.Tensor:
     """A packed int32 row [ceil(V / 32)] allowing exactly `tokens`."""
     row = torch.zeros((vocab + 31) // 32, dtype=torch.int64)
-    for t in tokens:
-        if 0 <= t < vocab:
-            row[t >> 5] |= 1 << (t & 31)
-    return torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
+    for w, bits in _packed_words(t for t in tokens if 0 <= t < vocab).items():
+        row[w] = bits
+    return _as_int32(row)
 
 
 def _amateur_rows(states: list[SeqState], amateur, served_logits) -> list[torch.Tensor]:
